@@ -1,0 +1,45 @@
+"""Make ultralytics safe to import and run offline.
+
+ultralytics reads its settings at import time, may try to sync settings, check for updates,
+download fonts (for plots) or pretrained weights. None of that works on a locked-down lab
+machine, so every module that touches ultralytics imports it through :func:`import_ultralytics`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def _config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
+    path = Path(base) / "napari-yolocell" / "ultralytics"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only home (some clusters): fall back to a temp dir
+        path = Path(tempfile.gettempdir()) / "napari-yolocell-ultralytics"
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def configure_offline() -> None:
+    """Set the environment so ultralytics never reaches the network."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(_config_dir()))
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+
+
+def import_ultralytics():
+    """Import ``ultralytics`` offline and with telemetry/sync disabled; return the module."""
+    configure_offline()
+    import ultralytics
+    from ultralytics.utils import SETTINGS
+
+    try:
+        SETTINGS.update({"sync": False, "hub": False, "wandb": False, "mlflow": False,
+                         "tensorboard": False, "clearml": False, "comet": False, "dvc": False,
+                         "neptune": False, "raytune": False})
+    except Exception:  # older ultralytics without some keys: settings stay as they are
+        pass
+    return ultralytics
