@@ -1,0 +1,218 @@
+"""Rebuild the bundled nucleus detectors (YOLOv5n and YOLOv6n) from public data.
+
+Reproducible: fixed seeds, data read from the shared data folder given on the command line.
+
+    # 1. build the YOLO dataset with napari-yolocell's own export (masks -> boxes)
+    python scripts/train_bundled_models.py build --data ../shared/data --work work_data
+    # 2. train both families (run in the background; resumable from last.pt)
+    python scripts/train_bundled_models.py train --work work_data --family yolov5n --epochs 40
+    python scripts/train_bundled_models.py train --work work_data --family yolov6n --epochs 40
+    # 3. copy best.pt into the package (fp16), with its SHA-256, into the registry
+    python scripts/train_bundled_models.py bundle --work work_data --family yolov5n
+
+Training data (all CC0; see docs/models.md):
+- BBBC039 ``training`` (train) and ``validation`` (val); its ``test`` split is never used here.
+- DSB2018 stage-1 training fluorescence images (train; 10% of them in val).
+- Kromp et al. 2020 (S-BSST265) without tissue sections (their out-of-focus nuclei are unlabelled);
+  90/10 train/val.
+Images whose median nucleus diameter exceeds ``--max-diameter`` are downscaled to a diameter
+drawn in [20, 45] px, so the model sees the 10-60 px range users have at native pixel size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+IMGSZ = 704  # BBBC039 fields (520 x 696) fit whole; long side = imgsz so nothing is resized
+SEED = 0
+
+
+def _bbbc039_instances(mask_rgba: np.ndarray) -> np.ndarray:
+    """BBBC039 masks are a 4-colour map in channel 0: instances = components per colour."""
+    from skimage.measure import label
+
+    colour = mask_rgba[..., 0] if mask_rgba.ndim == 3 else mask_rgba
+    out = np.zeros(colour.shape, np.int32)
+    nxt = 0
+    for v in np.unique(colour):
+        if v == 0:
+            continue
+        lab = label(colour == v, connectivity=2)
+        out[lab > 0] = lab[lab > 0] + nxt
+        nxt += int(lab.max())
+    return out
+
+
+def _rescale(image: np.ndarray, boxes: np.ndarray, factor: float):
+    from skimage.transform import rescale
+
+    if factor == 1.0:
+        return image, boxes
+    img = rescale(image.astype(np.float32), factor, anti_aliasing=True, preserve_range=True)
+    return img.astype(image.dtype), boxes * factor
+
+
+def _median_diameter(boxes: np.ndarray) -> float:
+    if len(boxes) == 0:
+        return 0.0
+    return float(np.median(np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))))
+
+
+def build_samples(data: Path, max_diameter: float = 45.0, val_fraction: float = 0.1):
+    """Yield :class:`~napari_yolocell.yolo_dataset.Sample` objects from the three sources."""
+    import tifffile
+    from PIL import Image
+
+    from napari_yolocell.annotations import boxes_from_labels
+    from napari_yolocell.yolo_dataset import Sample
+
+    rng = np.random.default_rng(SEED)
+
+    def fit_scale(image, boxes, name):
+        d = _median_diameter(boxes)
+        if d > max_diameter:
+            target = rng.uniform(20.0, max_diameter)
+            image, boxes = _rescale(image, boxes, target / d)
+        return image, boxes
+
+    # BBBC039: official split; test never touched.
+    b = data / "bbbc039"
+    for split_file, split in (("training.txt", "train"), ("validation.txt", "val")):
+        for stem in (b / "split" / split_file).read_text().split():
+            img = tifffile.imread(b / "images" / f"{stem}.tif")
+            inst = _bbbc039_instances(np.asarray(Image.open(b / "masks" / f"{stem}.png")))
+            boxes = boxes_from_labels(inst, min_area=25)
+            yield Sample(img, boxes, name=f"bbbc039_{stem[8:14]}", group=stem, split=split)
+
+    # DSB2018 stage-1 training, fluorescence only.
+    d = data / "dsb2018_stage1_train_fluo"
+    with open(d / "counts.csv") as f:
+        ids = [r["id"] for r in csv.DictReader(f)]
+    for i in ids:
+        img = np.asarray(Image.open(d / "images" / f"{i}.png"))
+        lab = tifffile.imread(d / "labels" / f"{i}.tif")
+        boxes = boxes_from_labels(lab, min_area=9)
+        img, boxes = fit_scale(img, boxes, i)
+        split = "val" if rng.random() < val_fraction else "train"
+        yield Sample(img, boxes, name=f"dsb_{i[:12]}", group=i, split=split)
+
+    # Kromp 2020: no tissue sections (unlabelled out-of-focus nuclei).
+    k = data / "kromp2020_s_bsst265"
+    with open(k / "counts.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["preparation"] != "tissue section"]
+    for r in rows:
+        img = tifffile.imread(k / "images" / f"{r['id']}.tif")
+        if img.ndim == 3:  # some are stored as RGB upstream: nuclei channel = max
+            img = img.max(axis=-1)
+        lab = tifffile.imread(k / "labels" / f"{r['id']}.tif")
+        boxes = boxes_from_labels(lab, min_area=9)
+        img, boxes = fit_scale(img, boxes, r["id"])
+        split = "val" if rng.random() < val_fraction else "train"
+        yield Sample(img, boxes, name=f"kromp_{r['id']}", group=r["id"], split=split)
+
+
+def cmd_build(args) -> None:
+    from napari_yolocell.yolo_dataset import export_dataset
+
+    samples = list(build_samples(Path(args.data), max_diameter=args.max_diameter))
+    diam = [_median_diameter(s.boxes) for s in samples if len(s.boxes)]
+    rep = export_dataset(
+        samples, Path(args.work) / "dataset", tile=IMGSZ, overlap=64, seed=SEED,
+        overwrite=args.overwrite, min_fraction=0.4,
+    )
+    print(rep.summary())
+    print(f"median nucleus diameter over images: {np.median(diam):.1f} px")
+    for w in rep.warnings[:20]:
+        print("warning:", w)
+
+
+def cmd_train(args) -> None:
+    from napari_yolocell.ultralytics_env import import_ultralytics
+
+    import_ultralytics()
+    from ultralytics import YOLO
+
+    work = Path(args.work).absolute()
+    run = work / "runs" / args.family
+    last = run / "weights" / "last.pt"
+    if last.exists() and not args.fresh:
+        print(f"resuming {last}", flush=True)
+        YOLO(str(last)).train(resume=True)
+        return
+    YOLO(f"{args.family}.yaml").train(
+        data=str(work / "dataset" / "data.yaml"),
+        epochs=args.epochs, imgsz=IMGSZ, batch=args.batch, workers=1, device="cpu",
+        pretrained=False, plots=False, amp=False, seed=SEED, deterministic=False,
+        project=str(work / "runs"), name=args.family, exist_ok=True, patience=100,
+        cache="ram", close_mosaic=5,
+        # microscopy: flips both ways, grey images (no hue/saturation), brightness jitter,
+        # scale jitter so nuclei of 0.5-1.5x the training size are seen.
+        fliplr=0.5, flipud=0.5, hsv_h=0.0, hsv_s=0.0, hsv_v=0.5, scale=0.5, degrees=0.0,
+        translate=0.1, mosaic=1.0, mixup=0.0,
+    )
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cmd_bundle(args) -> None:
+    """Strip the optimizer, store fp16, copy into the package and print the registry entry."""
+    import torch
+
+    src = Path(args.work) / "runs" / args.family / "weights" / args.weights
+    dst_dir = Path(__file__).resolve().parents[1] / "src" / "napari_yolocell" / "models"
+    dst = dst_dir / f"nucleus_{args.family.replace('yolo', '')}.pt"
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    model = (ckpt.get("ema") or ckpt["model"]).half()
+    slim = {
+        "model": model, "ema": None, "optimizer": None, "epoch": -1,
+        "train_args": ckpt.get("train_args", {}), "date": ckpt.get("date"),
+        "version": ckpt.get("version"), "license": "AGPL-3.0",
+        "yolocell": {"family": args.family, "trained_epochs": ckpt.get("epoch", -1) + 1},
+    }
+    tmp = dst.with_suffix(".tmp")
+    torch.save(slim, tmp)
+    os.replace(tmp, dst)
+    print(json.dumps({"file": dst.name, "sha256": sha256(dst),
+                      "size_mb": round(dst.stat().st_size / 1e6, 2)}, indent=2))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--data", required=True, help="the shared data folder (holds bbbc039/ ...)")
+    b.add_argument("--work", required=True)
+    b.add_argument("--max-diameter", type=float, default=45.0)
+    b.add_argument("--overwrite", action="store_true")
+    t = sub.add_parser("train")
+    t.add_argument("--work", required=True)
+    t.add_argument("--family", default="yolov5n")
+    t.add_argument("--epochs", type=int, default=40)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--fresh", action="store_true", help="ignore an existing last.pt")
+    c = sub.add_parser("bundle")
+    c.add_argument("--work", required=True)
+    c.add_argument("--family", default="yolov5n")
+    c.add_argument("--weights", default="best.pt")
+    args = p.parse_args(argv)
+    {"build": cmd_build, "train": cmd_train, "bundle": cmd_bundle}[args.cmd](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

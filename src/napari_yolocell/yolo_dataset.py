@@ -1,0 +1,372 @@
+"""Write an ultralytics-ready YOLO dataset from images and their boxes.
+
+Layout written (the layout ultralytics expects)::
+
+    OUT/images/{train,val,test}/NAME.png   8-bit, normalised like detection normalises
+    OUT/labels/{train,val,test}/NAME.txt   one line per object: ``class cx cy w h`` in [0, 1]
+    OUT/data.yaml                          path, train, val, test, nc, names
+    OUT/dataset.json                       how it was made (normalisation, tiles, counts)
+
+Images are normalised with the same percentile clip as detection (``normalize.py``) and stored
+as lossless 8-bit PNG, so a model trained here sees at detection time what it saw in training,
+whatever the bit depth of the source. Images larger than ``tile`` are cut into training tiles;
+smaller ones are padded (never resized: nuclei must keep their pixel size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .annotations import clip_boxes
+from .normalize import percentile_range, to_uint8
+from .tiling import tile_grid
+
+__all__ = [
+    "ExportReport",
+    "Sample",
+    "assign_splits",
+    "crop_boxes",
+    "export_dataset",
+    "yolo_lines",
+]
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Sample:
+    """One annotated image.
+
+    Parameters
+    ----------
+    image : (H, W) or (H, W, 3) array
+    boxes : (N, 4) array of ``y0, x0, y1, x1`` pixels (exclusive ends)
+    name : str
+        File-name stem for what is written.
+    classes : (N,) int array, optional (default all 0)
+    group : str, optional
+        Samples of one group always land in one split (e.g. fields of one well).
+    split : {"train", "val", "test"}, optional
+        Force the split (e.g. an official split); overrides the random assignment.
+    """
+
+    image: np.ndarray
+    boxes: np.ndarray
+    name: str
+    classes: np.ndarray | None = None
+    group: str | None = None
+    split: str | None = None
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_dataset` wrote and what it had to drop."""
+
+    path: Path
+    n_images: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    n_objects: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    n_sources: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rows = [
+            f"{s}: {self.n_images[s]} images, {self.n_objects[s]} objects "
+            f"from {self.n_sources[s]} source regions"
+            for s in SPLITS
+        ]
+        return "; ".join(rows)
+
+
+def yolo_lines(boxes: np.ndarray, classes: np.ndarray, height: int, width: int) -> list[str]:
+    """YOLO label lines ``class cx cy w h`` (normalised to [0, 1]) for boxes in pixels.
+
+    Examples
+    --------
+    >>> yolo_lines(np.array([[10, 20, 30, 60]]), np.array([0]), 100, 200)
+    ['0 0.200000 0.200000 0.200000 0.200000']
+    """
+    lines = []
+    for (y0, x0, y1, x1), c in zip(np.asarray(boxes, float), classes, strict=True):
+        cx, cy = (x0 + x1) / 2 / width, (y0 + y1) / 2 / height
+        w, h = (x1 - x0) / width, (y1 - y0) / height
+        lines.append(f"{int(c)} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+    return lines
+
+
+def assign_splits(
+    groups: Sequence[str], fractions: Sequence[float] = (0.7, 0.2, 0.1), seed: int = 0
+) -> dict[str, str]:
+    """Assign each distinct group to train/val/test with the given fractions (seeded).
+
+    Counts are rounded so that every split with a non-zero fraction gets at least one group
+    when there are enough groups; the remainder goes to train.
+    """
+    frac = np.asarray(fractions, dtype=float)
+    if frac.shape != (3,) or np.any(frac < 0) or frac.sum() <= 0:
+        raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
+    frac = frac / frac.sum()
+    uniq = sorted(set(groups))
+    rng = np.random.default_rng(seed)
+    order = [uniq[i] for i in rng.permutation(len(uniq))]
+    n = len(order)
+    n_val = int(round(frac[1] * n))
+    n_test = int(round(frac[2] * n))
+    if n >= 3:
+        n_val = max(n_val, 1 if frac[1] > 0 else 0)
+        n_test = max(n_test, 1 if frac[2] > 0 else 0)
+    n_val, n_test = min(n_val, n), min(n_test, max(n - n_val, 0))
+    out = {}
+    for i, g in enumerate(order):
+        out[g] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+    return out
+
+
+def crop_boxes(
+    boxes: np.ndarray, window: tuple[int, int, int, int], min_fraction: float = 0.4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes clipped to a window, in window coordinates.
+
+    A box cut by the window edge is kept only if at least ``min_fraction`` of its area lies
+    inside: smaller fragments would teach the model to fire on slivers of nuclei.
+
+    Returns
+    -------
+    boxes : (K, 4) array in window coordinates
+    keep : (N,) bool array
+    """
+    b = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    y0, x0, y1, x1 = window
+    inter = np.column_stack(
+        [np.maximum(b[:, 0], y0), np.maximum(b[:, 1], x0),
+         np.minimum(b[:, 2], y1), np.minimum(b[:, 3], x1)]
+    )
+    ih = np.clip(inter[:, 2] - inter[:, 0], 0, None)
+    iw = np.clip(inter[:, 3] - inter[:, 1], 0, None)
+    area = np.clip((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 1e-9, None)
+    keep = (ih >= 1) & (iw >= 1) & (ih * iw / area >= min_fraction)
+    return inter[keep] - np.array([y0, x0, y0, x0], dtype=float), keep
+
+
+def _normalise(image: np.ndarray, normalize: str, percentiles: Sequence[float]) -> np.ndarray:
+    img = np.asarray(image)
+    if normalize == "percentile":
+        lo, hi = percentile_range(img, *percentiles)
+        return to_uint8(img, lo, hi)
+    if normalize == "none":
+        if img.dtype != np.uint8:
+            raise ValueError(
+                f"normalize='none' keeps pixels as they are and needs 8-bit images, got {img.dtype}"
+            )
+        return img
+    raise ValueError(f"unknown normalize {normalize!r}: use 'percentile' or 'none'")
+
+
+def _regions(shape: tuple[int, int], block: int | None) -> list[tuple[int, int, int, int]]:
+    """Non-overlapping blocks of an image; tiles are cut inside a block, never across two."""
+    h, w = shape
+    if block is None or (block >= h and block >= w):
+        return [(0, 0, h, w)]
+    return [
+        (y, x, min(y + block, h), min(x + block, w))
+        for y in range(0, h, block)
+        for x in range(0, w, block)
+    ]
+
+
+def _pad_long_side(crop: np.ndarray, tile: int) -> np.ndarray:
+    """Zero-pad the longer side up to ``tile``: ultralytics resizes every training image so
+    its longer side equals ``imgsz``; padding keeps the nuclei at their pixel size."""
+    h, w = crop.shape[:2]
+    shape = (tile, w) if h >= w else (h, tile)
+    padded = np.zeros(shape + crop.shape[2:], dtype=crop.dtype)
+    padded[:h, :w] = crop
+    return padded
+
+
+def _write_png(path: Path, img: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(img)).save(path, compress_level=1)
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out} is not empty (it may already hold a dataset); choose an empty folder or "
+            "pass overwrite=True (--overwrite) to replace it"
+        )
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished temporary folder to ``out``; an old ``out`` is removed only after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_dataset(
+    samples: Sequence[Sample],
+    out: str | os.PathLike,
+    *,
+    tile: int = 640,
+    overlap: int = 64,
+    fractions: Sequence[float] = (0.7, 0.2, 0.1),
+    seed: int = 0,
+    names: Sequence[str] = ("nucleus",),
+    min_fraction: float = 0.4,
+    normalize: str = "percentile",
+    percentiles: Sequence[float] = (1.0, 99.8),
+    pad: bool = True,
+    region: int | None = None,
+    min_regions: int = 10,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ExportReport:
+    """Write samples as a YOLO dataset (see module docstring for the layout).
+
+    Parameters
+    ----------
+    samples : sequence of Sample
+    out : path
+        Output folder; must be empty or absent unless ``overwrite``. Everything is written to a
+        temporary sibling folder first and renamed into place, so a crash leaves no half dataset.
+    tile, overlap : int
+        Training tile size and overlap in pixels. Images larger than ``tile`` are cut.
+    fractions : (train, val, test)
+        Split fractions by source region (default 70/20/10); ``Sample.split`` overrides.
+    min_fraction : float
+        A box cut by a tile edge is kept if at least this fraction of its area is inside.
+    normalize : {"percentile", "none"}
+        ``percentile``: clip to ``percentiles`` of each source image, map to 0..255 (the
+        detection default). ``none``: 8-bit images are written as they are.
+    pad : bool
+        Zero-pad the longer side of images smaller than ``tile`` up to ``tile`` (ultralytics
+        would otherwise upscale them, changing the nucleus size the model learns). Train with
+        ``imgsz=tile``.
+    region : int, optional
+        Block size (px) to split large images into independent regions, so several splits can
+        come from one big image without leakage. Default: chosen so that there are at least
+        ``min_regions`` regions in all.
+    """
+    if not samples:
+        raise ValueError("no samples to export")
+    if tile < 32:
+        raise ValueError(f"tile must be >= 32 px, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got {overlap}")
+    out = Path(out).expanduser().absolute()
+    _prepare_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+    if region is None and len(samples) < min_regions:
+        # Few (large) images: cut them into blocks so val/test come from other regions.
+        total_px = sum(s.image.shape[0] * s.image.shape[1] for s in samples)
+        side = int(np.sqrt(total_px / min_regions))
+        region = max(tile, (side // tile) * tile) if side >= tile else None
+
+    # Decide the regions and their groups first, so splits are known before writing.
+    plan = []
+    for s in samples:
+        img = np.asarray(s.image)
+        if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] not in (3, 4)):
+            raise ValueError(
+                f"{s.name}: image must be 2-D (H, W) or RGB (H, W, 3), got shape {img.shape}; "
+                "choose a channel/plane first"
+            )
+        regs = _regions(img.shape[:2], region)
+        base = s.group or s.name
+        for k, reg in enumerate(regs):
+            plan.append((s, reg, base if len(regs) == 1 else f"{base}#r{k}"))
+    free_groups = [g for s, _, g in plan if s.split is None]
+    split_of = assign_splits(free_groups, fractions, seed) if free_groups else {}
+
+    report = ExportReport(path=out)
+    try:
+        for sp in SPLITS:
+            (tmp / "images" / sp).mkdir(parents=True)
+            (tmp / "labels" / sp).mkdir(parents=True)
+        norm_cache: dict[int, np.ndarray] = {}
+        seen_sources: set[tuple[str, str]] = set()
+        for i, (s, reg, grp) in enumerate(plan):
+            split = s.split or split_of[grp]
+            if split not in SPLITS:
+                raise ValueError(f"{s.name}: split must be one of {SPLITS}, got {split!r}")
+            if id(s) not in norm_cache:
+                norm_cache.clear()  # one source image in memory at a time
+                norm_cache[id(s)] = _normalise(s.image, normalize, percentiles)
+                classes = np.zeros(len(s.boxes), int) if s.classes is None else s.classes
+                boxes, keep, rep = clip_boxes(s.boxes, s.image.shape[:2])
+                cls_kept = np.asarray(classes)[keep]
+                if rep.messages:
+                    report.warnings.append(f"{s.name}: {rep.summary()}")
+            img8 = norm_cache[id(s)]
+            seen_sources.add((split, grp))
+            ry0, rx0, ry1, rx1 = reg
+            rh, rw = ry1 - ry0, rx1 - rx0
+            tiles = tile_grid((rh, rw), tile=tile, overlap=overlap)
+            for t in tiles:
+                win = (ry0 + t.y0, rx0 + t.x0, ry0 + t.y1, rx0 + t.x1)
+                crop = img8[win[0] : win[2], win[1] : win[3]]
+                tb, tkeep = crop_boxes(boxes, win, min_fraction)
+                if pad and max(crop.shape[:2]) < tile:
+                    crop = _pad_long_side(crop, tile)
+                name = f"{s.name}_y{win[0]}_x{win[1]}"
+                _write_png(tmp / "images" / split / f"{name}.png", crop)
+                lines = yolo_lines(tb, cls_kept[tkeep], crop.shape[0], crop.shape[1])
+                (tmp / "labels" / split / f"{name}.txt").write_text(
+                    "\n".join(lines) + ("\n" if lines else "")
+                )
+                report.n_images[split] += 1
+                report.n_objects[split] += len(lines)
+            if progress is not None:
+                progress(i + 1, len(plan))
+        for sp in SPLITS:
+            report.n_sources[sp] = sum(1 for split, _ in seen_sources if split == sp)
+        if report.n_images["train"] == 0:
+            raise ValueError("the train split is empty: give more images or other fractions")
+        data = {
+            "path": str(out),
+            "train": "images/train",
+            "val": "images/val" if report.n_images["val"] else "images/train",
+            "test": "images/test" if report.n_images["test"] else None,
+            "nc": len(names),
+            "names": {i: n for i, n in enumerate(names)},
+        }
+        if data["test"] is None:
+            del data["test"]
+        (tmp / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        meta = {
+            "normalize": normalize,
+            "percentiles": list(percentiles),
+            "tile": tile,
+            "overlap": overlap,
+            "min_fraction": min_fraction,
+            "seed": seed,
+            "fractions": list(fractions),
+            "n_images": report.n_images,
+            "n_objects": report.n_objects,
+            "n_sources": report.n_sources,
+            "warnings": report.warnings,
+        }
+        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
