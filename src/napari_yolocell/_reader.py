@@ -1,0 +1,204 @@
+"""npe2 reader: open (large, pyramidal) TIFFs lazily as napari Image layers.
+
+Dispatch rule (``napari_get_reader``):
+
+* a path whose name does not end in a TIFF suffix -> None (other readers get a chance);
+* a TIFF-named file that starts with another format's signature (a PNG/JPEG/GIF/BMP/JPEG 2000
+  saved as ``.tif``) -> None, so napari's builtin readers can try it;
+* any other TIFF-named file -> the reader. Corruption found while opening (bad header,
+  truncated data, broken IFDs, missing codec) is raised by the reader function as a
+  :class:`~napari_yolocell.tiff_io.TiffReadError` naming the file, so napari shows a clear
+  error instead of "no reader found". Only 4 bytes are read to decide;
+* a folder containing TIFFs -> the reader (same-shape files are stacked lazily).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .tiff_io import TiffImage, is_tiff_path, list_tiffs, open_tiffs
+
+LayerData = tuple[Any, dict[str, Any], str]
+PathLike = str | os.PathLike
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTIFF
+# Largest plane side used to compute contrast limits (a crop of the smallest level).
+_CONTRAST_SIDE = 1024
+
+
+def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list[LayerData]] | None:
+    """Return a reader function when ``path`` looks like TIFF data this plugin handles.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or list of them
+        File, folder, or list of files/folders.
+
+    Returns
+    -------
+    callable or None
+        :func:`read_tiff` or None when another reader should handle the path.
+    """
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    if not paths or not all(_accepts(p) for p in paths):
+        return None
+    return read_tiff
+
+
+def _accepts(path: PathLike) -> bool:
+    p = Path(path)
+    if p.is_dir():
+        try:
+            return bool(list_tiffs(p))
+        except OSError:
+            return False
+    if not is_tiff_path(p):
+        return False
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return True  # let the reader raise a clear error (permissions, vanished file)
+    # A header-less or empty file is reported as corrupt by the reader; a different format
+    # with a TIFF name (PNG/JPEG renamed) is left to other readers.
+    return head in _TIFF_MAGIC or len(head) < 4 or not _known_other_format(head)
+
+
+def _known_other_format(head: bytes) -> bool:
+    return head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"\x00\x00\x00\x0cjP"))
+
+
+def read_tiff(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
+    """Read TIFF file(s)/folder(s) lazily into napari layer data tuples.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or list of them
+        Files or folders.
+
+    Returns
+    -------
+    list of (data, kwargs, "image")
+        ``data`` is the list of resolution levels (multiscale) for pyramids, else one lazy array.
+
+    Raises
+    ------
+    napari_yolocell.tiff_io.TiffReadError
+        Corrupt/truncated file or unavailable codec; the message names the file.
+    """
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    layers: list[LayerData] = []
+    for p in paths:
+        for image in open_tiffs(p):
+            layers.append(layer_data(image))
+    return layers
+
+
+def layer_data(image: TiffImage) -> LayerData:
+    """Convert a :class:`TiffImage` into one napari Image layer data tuple.
+
+    Parameters
+    ----------
+    image : TiffImage
+        Opened image.
+
+    Returns
+    -------
+    tuple
+        ``(data, kwargs, "image")``.
+    """
+    multiscale = image.is_pyramid
+    data: Any = list(image.levels) if multiscale else image.levels[0]
+    # napari drops the channel and RGB-sample axes from each layer: scale must match.
+    dropped = {image.channel_axis} if image.channel_axis is not None else set()
+    if image.rgb:
+        dropped.add(len(image.axes) - 1)
+    scale = [s for i, s in enumerate(image.scale) if i not in dropped]
+    name = _stem(image.path)
+    kwargs: dict[str, Any] = {
+        "multiscale": multiscale,
+        "rgb": image.rgb,
+        "scale": scale,
+        "metadata": {**image.metadata, "path": str(image.path)},
+    }
+    if image.channel_axis is not None:
+        kwargs["channel_axis"] = image.channel_axis
+        n = image.shape[image.channel_axis]
+        names = image.channel_names or [f"ch{i}" for i in range(n)]
+        kwargs["name"] = [f"{name} [{c}]" for c in names]
+        kwargs["blending"] = "additive"
+    else:
+        kwargs["name"] = name
+    if not image.rgb:
+        limits = contrast_limits(image)
+        if limits is not None:
+            kwargs["contrast_limits"] = limits
+    return data, kwargs, "image"
+
+
+def contrast_limits(image: TiffImage) -> list[float] | list[list[float]] | None:
+    """Contrast limits from a small sample: a central crop of the smallest level.
+
+    napari would otherwise compute them from the full-resolution data (reading everything).
+
+    Parameters
+    ----------
+    image : TiffImage
+        Opened image.
+
+    Returns
+    -------
+    list
+        ``[lo, hi]``, or one pair per channel when there is a channel axis; None when the
+        sample could not be read.
+    """
+    arr = image.levels[-1]
+    axes = image.axes
+    spatial = {i for i, ax in enumerate(axes) if ax in "YX"}
+    index: list[Any] = []
+    for i, (ax, n) in enumerate(zip(axes, arr.shape, strict=True)):
+        if i == image.channel_axis:
+            index.append(slice(None))
+        elif i in spatial:
+            start = max(0, (n - _CONTRAST_SIDE) // 2)
+            index.append(slice(start, start + _CONTRAST_SIDE))
+        elif ax == "S" and image.rgb:
+            index.append(slice(None))
+        else:
+            index.append(n // 2)  # middle plane of Z/T/...
+    try:
+        sample = np.asarray(arr[tuple(index)])
+    except Exception:  # noqa: BLE001 - a corrupt tile must not prevent opening the layer
+        return None
+    if image.channel_axis is None:
+        return _limits(sample)
+    # channel axis position inside the sample: count earlier axes that were kept
+    c = sum(1 for i in range(image.channel_axis) if not isinstance(index[i], int))
+    return [_limits(np.take(sample, k, axis=c)) for k in range(sample.shape[c])]
+
+
+def _limits(sample: np.ndarray) -> list[float]:
+    if sample.size == 0:
+        return [0.0, 1.0]
+    finite = sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample.ravel()
+    if finite.size == 0:
+        return [0.0, 1.0]
+    lo, hi = np.percentile(finite, [0.1, 99.9])
+    if hi <= lo:
+        lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        hi = lo + 1
+    return [float(lo), float(hi)]
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem if path.suffix else name

@@ -1,0 +1,444 @@
+"""The ``yolocell`` command: detect, export, train, evaluate, calibrate, models.
+
+Results go to stdout (counts, tables); progress bars and messages go to stderr, so
+``yolocell detect *.tif > counts.tsv`` gives a clean table. Bad input ends the command with a
+one-line ``yolocell: error: ...`` message and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DETECTION_COLUMNS = ["image", "plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "class"]
+COUNT_COLUMNS = ["image", "plane", "roi", "count"]
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write to a temporary file beside ``path`` and rename: a crash never leaves half a CSV."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            df.to_csv(f, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _progress_bar(desc: str, disable: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=0, desc=desc, unit="tile", file=sys.stderr, disable=disable, leave=False,
+                dynamic_ncols=True)
+
+
+def _detect_params(args):
+    from .detect import DetectParams
+
+    return DetectParams(
+        tile=args.tile, overlap=args.overlap, conf=args.conf, iou=args.iou,
+        channel=args.channel, normalize=args.normalize, diameter=args.diameter,
+        batch=args.batch, level=args.level,
+    )
+
+
+def _load_detector(model: str | None, device: str | None = None):
+    from .models import load_detector
+
+    try:
+        return load_detector(model or "default", device=device)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _detect_one(path: Path, detector, params, quiet: bool) -> pd.DataFrame:
+    from .detect import detect_image
+    from .images import open_image
+
+    img = open_image(path)
+    try:
+        bar = _progress_bar(path.name, quiet)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            df = detect_image(img.levels if len(img.levels) > 1 else img.data, detector, params,
+                              channel_axis=img.channel_axis, rgb=img.rgb, progress=progress)
+        finally:
+            bar.close()
+    finally:
+        img.close()
+    return df
+
+
+# ---------------------------------------------------------------------------------------------
+# detect
+
+
+def cmd_detect(args) -> int:
+    from .detect import count_per_plane
+    from .images import expand_inputs
+
+    inputs = list(args.images)
+    if args.sample:
+        from .sample_data import sample_image_path
+
+        inputs.insert(0, str(sample_image_path()))
+    if not inputs:
+        raise CliError("no images given (give IMAGE paths, a folder, a glob, or --sample)")
+    try:
+        paths = expand_inputs(inputs)
+    except FileNotFoundError as exc:
+        raise CliError(str(exc)) from exc
+    detector = _load_detector(args.model, args.device)
+    params = _detect_params(args)
+
+    det_frames, count_rows, failures, total = [], [], [], 0
+    for path in paths:
+        try:
+            df = _detect_one(path, detector, params, args.quiet)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+            print(f"yolocell: error: {msg}", file=sys.stderr)
+            failures.append(path)
+            continue
+        n = len(df)
+        total += n
+        print(f"{path}\t{n}", flush=True)
+        df.insert(0, "image", str(path))
+        det_frames.append(df)
+        for plane, c in count_per_plane(df.drop(columns="image")).items():
+            count_rows.append({"image": str(path), "plane": int(plane), "roi": "all",
+                               "count": int(c)})
+    print(f"total\t{total}", flush=True)
+
+    if args.out:
+        dets = pd.concat(det_frames, ignore_index=True) if det_frames else pd.DataFrame()
+        dets = dets.reindex(columns=DETECTION_COLUMNS)
+        _write_csv_atomic(dets, args.out)
+    if args.counts:
+        _write_csv_atomic(pd.DataFrame(count_rows, columns=COUNT_COLUMNS), args.counts)
+    if failures:
+        print(f"yolocell: error: {len(failures)} of {len(paths)} image(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def _read_table(path: str) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError as exc:
+        raise CliError(f"{path}: no such file") from exc
+    except Exception as exc:
+        raise CliError(f"{path}: cannot read CSV: {exc}") from exc
+
+
+def _points_from_csv(path: str) -> np.ndarray:
+    """Points as napari saves them (``axis-0, axis-1``) or as ``y, x`` columns."""
+    df = _read_table(path)
+    for cols in (["y", "x"], ["axis-0", "axis-1"]):
+        if set(cols) <= set(df.columns):
+            return df[cols].to_numpy(float)
+    axes = [c for c in df.columns if c.startswith("axis-")]
+    if len(axes) >= 2:  # nD points: the last two axes are y, x
+        return df[axes[-2:]].to_numpy(float)
+    raise CliError(f"{path}: points CSV needs columns y,x (or napari's axis-0,axis-1)")
+
+
+def _boxes_from_csv(path: str) -> np.ndarray:
+    df = _read_table(path)
+    if not {"y0", "x0", "y1", "x1"} <= set(df.columns):
+        raise CliError(f"{path}: boxes CSV needs columns y0,x0,y1,x1")
+    return df[["y0", "x0", "y1", "x1"]].to_numpy(float)
+
+
+def _plane_2d(path: str, channel: int | None) -> np.ndarray:
+    from .images import open_image
+
+    try:
+        img = open_image(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    data = img.data
+    if img.channel_axis is not None:
+        if channel is None:
+            raise CliError(f"{path} has {data.shape[img.channel_axis]} channels: choose --channel")
+        data = np.take(data, channel, axis=img.channel_axis)
+    arr = np.asarray(data)
+    if img.rgb:
+        arr = arr[..., channel] if channel is not None else arr[..., :3].max(axis=-1)
+    img.close()
+    if arr.ndim != 2:
+        raise CliError(f"{path}: export needs a 2-D image, got shape {arr.shape}")
+    return arr
+
+
+def cmd_export(args) -> int:
+    from .annotations import boxes_from_labels, boxes_from_points
+    from .yolo_dataset import Sample, export_dataset
+
+    image = _plane_2d(args.image, args.channel)
+    given = [args.boxes is not None, args.points is not None, args.labels is not None]
+    if sum(given) != 1:
+        raise CliError("give exactly one of --boxes, --points (with --diameter) or --labels")
+    if args.boxes:
+        boxes = _boxes_from_csv(args.boxes)
+    elif args.points:
+        if not args.diameter:
+            raise CliError("--points needs --diameter (typical nucleus diameter in px)")
+        boxes = boxes_from_points(_points_from_csv(args.points), args.diameter)
+    else:
+        labels = _plane_2d(args.labels, None)
+        if labels.shape != image.shape:
+            raise CliError(f"{args.labels}: labels shape {labels.shape} does not match the "
+                           f"image {image.shape}")
+        try:
+            boxes = boxes_from_labels(labels, min_area=args.min_area)
+        except ValueError as exc:
+            raise CliError(f"{args.labels}: {exc}") from exc
+    if len(boxes) == 0:
+        raise CliError("the annotations hold no objects: nothing to train on")
+    fractions = [float(f) for f in args.split.split(",")]
+    try:
+        rep = export_dataset(
+            [Sample(image, boxes, name=Path(args.image).stem)], args.out, tile=args.tile,
+            overlap=args.overlap, fractions=fractions, seed=args.seed, overwrite=args.overwrite,
+        )
+    except (FileExistsError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    for w in rep.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"{rep.path}\t{rep.summary()}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.epochs, desc="epochs", unit="epoch", file=sys.stderr)
+
+    def on_epoch(info: dict) -> None:
+        if bar is not None:
+            bar.total = info.get("epochs", bar.total)
+            bar.n = info.get("epoch", bar.n)
+            bar.set_postfix({k: f"{info[k]:.3f}" for k in ("mAP50",) if k in info})
+            bar.refresh()
+
+    try:
+        res = train(args.data, model=args.model, epochs=args.epochs, imgsz=args.imgsz,
+                    batch=args.batch, patience=args.patience, device=args.device, seed=args.seed,
+                    out=args.out, name=args.name, resume=args.resume, on_epoch=on_epoch)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"best\t{res.best}")
+    print(f"last\t{res.last}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import compare_models
+
+    params = _detect_params(args)
+    try:
+        table, results = compare_models(args.model, args.data, split=args.split, params=params,
+                                        return_results=True, min_area=args.min_area)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(table.to_dict(orient="records"), indent=2,
+                                              default=float))
+    if args.plots:
+        from .plots import save_plots
+
+        for p in save_plots(results, args.plots):
+            print(f"plot\t{p}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrate
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate_by_count, calibrate_by_points
+
+    if (args.count is None) == (args.points is None):
+        raise CliError("give exactly one of --count N or --points CSV")
+    detector = _load_detector(args.model, args.device)
+    before = detector.spec.default_conf if args.conf is None else args.conf
+    args.conf = 0.05  # one run at a low threshold; every candidate is scored from it
+    df = _detect_one(Path(args.image), detector, _detect_params(args), args.quiet)
+    if args.count is not None:
+        cal = calibrate_by_count(df["confidence"].to_numpy(), args.count)
+    else:
+        cal = calibrate_by_points(df, _points_from_csv(args.points))
+    print(cal.summary(before=before))
+    print(f"conf\t{cal.conf:.2f}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def cmd_models(args) -> int:
+    from .models import list_models
+
+    for spec in list_models():
+        print(f"{spec.name}\t{spec.family}\t{spec.path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def _add_detect_options(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", default=None,
+                       help="bundled model name (v5, v6, default), a shipped YAML or a .pt path")
+    p.add_argument("--tile", type=int, default=640, help="tile side in pixels (default 640)")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="tile overlap in px; default 2x the expected nucleus diameter")
+    p.add_argument("--conf", type=float, default=None,
+                   help="confidence threshold; default: the model's calibrated one")
+    p.add_argument("--iou", type=float, default=0.5, help="NMS IoU threshold (default 0.5)")
+    p.add_argument("--channel", type=int, default=None, help="channel index for multichannel")
+    p.add_argument("--normalize", choices=["percentile", "none"], default=None,
+                   help="intensity normalisation; default: what the model was trained with")
+    p.add_argument("--diameter", type=float, default=None,
+                   help="typical nucleus diameter in px, if far from the model's (rescales tiles)")
+    p.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
+    p.add_argument("--level", type=int, default=0, help="pyramid level (0 = full resolution)")
+    p.add_argument("--device", default=None, help="cpu, cuda:0... (default: CUDA if available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="yolocell", description="Detect and count cell nuclei with tiled YOLO detectors."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("detect", help="count nuclei in images")
+    d.add_argument("images", nargs="*", metavar="IMAGE", help="image files, folders or globs")
+    _add_detect_options(d)
+    d.add_argument("--out", default=None, help="detections CSV")
+    d.add_argument("--counts", default=None, help="counts CSV")
+    d.add_argument("--sample", action="store_true", help="run on the bundled sample image")
+    d.set_defaults(func=cmd_detect)
+
+    e = sub.add_parser("export", help="annotations -> YOLO dataset")
+    e.add_argument("--image", required=True)
+    e.add_argument("--boxes", help="CSV with y0,x0,y1,x1 (e.g. a detections CSV)")
+    e.add_argument("--points", help="CSV of nucleus centres (y,x or napari's axis-0,axis-1)")
+    e.add_argument("--diameter", type=float, help="nucleus diameter in px for --points")
+    e.add_argument("--labels", help="instance-label image (TIFF/PNG), one box per label")
+    e.add_argument("--out", required=True, help="output dataset folder (must be empty)")
+    e.add_argument("--channel", type=int, default=None)
+    e.add_argument("--tile", type=int, default=640)
+    e.add_argument("--overlap", type=int, default=64)
+    e.add_argument("--split", default="0.7,0.2,0.1", help="train,val,test fractions")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--min-area", type=int, default=0, help="ignore labels smaller than this")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    e.set_defaults(func=cmd_export)
+
+    t = sub.add_parser("train", help="train a YOLOv5 / YOLOv6 detector")
+    t.add_argument("--data", required=True, help="dataset folder or data.yaml")
+    t.add_argument("--model", default="yolov5n", help="yolov5n..x, yolov6n..x or a .pt")
+    t.add_argument("--epochs", type=int, default=50)
+    t.add_argument("--imgsz", type=int, default=640)
+    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--patience", type=int, default=50)
+    t.add_argument("--device", default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="runs/yolocell")
+    t.add_argument("--name", default=None)
+    t.add_argument("--resume", action="store_true", help="continue from last.pt")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    v = sub.add_parser("evaluate", help="score and compare models on a labelled set")
+    v.add_argument("--data", required=True, help="dataset folder or data.yaml")
+    v.add_argument("--split", default="test")
+    v.add_argument("--model", action="append", required=True, help="repeat to compare")
+    _add_detect_options(v, model=False)
+    v.add_argument("--min-area", type=float, default=0.0, help="ignore truth boxes under this")
+    v.add_argument("--json", default=None, help="write the table as JSON")
+    v.add_argument("--plots", default=None, help="folder for PR / F1 / count plots (PNG)")
+    v.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("calibrate", help="choose the confidence threshold from a known count")
+    c.add_argument("image")
+    c.add_argument("--count", type=int, default=None, help="known number of nuclei")
+    c.add_argument("--points", default=None, help="CSV of clicked nucleus centres")
+    _add_detect_options(c)
+    c.set_defaults(func=cmd_calibrate)
+
+    m = sub.add_parser("models", help="list bundled models")
+    m.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"yolocell: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("yolocell: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

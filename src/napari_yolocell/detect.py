@@ -1,0 +1,519 @@
+"""Tiled detection engine: any-size image in, one table of nuclei out.
+
+For each 2-D plane of the image: compute the normalisation range on a sub-sample, cut the plane
+into overlapping tiles (:func:`~napari_yolocell.tiling.tile_grid`), read each tile's window only
+(lazy arrays stay lazy, memory is flat in image size), run them through the detector in batches,
+then merge exactly across tile borders (:mod:`napari_yolocell.merge`).
+
+:func:`iter_detect` is a generator yielding ``(done_tiles, total_tiles)`` and returning the
+table, for napari ``thread_worker``; :func:`detect_image` drives it with a ``progress``
+callback (the CLI's tqdm bar).
+
+Image layout: the last two axes are Y, X, except for RGB(A) images (last axis of length 3 or 4,
+guessed like napari, or ``rgb=True``) where Y, X come just before it. RGB is converted to grey
+with the maximum over the colour channels (fluorescence nuclei are bright in their own colour),
+or ``DetectParams.channel`` picks one colour. A channel axis (``channel_axis``) needs
+``DetectParams.channel``. All other axes (Z, T...) are planes, run one after the other and
+numbered in C order (``plane`` column; ``df.attrs["plane_shape"]`` unravels it).
+
+NaN pixels are treated as background (0 after normalisation), with a warning. A constant image
+gives no detections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import threading
+import warnings
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from napari_yolocell.backends import Detector
+from napari_yolocell.merge import merge_tiles
+from napari_yolocell.normalize import (
+    check_mode,
+    clip_uint8,
+    percentile_range,
+    strided_sample,
+    to_uint8,
+)
+from napari_yolocell.tiling import Tile, tile_grid
+
+COLUMNS = ["plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "class"]
+STATS_MAX_PIXELS = 2_000_000
+# Pyramid levels smaller than this are too coarse for reliable percentiles.
+STATS_MIN_PIXELS = 250_000
+
+Cancel = Callable[[], bool] | threading.Event | None
+
+
+class DetectionCancelled(RuntimeError):
+    """Raised when the ``cancel`` callable / event asks detection to stop."""
+
+
+@dataclass
+class DetectParams:
+    """Detection settings. ``None`` means "derive it" (see :func:`resolve_params`).
+
+    Attributes
+    ----------
+    tile : int
+        Tile side, in pixels of the analysed image level.
+    overlap : int or None
+        Overlap of neighbouring tiles in pixels; must exceed the largest nucleus. None:
+        ``max(32, ceil(2 * d))`` with ``d`` the expected nucleus diameter at the analysed level
+        (``diameter`` if given, else the model's ``diameter_px``), at most ``tile // 2``.
+    conf : float or None
+        Minimum confidence; None = the model's ``default_conf``.
+    iou : float
+        IoU threshold of the non-maximum suppression.
+    max_det : int
+        Maximum detections per tile.
+    channel : int or None
+        Channel to analyse (channel axis or RGB colour).
+    normalize : {"percentile", "none"} or None
+        None = the model's own (it must match how its training images were made).
+    percentiles : tuple of float or None
+        (low, high) for percentile normalisation; None = the model's.
+    diameter : float or None
+        Typical nucleus diameter in the image, in full-resolution pixels. When given, tiles are
+        resized by ``model.diameter_px / diameter`` before the forward pass (boxes are mapped
+        back), so a model trained on ~20 px nuclei finds 60 px nuclei.
+    batch : int
+        Tiles per forward pass (larger is faster on a GPU, uses more memory).
+    level : int
+        Pyramid level to analyse for multiscale input (0 = full resolution).
+    ios : float or None
+        Intersection-over-smaller clean-up threshold; None skips it.
+    margin : float
+        A box within this many model-input pixels of a shared tile side is dropped.
+    """
+
+    tile: int = 640
+    overlap: int | None = None
+    conf: float | None = None
+    iou: float = 0.5
+    max_det: int = 1000
+    channel: int | None = None
+    normalize: str | None = None
+    percentiles: tuple[float, float] | None = None
+    diameter: float | None = None
+    batch: int = 8
+    level: int = 0
+    ios: float | None = 0.7
+    margin: float = 2.0
+
+
+def derive_overlap(diameter: float, tile: int) -> int:
+    """Default overlap: twice the expected diameter, at least 32 px, at most half a tile."""
+    return int(min(max(32, math.ceil(2 * diameter)), tile // 2))
+
+
+def resolve_params(
+    params: DetectParams | None, spec, level_factor: float = 1.0
+) -> tuple[DetectParams, float]:
+    """Fill the ``None`` fields of ``params`` from the model and return the resize factor.
+
+    Parameters
+    ----------
+    params : DetectParams or None
+        User settings.
+    spec : ModelSpec
+        The detector's model description.
+    level_factor : float
+        Full-resolution pixels per pixel of the analysed level.
+
+    Returns
+    -------
+    params : DetectParams
+        Copy with every derivable field set.
+    scale : float
+        Factor applied to tiles before the forward pass (1.0 = none).
+    """
+    params = dataclasses.replace(params or DetectParams())
+    if params.tile < 32:
+        raise ValueError(f"tile must be at least 32 px, got {params.tile}")
+    if params.batch < 1:
+        raise ValueError(f"batch must be >= 1, got {params.batch}")
+    if params.diameter is not None and not params.diameter > 0:
+        raise ValueError(f"diameter must be positive, got {params.diameter}")
+    scale, expected = 1.0, float(spec.diameter_px)
+    if params.diameter is not None:
+        expected = params.diameter / level_factor
+        scale = float(spec.diameter_px) / expected
+    if params.overlap is None:
+        params.overlap = derive_overlap(expected, params.tile)
+    if params.conf is None:
+        params.conf = float(spec.default_conf)
+    params.normalize = check_mode(params.normalize or spec.normalize)
+    if params.percentiles is None:
+        params.percentiles = tuple(spec.percentiles)
+    return params, scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Image layout
+
+
+@dataclass
+class _Layout:
+    levels: list
+    y_axis: int
+    x_axis: int
+    rgb: bool
+    channel_axis: int | None
+    plane_axes: tuple[int, ...]
+    plane_shape: tuple[int, ...]
+
+
+def _as_levels(image) -> list:
+    if isinstance(image, (list, tuple)) and image and all(hasattr(a, "shape") for a in image):
+        return list(image)
+    if hasattr(image, "shape") and hasattr(image, "dtype"):
+        return [image]
+    return [np.asarray(image)]
+
+
+def _check_array(arr) -> None:
+    shape = tuple(arr.shape)
+    if len(shape) < 2:
+        raise ValueError(f"need an image with at least 2 dimensions (Y, X), got shape {shape}")
+    if 0 in shape:
+        raise ValueError(f"image is empty (shape {shape})")
+    dtype = np.dtype(arr.dtype)
+    if dtype.kind not in "biuf":
+        raise ValueError(f"unsupported image data type {dtype}; need integer, float or bool")
+
+
+def _layout(image, channel_axis: int | None, rgb: bool | None) -> _Layout:
+    levels = _as_levels(image)
+    for arr in levels:
+        _check_array(arr)
+    ndim = len(levels[0].shape)
+    if any(len(a.shape) != ndim for a in levels):
+        raise ValueError("all pyramid levels must have the same number of dimensions")
+    if channel_axis is not None:
+        if not -ndim <= channel_axis < ndim:
+            raise ValueError(f"channel_axis {channel_axis} out of range for {ndim}-D image")
+        channel_axis %= ndim
+    if rgb is None:
+        rgb = channel_axis is None and ndim >= 3 and levels[0].shape[-1] in (3, 4)
+    y_axis, x_axis = (ndim - 3, ndim - 2) if rgb else (ndim - 2, ndim - 1)
+    if y_axis < 0:
+        raise ValueError(f"an RGB image needs shape (..., Y, X, 3|4), got {levels[0].shape}")
+    if channel_axis in (y_axis, x_axis) or (rgb and channel_axis == ndim - 1):
+        raise ValueError(f"channel_axis {channel_axis} cannot be a Y/X/colour axis")
+    skip = {y_axis, x_axis, channel_axis} | ({ndim - 1} if rgb else set())
+    plane_axes = tuple(a for a in range(ndim) if a not in skip)
+    plane_shape = tuple(int(levels[0].shape[a]) for a in plane_axes)
+    return _Layout(levels, y_axis, x_axis, rgb, channel_axis, plane_axes, plane_shape)
+
+
+class PlaneView:
+    """Lazy 2-D (Y, X) view of one plane / channel of an nD array.
+
+    ``view[ys, xs]`` reads only that window from the underlying array, in one ``__getitem__``,
+    and returns a numpy array (RGB reduced to one grey or colour channel).
+    """
+
+    def __init__(self, array, layout: _Layout, plane_index: tuple[int, ...],
+                 channel: int | None) -> None:
+        self.array = array
+        self.layout = layout
+        self.channel = channel
+        template: list = [slice(None)] * len(array.shape)
+        for axis, index in zip(layout.plane_axes, plane_index, strict=True):
+            template[axis] = index
+        if layout.channel_axis is not None:
+            template[layout.channel_axis] = channel
+        self.template = template
+        self.shape = (int(array.shape[layout.y_axis]), int(array.shape[layout.x_axis]))
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        index = list(self.template)
+        index[self.layout.y_axis], index[self.layout.x_axis] = key
+        data = np.asarray(self.array[tuple(index)])
+        if self.layout.rgb:
+            data = data[..., self.channel] if self.channel is not None else data[..., :3].max(-1)
+        return data
+
+
+def _check_channel(layout: _Layout, channel: int | None) -> None:
+    arr = layout.levels[0]
+    if layout.channel_axis is not None:
+        n = int(arr.shape[layout.channel_axis])
+        if channel is None:
+            if n == 1:
+                return
+            raise ValueError(f"image has {n} channels (axis {layout.channel_axis}): choose one "
+                             "with DetectParams.channel")
+        if not 0 <= channel < n:
+            raise ValueError(f"channel {channel} out of range: the image has {n} channels")
+    elif layout.rgb and channel is not None and not 0 <= channel < 3:
+        raise ValueError(f"channel {channel} out of range for an RGB image (0, 1, 2)")
+    elif not layout.rgb and channel not in (None, 0):
+        raise ValueError(f"channel {channel} given but the image has no channel axis")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-plane processing
+
+
+def _stats_level(layout: _Layout, level: int) -> int:
+    """Coarsest pyramid level (at or below ``level``) still big enough for percentiles."""
+    best = level
+    ref = layout.levels[level].shape
+    for index in range(level + 1, len(layout.levels)):
+        arr = layout.levels[index]
+        same_planes = all(arr.shape[a] == ref[a] for a in layout.plane_axes)
+        if same_planes and arr.shape[layout.y_axis] * arr.shape[layout.x_axis] >= STATS_MIN_PIXELS:
+            best = index
+    return best
+
+
+def _normalizer(view: PlaneView, stats_view: PlaneView, params: DetectParams,
+                detector: Detector) -> Callable[[np.ndarray], np.ndarray]:
+    """Plane-wide intensity mapping to uint8; also primes detectors that need an overview."""
+    needs_overview = getattr(detector, "needs_overview", False)
+    if params.normalize == "none":
+        def norm(tile):
+            return clip_uint8(tile)
+        sample = strided_sample(stats_view, STATS_MAX_PIXELS) if needs_overview else None
+    else:
+        sample = strided_sample(stats_view, STATS_MAX_PIXELS)
+        lo, hi = percentile_range(sample, *params.percentiles, max_pixels=sample.size + 1)
+
+        def norm(tile):
+            return to_uint8(tile, lo, hi)
+    if needs_overview:
+        detector.prepare(norm(sample))
+    return norm
+
+
+def _resize(grey: np.ndarray, scale: float) -> np.ndarray:
+    if scale == 1.0:
+        return grey
+    height = max(1, round(grey.shape[0] * scale))
+    width = max(1, round(grey.shape[1] * scale))
+    try:
+        import cv2
+
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        return cv2.resize(grey, (width, height), interpolation=interp)
+    except ImportError:  # opencv comes with ultralytics; keep a fallback for the core
+        from skimage.transform import resize
+
+        out = resize(grey, (height, width), order=1, preserve_range=True, anti_aliasing=scale < 1)
+        return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _read_tile(view: PlaneView, tile: Tile, norm, scale: float, state: dict) -> np.ndarray:
+    raw = view[tile.slices]
+    if raw.dtype.kind == "f" and not state["nan_warned"] and np.isnan(raw).any():
+        warnings.warn("image contains NaN pixels: treated as background (0)", RuntimeWarning,
+                      stacklevel=4)
+        state["nan_warned"] = True
+    grey = _resize(norm(raw), scale)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def _to_tile_coords(boxes: np.ndarray, tile: Tile, model_shape: tuple[int, int]) -> np.ndarray:
+    """Map boxes from the (resized) model input back to tile pixels."""
+    boxes = np.array(boxes, dtype=np.float64).reshape(-1, 6)
+    height, width = tile.shape
+    boxes[:, [0, 2]] *= width / model_shape[1]
+    boxes[:, [1, 3]] *= height / model_shape[0]
+    return boxes
+
+
+def _is_cancelled(cancel: Cancel) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start: start + size]
+
+
+def _detect_plane(view, norm, tiles, detector, params, scale, cancel, state):
+    """Generator over batches of one plane: yields tile counts, returns merged boxes."""
+    tile_boxes = []
+    margin = params.margin * max(1.0, 1.0 / scale)
+    for batch in _batches(tiles, params.batch):
+        if _is_cancelled(cancel):
+            raise DetectionCancelled("detection cancelled")
+        inputs = [_read_tile(view, t, norm, scale, state) for t in batch]
+        outputs = detector.predict(inputs, conf=params.conf, iou=params.iou,
+                                   max_det=params.max_det)
+        for tile, arr, boxes in zip(batch, inputs, outputs, strict=True):
+            tile_boxes.append((tile, _to_tile_coords(boxes, tile, arr.shape[:2])))
+        yield len(batch)
+    return merge_tiles(tile_boxes, iou=params.iou, ios=params.ios, margin=margin)
+
+
+def _frame(plane: int, boxes: np.ndarray, factor: tuple[float, float]) -> pd.DataFrame:
+    fy, fx = factor
+    x0, y0, x1, y1 = boxes[:, 0] * fx, boxes[:, 1] * fy, boxes[:, 2] * fx, boxes[:, 3] * fy
+    return pd.DataFrame({
+        "plane": np.full(len(boxes), plane, dtype=np.int64),
+        "y": (y0 + y1) / 2, "x": (x0 + x1) / 2,
+        "y0": y0, "x0": x0, "y1": y1, "x1": x1,
+        "confidence": boxes[:, 4].astype(np.float64),
+        "class": boxes[:, 5].astype(np.int64),
+    }, columns=COLUMNS)
+
+
+def _load(detector) -> Detector:
+    if isinstance(detector, (str, Path)) or type(detector).__name__ == "ModelSpec":
+        from napari_yolocell.models import load_detector
+
+        return load_detector(detector)
+    return detector
+
+
+def iter_detect(
+    image,
+    detector: Detector | str,
+    params: DetectParams | None = None,
+    *,
+    channel_axis: int | None = None,
+    rgb: bool | None = None,
+    planes: Sequence[int] | None = None,
+    cancel: Cancel = None,
+) -> Generator[tuple[int, int], None, pd.DataFrame]:
+    """Detect nuclei, yielding progress; the generator's return value is the table.
+
+    Same parameters as :func:`detect_image`. Yields ``(done_tiles, total_tiles)``, first
+    ``(0, total)``, then after every batch. Use with napari's ``thread_worker`` (its
+    ``returned`` signal carries the table) or drive it with ``yield from``.
+    """
+    detector = _load(detector)
+    layout = _layout(image, channel_axis, rgb)
+    params = params or DetectParams()
+    if not 0 <= params.level < len(layout.levels):
+        raise ValueError(f"level {params.level} not available: the image has "
+                         f"{len(layout.levels)} level(s)")
+    _check_channel(layout, params.channel)
+    array = layout.levels[params.level]
+    full = layout.levels[0]
+    factor = (full.shape[layout.y_axis] / array.shape[layout.y_axis],
+              full.shape[layout.x_axis] / array.shape[layout.x_axis])
+    params, scale = resolve_params(params, detector.spec, level_factor=float(np.mean(factor)))
+    stats_array = layout.levels[_stats_level(layout, params.level)]
+    plane_ids = list(range(math.prod(layout.plane_shape))) if planes is None else list(planes)
+    plane_index = list(itertools.product(*(range(n) for n in layout.plane_shape)))
+    shape_yx = (int(array.shape[layout.y_axis]), int(array.shape[layout.x_axis]))
+    tiles = tile_grid(shape_yx, params.tile, params.overlap)
+    total, done, state = len(tiles) * len(plane_ids), 0, {"nan_warned": False}
+    frames = []
+    yield done, total
+    for plane in plane_ids:
+        if not 0 <= plane < len(plane_index):
+            raise ValueError(f"plane {plane} out of range (the image has {len(plane_index)})")
+        view = PlaneView(array, layout, plane_index[plane], params.channel)
+        stats_view = PlaneView(stats_array, layout, plane_index[plane], params.channel)
+        norm = _normalizer(view, stats_view, params, detector)
+        runner = _detect_plane(view, norm, tiles, detector, params, scale, cancel, state)
+        while True:
+            try:
+                done += next(runner)
+            except StopIteration as stop:
+                frames.append(_frame(plane, stop.value, factor))
+                break
+            yield done, total
+    df = pd.concat(frames, ignore_index=True) if frames else _frame(0, np.zeros((0, 6)), factor)
+    df.attrs.update(n_planes=len(plane_index), plane_shape=layout.plane_shape,
+                    plane_axes=layout.plane_axes, level=params.level, tile=params.tile,
+                    overlap=params.overlap, scale=scale, conf=params.conf)
+    return df
+
+
+def detect_image(
+    image,
+    detector: Detector | str,
+    params: DetectParams | None = None,
+    *,
+    channel_axis: int | None = None,
+    rgb: bool | None = None,
+    planes: Sequence[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Cancel = None,
+) -> pd.DataFrame:
+    """Detect and locate nuclei in an image of any size.
+
+    Parameters
+    ----------
+    image : array-like or list of array-like
+        numpy, zarr or dask array of any dtype: 2-D (Y, X), RGB (..., Y, X, 3|4), or nD with
+        extra plane axes (Z, T...) and optionally a channel axis. A list of arrays is a
+        multiscale pyramid (full resolution first).
+    detector : Detector or str
+        A loaded detector (:func:`napari_yolocell.models.load_detector`) or a model name/path.
+    params : DetectParams, optional
+        Settings; defaults derived from the model.
+    channel_axis : int, optional
+        Axis holding channels; ``params.channel`` selects one.
+    rgb : bool, optional
+        Whether the last axis is RGB(A) colour; None guesses (last axis of length 3 or 4).
+    planes : sequence of int, optional
+        Only these planes (flat C-order indices over the non-Y/X axes), e.g. the slice shown.
+    progress : callable, optional
+        Called as ``progress(done_tiles, total_tiles)``.
+    cancel : callable or threading.Event, optional
+        Checked before every batch; when true, :class:`DetectionCancelled` is raised.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``plane, y, x, y0, x0, y1, x1, confidence, class``: centres and boxes in
+        full-resolution pixels (y0/x0 inclusive, y1/x1 exclusive). ``df.attrs`` holds
+        ``n_planes``, ``plane_shape`` and the effective tile/overlap/scale/conf.
+
+    Raises
+    ------
+    ValueError
+        Empty image, fewer than 2 dimensions, unsupported dtype, bad channel/level/plane.
+    DetectionCancelled
+        When cancelled.
+    """
+    runner = iter_detect(image, detector, params, channel_axis=channel_axis, rgb=rgb,
+                         planes=planes, cancel=cancel)
+    while True:
+        try:
+            done, total = next(runner)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(done, total)
+
+
+def count_per_plane(df: pd.DataFrame, n_planes: int | None = None) -> pd.Series:
+    """Number of detections per plane, including planes with none.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Output of :func:`detect_image`.
+    n_planes : int, optional
+        Number of planes; default ``df.attrs["n_planes"]`` or the largest plane index + 1.
+
+    Returns
+    -------
+    pandas.Series
+        Counts indexed by ``plane``, named ``"count"``.
+    """
+    if n_planes is None:
+        n_planes = df.attrs.get("n_planes", int(df["plane"].max()) + 1 if len(df) else 1)
+    counts = df.groupby("plane").size().reindex(range(n_planes), fill_value=0)
+    counts.index.name = "plane"
+    return counts.rename("count").astype(np.int64)

@@ -1,0 +1,137 @@
+"""Intensity normalisation to 8-bit, shared by detection and dataset export.
+
+Modes
+-----
+``"percentile"``
+    Clip to the (low, high) percentiles of the plane and map linearly to 0..255. The
+    percentiles are computed on a strided view of at most ``max_pixels`` pixels (or on a lower
+    pyramid level passed in), so a huge lazy array is never loaded whole.
+``"none"``
+    uint8 passes unchanged; any other dtype is clipped to 0..255 and cast to uint8 (no
+    rescaling: use it only for data already in 8-bit range).
+
+NaN pixels are ignored when computing percentiles and become 0 (background). A constant plane
+(``hi == lo``) maps to all zeros instead of dividing by zero.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+MODES = ("percentile", "none")
+
+
+def sample_stride(shape_yx: tuple[int, int], max_pixels: int = 2_000_000) -> int:
+    """Smallest integer stride so that ``plane[::s, ::s]`` has at most ``max_pixels`` pixels."""
+    n_pixels = int(shape_yx[0]) * int(shape_yx[1])
+    if n_pixels <= max_pixels:
+        return 1
+    stride = math.ceil(math.sqrt(n_pixels / max_pixels))
+    while math.ceil(shape_yx[0] / stride) * math.ceil(shape_yx[1] / stride) > max_pixels:
+        stride += 1
+    return stride
+
+
+def strided_sample(plane, max_pixels: int = 2_000_000) -> np.ndarray:
+    """Read a strided sub-sample of a (lazy) 2-D plane as a numpy array.
+
+    The plane is (Y, X) or (Y, X, C). Only ``plane[::s, ::s]`` is requested from the array,
+    so zarr/dask/tifffile arrays are never materialised at full size.
+    """
+    stride = sample_stride(plane.shape[:2], max_pixels)
+    return np.asarray(plane[::stride, ::stride])
+
+
+def percentile_range(
+    plane, low: float = 1.0, high: float = 99.8, max_pixels: int = 2_000_000
+) -> tuple[float, float]:
+    """Intensity range (lo, hi) of a plane from its ``low``/``high`` percentiles.
+
+    Parameters
+    ----------
+    plane : array-like, shape (Y, X)
+        Numpy, zarr or dask array; pass a lower pyramid level to make this cheaper still.
+    low, high : float
+        Percentiles in [0, 100].
+    max_pixels : int
+        The plane is sub-sampled with a regular stride to at most this many pixels.
+
+    Returns
+    -------
+    lo, hi : float
+        ``hi >= lo``; both 0.0 if the plane is all NaN.
+    """
+    if not 0 <= low <= high <= 100:
+        raise ValueError(f"need 0 <= low <= high <= 100, got ({low}, {high})")
+    sample = strided_sample(plane, max_pixels).astype(np.float32, copy=False)
+    finite = sample[np.isfinite(sample)]
+    if finite.size == 0:
+        return 0.0, 0.0
+    lo, hi = np.percentile(finite, [low, high])
+    return float(lo), float(max(hi, lo))
+
+
+def to_uint8(tile, lo: float, hi: float) -> np.ndarray:
+    """Clip ``tile`` to [lo, hi] and map it linearly to uint8 0..255.
+
+    NaN maps to 0. If ``hi <= lo`` (constant image) the result is all zeros.
+    """
+    arr = np.asarray(tile, dtype=np.float32)
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    out = (arr - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    out = np.nan_to_num(out, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def clip_uint8(tile) -> np.ndarray:
+    """Mode ``"none"``: uint8 unchanged, other dtypes clipped to 0..255 (NaN -> 0)."""
+    arr = np.asarray(tile)
+    if arr.dtype == np.uint8:
+        return arr
+    arr = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def check_mode(mode: str) -> str:
+    """Validate a normalisation mode name."""
+    if mode not in MODES:
+        raise ValueError(f"unknown normalisation mode {mode!r}; choose one of {MODES}")
+    return mode
+
+
+def normalize_image(
+    arr,
+    mode: str = "percentile",
+    percentiles: tuple[float, float] = (1.0, 99.8),
+    value_range: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Normalise a 2-D image (or tile) to uint8 with the given mode.
+
+    Parameters
+    ----------
+    arr : array-like
+        Image to convert.
+    mode : {"percentile", "none"}
+        See the module docstring.
+    percentiles : tuple of float
+        (low, high) percentiles for ``mode="percentile"``.
+    value_range : tuple of float, optional
+        Precomputed (lo, hi), e.g. of the whole plane when ``arr`` is one tile of it, so all
+        tiles of a plane share one mapping.
+
+    Returns
+    -------
+    numpy.ndarray of uint8
+    """
+    check_mode(mode)
+    if mode == "none":
+        return clip_uint8(arr)
+    if value_range is None:
+        value_range = percentile_range(arr, *percentiles)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return to_uint8(arr, *value_range)

@@ -1,0 +1,107 @@
+"""Tests of the model registry, integrity check and backends (kept cheap: nano models, 64 px)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_yolocell import models
+from napari_yolocell.backends import TorchDetector
+from napari_yolocell.classical import ClassicalDetector
+from napari_yolocell.detect import COLUMNS, DetectParams, detect_image
+from napari_yolocell.models import (
+    ModelSpec,
+    file_sha256,
+    list_models,
+    load_detector,
+    resolve_model,
+    sidecar_path,
+    verify_sha256,
+    write_sidecar,
+)
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """A temporary registry with one bundled model whose weights file is `fake.pt`."""
+    weights = tmp_path / "fake.pt"
+    weights.write_bytes(b"not really weights")
+    entry = {"name": "nuclei-v5", "family": "yolov5", "file": "fake.pt", "sha256": "0" * 64,
+             "default": True, "aliases": ["v5"], "diameter_px": 18}
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({"models": [entry]}))
+    monkeypatch.setattr(models, "REGISTRY_FILE", path)
+    return weights
+
+
+def test_classical_is_always_available():
+    assert "classical" in [m.name for m in list_models()]
+    assert isinstance(load_detector("classical"), ClassicalDetector)
+
+
+def test_registry_names_and_aliases(registry):
+    for name in ("nuclei-v5", "v5", "V5", "default"):
+        spec = resolve_model(name)
+        assert spec.path == registry and spec.diameter_px == 18 and spec.family == "yolov5"
+
+
+def test_sha_mismatch_is_refused(registry):
+    with pytest.raises(ValueError, match="SHA-256 mismatch.*fake.pt"):
+        load_detector("v5")
+    verify_sha256(registry, file_sha256(registry))  # the right hash passes
+
+
+def test_missing_weights_name_the_file(tmp_path, registry):
+    with pytest.raises(FileNotFoundError, match="nothere.pt"):
+        load_detector(tmp_path / "nothere.pt")
+    registry.unlink()
+    with pytest.raises(FileNotFoundError, match="fake.pt"):
+        load_detector("default")
+
+
+def test_corrupt_weights_name_the_file(tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="broken.pt"):
+        load_detector(bad, device="cpu")
+
+
+def test_unknown_name():
+    with pytest.raises(ValueError, match="unknown model"):
+        resolve_model("no-such-model")
+
+
+def test_sidecar_settings_are_read(tmp_path):
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(b"x")
+    spec = ModelSpec(name="mine", family="yolov6", normalize="none", diameter_px=31.0,
+                     default_conf=0.4, percentiles=(2.0, 99.0))
+    assert write_sidecar(weights, spec) == sidecar_path(weights) == tmp_path / "best.yolocell.json"
+    got = resolve_model(weights)
+    assert (got.family, got.normalize, got.diameter_px, got.default_conf, got.percentiles) == (
+        "yolov6", "none", 31.0, 0.4, (2.0, 99.0))
+    assert got.path == weights
+    plain = tmp_path / "other.pt"
+    plain.write_bytes(b"x")
+    assert resolve_model(plain).normalize == "percentile"
+
+
+@pytest.mark.parametrize("arch", ["yolov5n.yaml", "yolov6n.yaml"])
+def test_untrained_architectures_run(arch):
+    detector = load_detector(arch, device="cpu")
+    assert isinstance(detector, TorchDetector) and detector.spec.family == arch[:6]
+    assert load_detector(arch, device="cpu") is detector  # cached
+    tiles = [np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 128, np.uint8)]
+    out = detector.predict(tiles, conf=0.001, iou=0.5, max_det=20)
+    assert len(out) == 2
+    for boxes in out:
+        assert boxes.ndim == 2 and boxes.shape[1] == 6 and len(boxes) <= 20
+        assert (boxes[:, [0, 2]] <= 64).all() and (boxes[:, :4] >= 0).all()
+
+
+def test_torch_detector_end_to_end_on_small_image():
+    image = np.random.default_rng(0).integers(0, 4000, (70, 90), dtype=np.uint16)
+    df = detect_image(image, load_detector("yolov5n.yaml", device="cpu"),
+                      DetectParams(conf=0.001, max_det=10))
+    assert list(df.columns) == COLUMNS
+    assert (df["x1"] <= 90).all() and (df["y1"] <= 70).all()
