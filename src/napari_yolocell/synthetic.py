@@ -112,7 +112,9 @@ class NucleusField:
         # Sorted by y so a region's candidates are found with a binary search.
         self._order = np.argsort(self.centers[:, 0], kind="stable")
         self._ys = self.centers[self._order, 0]
-        self._reach = float(self.semi_axes[:, 0].max()) * 1.5 + 4 * _EDGE_PX if len(centers) else 0.0
+        self._reach = (
+            float(self.semi_axes[:, 0].max()) * 1.5 + 4 * _EDGE_PX if len(centers) else 0.0
+        )
 
     def __len__(self) -> int:
         return len(self.centers)
@@ -508,8 +510,9 @@ def write_synthetic_tiff(
             if encode is not None:
                 # Render + compress tiles in a small thread pool (numpy and the codecs release the
                 # GIL), in order, with a bounded number of tiles in flight.
-                tiles = _encoded_tiles(field, lshape, tile, 2**lvl, dtype, seed, lvl, encode,
-                                       maxworkers)
+                tiles = _encoded_tiles(
+                    field, lshape, tile, 2**lvl, dtype, seed, lvl, encode, maxworkers
+                )
                 kwargs_c = dict(compression=compression)
             else:
                 tiles = _tile_iterator(field, lshape, tile, 2**lvl, dtype, seed, lvl)

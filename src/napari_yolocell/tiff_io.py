@@ -36,7 +36,7 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs")
 # Micrometres per unit for the length units found in OME and ImageJ metadata.
 _UNIT_TO_UM = {
     "µm": 1.0,
-    "\u00b5m": 1.0,
+    "\u03bcm": 1.0,  # Greek mu, not the micro sign
     "um": 1.0,
     "micron": 1.0,
     "microns": 1.0,
@@ -146,7 +146,9 @@ def list_tiffs(folder: str | os.PathLike) -> list[Path]:
     """Sorted TIFF-like files directly inside ``folder`` (hidden files skipped)."""
     folder = Path(folder)
     return sorted(
-        p for p in folder.iterdir() if p.is_file() and is_tiff_path(p) and not p.name.startswith(".")
+        p
+        for p in folder.iterdir()
+        if p.is_file() and is_tiff_path(p) and not p.name.startswith(".")
     )
 
 
@@ -222,7 +224,9 @@ def open_tiff(path: str | os.PathLike, series: int = 0) -> TiffImage:
         raise
     except Exception as exc:
         tif.close()
-        raise TiffReadError(f"{path}: cannot read TIFF structure ({type(exc).__name__}: {exc})") from exc
+        raise TiffReadError(
+            f"{path}: cannot read TIFF structure ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _open_series(path: Path, tif: tifffile.TiffFile, series_index: int) -> TiffImage:
@@ -400,7 +404,9 @@ def _pixel_size_um(tif: tifffile.TiffFile, series_index: int, page: Any) -> dict
         ij = tif.imagej_metadata if tif.is_imagej else None
         xres, yres = page.resolution
         if ij is not None:
-            factor = _UNIT_TO_UM.get(str(ij.get("unit", "")).strip().lower().replace("\\u00b5", "µ"))
+            factor = _UNIT_TO_UM.get(
+                str(ij.get("unit", "")).strip().lower().replace("\\u00b5", "µ")
+            )
             if factor is None:
                 return {}
             out = {}
@@ -489,9 +495,7 @@ def _stackable(images: list[TiffImage]) -> bool:
 
 def _stack(folder: Path, images: list[TiffImage]) -> TiffImage:
     first = images[0]
-    levels = [
-        da.stack([im.levels[i] for im in images], axis=0) for i in range(len(first.levels))
-    ]
+    levels = [da.stack([im.levels[i] for im in images], axis=0) for i in range(len(first.levels))]
     metadata = dict(first.metadata)
     metadata.update(
         path=str(folder),

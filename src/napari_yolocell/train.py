@@ -4,7 +4,7 @@ Models are built from the architecture YAMLs shipped with ultralytics (``yolov5n
 ``yolov6x.yaml``) and trained from scratch, or fine-tuned from a ``.pt`` checkpoint. Nothing
 is downloaded: ultralytics is imported through
 :func:`napari_yolocell.ultralytics_env.import_ultralytics`, plots (which fetch a font) are
-off, and the AMP self-test (which fetches ``yolo26n.pt``) is bypassed when it cannot run.
+off, and the AMP self-test (which fetches ``yolo26n.pt``) never downloads its reference model.
 
 Progress is reported through plain callables so the napari widget can draw a live plot and
 cancel: ``on_epoch(dict)`` after each validated epoch, ``on_batch(dict)`` after each batch and
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -234,28 +235,38 @@ def _checkpoint_family(path: Path) -> str | None:
     return None
 
 
-def _patch_amp_check() -> None:
-    """Make ultralytics' AMP self-test offline-safe.
+# GPUs on which ultralytics disables AMP (NaN losses); copied from ultralytics.utils.checks.
+_BAD_AMP_GPUS = re.compile(
+    r"(nvidia|geforce|quadro|tesla).*?(1660|1650|1630|t400|t550|t600|t1000|t1200|t2000|k40m)",
+    re.IGNORECASE,
+)
 
-    The test downloads ``yolo26n.pt`` to compare fp16/fp32 outputs. Offline it may fail with
-    errors other than the ``ConnectionError`` it expects, which would abort training; AMP is
-    then assumed to work (true on every recent NVIDIA GPU).
+
+def _patch_amp_check() -> None:
+    """Make ultralytics' AMP self-test download-free.
+
+    The self-test compares fp16/fp32 outputs of ``yolo26n.pt``, which it downloads if absent.
+    Without that file only the known-bad-GPU list is applied (AMP works on every other recent
+    NVIDIA GPU); with it, the original test runs.
     """
+    import torch
     from ultralytics.engine import trainer as trainer_mod
+    from ultralytics.utils import WEIGHTS_DIR
 
     original = trainer_mod.check_amp
-    if getattr(original, "_yolocell_safe", False):
+    if getattr(original, "_yolocell_offline", False):
         return
 
-    def safe_check_amp(model, *args, **kwargs):
-        try:
+    def offline_check_amp(model, *args, **kwargs):
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            return False
+        if (Path(WEIGHTS_DIR) / "yolo26n.pt").is_file():
             return original(model, *args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any failure of the self-test, not of training
-            warnings.warn(f"AMP self-test skipped ({exc}); training with AMP", stacklevel=2)
-            return True
+        return not _BAD_AMP_GPUS.search(torch.cuda.get_device_name(device))
 
-    safe_check_amp._yolocell_safe = True  # type: ignore[attr-defined]
-    trainer_mod.check_amp = safe_check_amp
+    offline_check_amp._yolocell_offline = True  # type: ignore[attr-defined]
+    trainer_mod.check_amp = offline_check_amp
 
 
 # --------------------------------------------------------------------------- callbacks

@@ -1,0 +1,114 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from napari_yolocell.synthetic import make_nuclei_image
+from napari_yolocell.yolo_dataset import (
+    Sample,
+    assign_splits,
+    crop_boxes,
+    export_dataset,
+    yolo_lines,
+)
+from napari_yolocell.yolo_import import read_yolo_dataset
+
+
+def test_yolo_line_maths_hand_computed():
+    # box y 10..30, x 20..60 in a 100 (h) x 200 (w) image: cx=40/200, cy=20/100, w=40/200, h=20/100
+    assert yolo_lines(np.array([[10, 20, 30, 60]]), [0], 100, 200) == [
+        "0 0.200000 0.200000 0.200000 0.200000"
+    ]
+    assert yolo_lines(np.array([[0, 0, 100, 200]]), [2], 100, 200) == [
+        "2 0.500000 0.500000 1.000000 1.000000"
+    ]
+
+
+def test_split_proportions_seeded():
+    groups = [f"g{i}" for i in range(100)]
+    a = assign_splits(groups, (0.7, 0.2, 0.1), seed=3)
+    b = assign_splits(groups, (0.7, 0.2, 0.1), seed=3)
+    assert a == b
+    counts = {s: sum(v == s for v in a.values()) for s in ("train", "val", "test")}
+    assert counts == {"train": 70, "val": 20, "test": 10}
+    assert assign_splits(groups, seed=4) != a
+
+
+def test_crop_boxes_drops_small_fragments():
+    boxes = np.array([[0, 0, 10, 10], [5, 95, 15, 105], [5, 99, 15, 109]])
+    # window x 0..100: the second box is 50 % inside, the third 10 %
+    out, keep = crop_boxes(boxes, (0, 0, 100, 100), min_fraction=0.4)
+    np.testing.assert_array_equal(keep, [True, True, False])
+    np.testing.assert_allclose(out, [[0, 0, 10, 10], [5, 95, 15, 100]])
+
+
+def _samples(n=12, size=(160, 200)):
+    out = []
+    for i in range(n):
+        syn = make_nuclei_image(size, n_nuclei=8, seed=i)
+        out.append(Sample(syn.image, syn.boxes, name=f"img{i}"))
+    return out
+
+
+def test_export_then_import_gives_same_boxes(tmp_path):
+    samples = _samples()
+    rep = export_dataset(samples, tmp_path / "ds", tile=256, overlap=32, seed=0)
+    assert sum(rep.n_images.values()) == len(samples)
+    assert rep.n_images["train"] > rep.n_images["val"] > 0 and rep.n_images["test"] > 0
+    data = yaml.safe_load((tmp_path / "ds" / "data.yaml").read_text())
+    assert data["nc"] == 1 and data["names"] == {0: "nucleus"}
+    # 16-bit in, 8-bit normalised PNG out, padded on the long side to the tile
+    png = next((tmp_path / "ds" / "images" / "train").glob("*.png"))
+    arr = np.asarray(Image.open(png))
+    assert arr.dtype == np.uint8 and max(arr.shape) == 256 and arr.max() == 255
+    ds = read_yolo_dataset(tmp_path / "ds")
+    by_name = {Path(s.image_path).stem.split("_y")[0]: s for s in ds}
+    for s in samples:
+        got = by_name[s.name].boxes
+        truth = np.clip(s.boxes, 0, [160, 200, 160, 200])
+        order = lambda b: b[np.lexsort((b[:, 1], b[:, 0]))]  # noqa: E731
+        np.testing.assert_allclose(order(got), order(truth), atol=0.05)
+
+
+def test_large_image_is_tiled_and_regions_never_straddle_splits(tmp_path):
+    syn = make_nuclei_image((1024, 1024), n_nuclei=150, seed=1)
+    rep = export_dataset([Sample(syn.image, syn.boxes, name="big")], tmp_path / "ds",
+                         tile=256, overlap=32)
+    assert rep.n_images["val"] > 0 and rep.n_images["train"] > 0
+    # every tile name carries its window; group tiles by the block of the region grid
+    meta = yaml.safe_load((tmp_path / "ds" / "data.yaml").read_text())
+    assert meta["train"] == "images/train"
+    regions = {}
+    for split in ("train", "val", "test"):
+        for p in (tmp_path / "ds" / "images" / split).glob("*.png"):
+            y = int(p.stem.split("_y")[1].split("_x")[0])
+            x = int(p.stem.split("_x")[1])
+            w, h = Image.open(p).size
+            regions[(y, x, h, w)] = split
+    # tiles of different splits must not overlap in pixels (no leakage)
+    items = list(regions.items())
+    for i, ((y, x, h, w), s) in enumerate(items):
+        for (y2, x2, h2, w2), s2 in items[i + 1 :]:
+            if s != s2:
+                assert y + h <= y2 or y2 + h2 <= y or x + w <= x2 or x2 + w2 <= x
+
+
+def test_refuses_non_empty_folder_and_overwrites_atomically(tmp_path):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_dataset(_samples(3), out)
+    assert (out / "precious.txt").read_text() == "keep me"
+    export_dataset(_samples(3), out, overwrite=True, tile=256)
+    assert not (out / "precious.txt").exists() and (out / "data.yaml").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ds.")]
+
+
+def test_failed_export_leaves_nothing(tmp_path):
+    bad = _samples(2) + [Sample(np.zeros((3, 10, 10, 10)), np.zeros((0, 4)), name="stack")]
+    with pytest.raises(ValueError, match="2-D"):
+        export_dataset(bad, tmp_path / "ds")
+    assert list(tmp_path.iterdir()) == []
