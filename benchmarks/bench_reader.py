@@ -3,8 +3,9 @@
 Writes a 16384 x 16384 uint16 tiled (512 px), zlib-compressed BigTIFF with a 4-level SubIFD
 pyramid of synthetic nuclei (unless ``--path`` points at an existing file), then measures in a
 FRESH subprocess per variant: open time, time to the first 1024 x 1024 full-resolution region,
-and the child's peak RSS (its own ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at exit,
-imports included). Prints a markdown table.
+and the child's peak RSS (its own ``VmHWM`` from /proc, else ``ru_maxrss``, at exit, imports
+included; ``ru_maxrss`` alone would inherit the parent's peak across fork+exec). Prints a
+markdown table.
 
     python benchmarks/bench_reader.py [--path big.tif] [--size 16384] [--repeat 3]
 """
@@ -48,6 +49,12 @@ t2 = time.perf_counter()
 if region is None:
     t1 = t2 = t0
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+try:
+    # ru_maxrss survives fork+exec (it may report the parent's peak); VmHWM is this image's own.
+    with open("/proc/self/status") as fh:
+        rss = next(int(l.split()[1]) for l in fh if l.startswith("VmHWM")) / 1024
+except (OSError, StopIteration):
+    pass
 print(json.dumps({"open_s": t1 - t0, "first_tile_s": t2 - t0, "rss_mb": rss,
                   "rss_imports_mb": rss_imports}))
 """

@@ -5,10 +5,11 @@ Reproducible: fixed seeds, data read from the shared data folder given on the co
     # 1. build the YOLO dataset with napari-yolocell's own export (masks -> boxes)
     python scripts/train_bundled_models.py build --data ../shared/data --work work_data
     # 2. train both families (run in the background; resumable from last.pt)
-    python scripts/train_bundled_models.py train --work work_data --family yolov5n --epochs 40
-    python scripts/train_bundled_models.py train --work work_data --family yolov6n --epochs 40
+    python scripts/train_bundled_models.py train --work work_data --family yolov5n --epochs 20
+    python scripts/train_bundled_models.py train --work work_data --family yolov6n --epochs 20
     # 3. copy best.pt into the package (fp16), with its SHA-256, into the registry
-    python scripts/train_bundled_models.py bundle --work work_data --family yolov5n
+    python scripts/train_bundled_models.py bundle --work work_data --data ../shared/data \
+        --family yolov5n --default
 
 Training data (all CC0; see docs/models.md):
 - BBBC039 ``training`` (train) and ``validation`` (val); its ``test`` split is never used here.
@@ -26,7 +27,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -34,22 +34,6 @@ import numpy as np
 
 IMGSZ = 704  # BBBC039 fields (520 x 696) fit whole; long side = imgsz so nothing is resized
 SEED = 0
-
-
-def _bbbc039_instances(mask_rgba: np.ndarray) -> np.ndarray:
-    """BBBC039 masks are a 4-colour map in channel 0: instances = components per colour."""
-    from skimage.measure import label
-
-    colour = mask_rgba[..., 0] if mask_rgba.ndim == 3 else mask_rgba
-    out = np.zeros(colour.shape, np.int32)
-    nxt = 0
-    for v in np.unique(colour):
-        if v == 0:
-            continue
-        lab = label(colour == v, connectivity=2)
-        out[lab > 0] = lab[lab > 0] + nxt
-        nxt += int(lab.max())
-    return out
 
 
 def _rescale(image: np.ndarray, boxes: np.ndarray, factor: float):
@@ -73,6 +57,7 @@ def build_samples(data: Path, max_diameter: float = 45.0, val_fraction: float = 
     from PIL import Image
 
     from napari_yolocell.annotations import boxes_from_labels
+    from napari_yolocell.public_data import bbbc039_instances
     from napari_yolocell.yolo_dataset import Sample
 
     rng = np.random.default_rng(SEED)
@@ -89,7 +74,7 @@ def build_samples(data: Path, max_diameter: float = 45.0, val_fraction: float = 
     for split_file, split in (("training.txt", "train"), ("validation.txt", "val")):
         for stem in (b / "split" / split_file).read_text().split():
             img = tifffile.imread(b / "images" / f"{stem}.tif")
-            inst = _bbbc039_instances(np.asarray(Image.open(b / "masks" / f"{stem}.png")))
+            inst = bbbc039_instances(np.asarray(Image.open(b / "masks" / f"{stem}.png")))
             boxes = boxes_from_labels(inst, min_area=25)
             yield Sample(img, boxes, name=f"bbbc039_{stem[8:14]}", group=stem, split=split)
 
@@ -169,26 +154,95 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def cmd_bundle(args) -> None:
-    """Strip the optimizer, store fp16, copy into the package and print the registry entry."""
+FAMILY_INFO = {
+    "yolov5n": ("nucleus-v5n", "yolov5", ["v5"]),
+    "yolov6n": ("nucleus-v6n", "yolov6", ["v6"]),
+}
+
+
+def _strip(src: Path, dst: Path, family: str) -> None:
+    """Keep the EMA weights in fp16, drop the optimizer (as ultralytics' strip_optimizer)."""
     import torch
 
-    src = Path(args.work) / "runs" / args.family / "weights" / args.weights
-    dst_dir = Path(__file__).resolve().parents[1] / "src" / "napari_yolocell" / "models"
-    dst = dst_dir / f"nucleus_{args.family.replace('yolo', '')}.pt"
     ckpt = torch.load(src, map_location="cpu", weights_only=False)
     model = (ckpt.get("ema") or ckpt["model"]).half()
+    for p in model.parameters():
+        p.requires_grad = False
     slim = {
-        "model": model, "ema": None, "optimizer": None, "epoch": -1,
+        "model": model, "ema": None, "optimizer": None, "epoch": -1, "updates": None,
         "train_args": ckpt.get("train_args", {}), "date": ckpt.get("date"),
         "version": ckpt.get("version"), "license": "AGPL-3.0",
-        "yolocell": {"family": args.family, "trained_epochs": ckpt.get("epoch", -1) + 1},
+        "yolocell": {"family": family, "trained_epochs": int(ckpt.get("epoch", -1)) + 1},
     }
     tmp = dst.with_suffix(".tmp")
     torch.save(slim, tmp)
     os.replace(tmp, dst)
-    print(json.dumps({"file": dst.name, "sha256": sha256(dst),
-                      "size_mb": round(dst.stat().st_size / 1e6, 2)}, indent=2))
+
+
+def _calibrate(weights: Path, spec_kwargs: dict, data: Path) -> tuple[float, dict]:
+    """Default confidence from BBBC039 *validation*: lowest count error among thresholds
+    whose F1 is within 0.005 of the best (never tuned on test)."""
+    from napari_yolocell.detect import DetectParams
+    from napari_yolocell.evaluate import evaluate_model
+    from napari_yolocell.models import ModelSpec, clear_cache, load_detector
+    from napari_yolocell.public_data import bbbc039_items
+
+    clear_cache()
+    spec = ModelSpec(path=weights, **spec_kwargs)
+    det = load_detector(spec)
+    items = bbbc039_items(data / "bbbc039", "validation", min_area=25)
+    res = evaluate_model(det, items, split=None, params=DetectParams(), low_conf=0.01)
+    c = res["curves"]
+    f1, err, grid = np.asarray(c["f1"]), np.asarray(c["count_error"]), np.asarray(c["conf"])
+    ok = f1 >= np.nanmax(f1) - 0.005
+    best = int(np.flatnonzero(ok)[np.nanargmin(err[ok])])
+    conf = float(grid[best])
+    metrics = {
+        "data": "BBBC039 validation (50 images), tiled detection at default settings",
+        "f1": round(float(f1[best]), 4), "count_error": round(float(err[best]), 4),
+        "precision": round(float(np.asarray(c["precision"])[best]), 4),
+        "recall": round(float(np.asarray(c["recall"])[best]), 4),
+        "mAP50": round(res["mAP50"], 4), "mAP50-95": round(res["mAP50-95"], 4),
+        "f1_best": round(res["f1_best"], 4), "conf_best_f1": res["conf_best_f1"],
+    }
+    return conf, metrics
+
+
+def cmd_bundle(args) -> None:
+    """fp16 weights into the package, default confidence calibrated on validation data,
+    registry entry with SHA-256 and metrics."""
+    pkg = Path(__file__).resolve().parents[1] / "src" / "napari_yolocell" / "models"
+    name, family, aliases = FAMILY_INFO[args.family]
+    src = Path(args.work) / "runs" / args.family / "weights" / args.weights
+    dst = pkg / f"{name.replace('-', '_')}.pt"
+    _strip(src, dst, family)
+    spec_kwargs = dict(
+        name=name, family=family, normalize="percentile", percentiles=(1.0, 99.8),
+        diameter_px=args.diameter, imgsz=IMGSZ,
+        description=(f"{args.family} trained from scratch on BBBC039 train+val, DSB2018 "
+                     "fluorescence and Kromp 2020 (see docs/models.md)"),
+    )
+    conf, metrics = _calibrate(dst, spec_kwargs, Path(args.data))
+    reg_path = pkg / "registry.json"
+    reg = json.loads(reg_path.read_text()) if reg_path.exists() else {"models": []}
+    entries = [e for e in reg["models"] if e["name"] != name]
+    entry = {
+        "name": name, "file": dst.name, "sha256": sha256(dst), "family": family,
+        "aliases": aliases, "normalize": "percentile", "percentiles": [1.0, 99.8],
+        "diameter_px": args.diameter, "imgsz": IMGSZ, "default_conf": conf,
+        "metrics": metrics, "description": spec_kwargs["description"], "default": False,
+    }
+    entries.append(entry)
+    entries.sort(key=lambda e: e["name"])
+    if args.default:
+        for e in entries:
+            e["default"] = e["name"] == name
+            e["aliases"] = [a for a in e["aliases"] if a != "default"]
+    reg["models"] = entries
+    tmp = reg_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(reg, indent=2) + "\n")
+    os.replace(tmp, reg_path)
+    print(json.dumps(entry, indent=2))
 
 
 def main(argv=None) -> int:
@@ -202,13 +256,17 @@ def main(argv=None) -> int:
     t = sub.add_parser("train")
     t.add_argument("--work", required=True)
     t.add_argument("--family", default="yolov5n")
-    t.add_argument("--epochs", type=int, default=40)
+    t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--fresh", action="store_true", help="ignore an existing last.pt")
     c = sub.add_parser("bundle")
     c.add_argument("--work", required=True)
     c.add_argument("--family", default="yolov5n")
     c.add_argument("--weights", default="best.pt")
+    c.add_argument("--data", required=True, help="the shared data folder (for calibration)")
+    c.add_argument("--diameter", type=float, default=23.0,
+                   help="median nucleus diameter of the training data (px)")
+    c.add_argument("--default", action="store_true", help="make this the default model")
     args = p.parse_args(argv)
     {"build": cmd_build, "train": cmd_train, "bundle": cmd_bundle}[args.cmd](args)
     return 0

@@ -7,6 +7,7 @@ on a CPU; nothing here checks that the model learns, only that the plumbing work
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,9 @@ from napari_yolocell.train import (
     train,
 )
 
-ROBOFLOW = Path("/work/shared/data/fixtures/roboflow_yolo_export")
+# Shared fixture folder (tests/conftest.py: YOLOCELL_FIXTURES overrides it).
+FIXTURES = Path(os.environ.get("YOLOCELL_FIXTURES", "/work/shared/data/fixtures"))
+ROBOFLOW = FIXTURES / "roboflow_yolo_export"
 SIZE = 64
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from napari_yolocell.yolo_import import (
     to_napari_layers,
 )
 
-ROBOFLOW = Path("/work/shared/data/fixtures/roboflow_yolo_export")
+# Shared fixture folder (tests/conftest.py: YOLOCELL_FIXTURES overrides it).
+FIXTURES = Path(os.environ.get("YOLOCELL_FIXTURES", "/work/shared/data/fixtures"))
+ROBOFLOW = FIXTURES / "roboflow_yolo_export"
 needs_roboflow = pytest.mark.skipif(not ROBOFLOW.is_dir(), reason="Roboflow fixture not present")
 
 

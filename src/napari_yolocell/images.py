@@ -92,7 +92,8 @@ def open_image(path: str | os.PathLike) -> OpenedImage:
 
 def _is_grey(arr: np.ndarray) -> bool:
     """RGB files of fluorescence images often hold the same grey values in R, G and B."""
-    return bool(np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]))
+    r, g, b = arr[..., 0], arr[..., 1], arr[..., 2]
+    return bool(np.array_equal(r, g) and np.array_equal(r, b))
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -109,7 +110,8 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
                 f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
             )
             if not found:
-                raise FileNotFoundError(f"{p}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                kinds = ", ".join(IMAGE_SUFFIXES)
+                raise FileNotFoundError(f"{p}: folder holds no images ({kinds})")
             out.extend(found)
         elif glob.has_magic(item):
             found = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())

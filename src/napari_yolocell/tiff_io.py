@@ -304,18 +304,21 @@ def _check_codec(path: Path, page: Any) -> None:
         available = False
     if not available:
         name = _compression_name(compression)
+        what = f"compression {name} (code {int(compression)})"
+        if name == str(int(compression)):
+            what = f"unknown compression (code {int(compression)})"
         raise TiffReadError(
-            f"{path}: compression {name} (code {int(compression)}) cannot be decoded here; "
-            "the codec is missing: pip install imagecodecs"
+            f"{path}: {what} cannot be decoded here; the codec is missing: pip install imagecodecs"
         )
 
 
 def _check_truncation(path: Path, series: Any) -> None:
     """Cheap check that the pixel data of the first/last page of each level lie in the file."""
-    size = path.stat().st_size
     for level in series.levels:
         pages = [p for p in (level.pages[0], level.pages[-1]) if p is not None]
         for page in pages:
+            # The page's own file: OME multi-file series span several files.
+            size = page.parent.filehandle.size
             offsets = np.asarray(getattr(page, "dataoffsets", ()), dtype=np.int64)
             counts = np.asarray(getattr(page, "databytecounts", ()), dtype=np.int64)
             if offsets.size == 0 or counts.size != offsets.size:
@@ -326,8 +329,8 @@ def _check_truncation(path: Path, series: Any) -> None:
             end = int((offsets[used] + counts[used]).max())
             if end > size:
                 raise TiffReadError(
-                    f"{path}: file is truncated or corrupt: image data extend to byte {end:,} "
-                    f"but the file has only {size:,} bytes"
+                    f"{page.parent.filehandle.path}: file is truncated or corrupt: image data "
+                    f"extend to byte {end:,} but the file has only {size:,} bytes"
                 )
 
 
@@ -346,7 +349,8 @@ def _lazy_levels(
             # Contiguous uncompressed data: a memory map gives random access without decoding
             # the whole (possibly single-strip) image.
             dtype = np.dtype(level.dtype).newbyteorder(tif.byteorder)
-            mm = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=level.shape)
+            fh = level.keyframe.parent.filehandle
+            mm = np.memmap(fh.path, dtype=dtype, mode="r", offset=offset, shape=level.shape)
             arr = da.from_array(mm, chunks=_memmap_chunks(level.shape, dtype), name=name)
         else:
             if group is None:

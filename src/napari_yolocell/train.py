@@ -344,6 +344,8 @@ class _Hooks:
             **_losses(trainer),
             **_short_metrics(trainer.metrics),
         }
+        if getattr(trainer, "fitness", None) is not None and not final:
+            info["fitness"] = float(trainer.fitness)
         if not final:
             self.history.append(info)
         if self.on_epoch is not None:
@@ -400,7 +402,8 @@ def train(
     out : str or Path
         Parent folder of run folders.
     name : str, optional
-        Run folder name (default: the architecture name; incremented if it exists).
+        Run folder name (default: the architecture name, or ``<family>_finetune``; ``2``,
+        ``3``... is appended if the folder already holds a run).
     resume : bool
         Continue the run ``out/name`` (or the newest run under ``out``, or the given ``.pt``)
         from its ``last.pt``; training arguments are taken from the checkpoint.
@@ -449,7 +452,7 @@ def train(
         source, family, is_ckpt = _model_source(model)
         if is_ckpt:
             family = _checkpoint_family(Path(source)) or family
-        run_name = name or Path(str(model)).stem
+        run_name = name or (f"{family}_finetune" if is_ckpt else Path(source).stem)
         project = Path(out).expanduser().resolve()
         run_dir = _fresh_run_dir(project, run_name)
         data_yaml, _ = prepare_data_yaml(data, run_dir)
@@ -466,10 +469,21 @@ def train(
     try:
         yolo.train(**kwargs)
     except TrainingCancelled:
-        pass
+        _release(yolo.trainer)
     trainer = yolo.trainer
     run_dir = Path(trainer.save_dir) if trainer is not None else run_dir
     return _finish(run_dir, trainer, hooks, family, data_yaml, imgsz, default_conf)
+
+
+def _release(trainer) -> None:
+    """Free what ultralytics frees at the end of a normal run (loader workers, GPU cache)."""
+    if trainer is None:
+        return
+    for loader in (getattr(trainer, "train_loader", None), getattr(trainer, "test_loader", None)):
+        if hasattr(loader, "close"):
+            loader.close()
+    if hasattr(trainer, "_clear_memory"):
+        trainer._clear_memory()
 
 
 def _train_args(ckpt: Path) -> dict[str, Any]:

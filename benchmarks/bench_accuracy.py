@@ -1,0 +1,87 @@
+"""Accuracy of the bundled models and the classical baseline on BBBC039 (official split).
+
+Runs our own tiled detection (``detect_image``, default settings: the model's calibrated
+confidence, tile 640) on every image of the split, full resolution, and scores it against the
+bounding boxes of the instance masks (objects under 25 px left out), one-to-one at IoU >= 0.5.
+
+    python benchmarks/bench_accuracy.py --data ../shared/data/bbbc039 --split test
+    python benchmarks/bench_accuracy.py --split validation --models v5 v6   # for calibration
+
+Prints a markdown table; ``--json`` writes the full results, ``--plots DIR`` the curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc039"
+
+
+def run(data: Path, split: str, models: list[str], tile: int = 640) -> list[dict]:
+    from napari_yolocell.detect import DetectParams
+    from napari_yolocell.evaluate import evaluate_model
+    from napari_yolocell.models import load_detector
+    from napari_yolocell.public_data import bbbc039_items
+
+    items = bbbc039_items(data, split, min_area=25)
+    results = []
+    for name in models:
+        det = load_detector(name)
+        t0 = time.perf_counter()
+        # at the model's default confidence: what `yolocell detect` does out of the box
+        res = evaluate_model(det, items, split=None, params=DetectParams(tile=tile),
+                             conf=det.spec.default_conf,
+                             low_conf=0.01 if det.spec.family != "classical" else 0.0,
+                             name=det.spec.name)
+        res["seconds"] = time.perf_counter() - t0
+        results.append(res)
+        print(f"{name}: done in {res['seconds']:.0f} s", file=sys.stderr)
+    return results
+
+
+def markdown(results: list[dict]) -> str:
+    head = ("| model | conf | P | R | F1@0.5 | mAP50 | mAP50-95 | count error | bias "
+            "| best-F1 conf | min-count-error conf | s/image |")
+    lines = [head, "|" + "---|" * 12]
+    for r in results:
+        lines.append(
+            f"| {r['name']} | {r['conf']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} "
+            f"| {r['f1']:.3f} | {r['mAP50']:.3f} | {r['mAP50-95']:.3f} "
+            f"| {100 * r['count_error']:.1f}% | {100 * r['count_bias']:+.1f}% "
+            f"| {r['conf_best_f1']:.2f} | {r['conf_min_count_error']:.2f} "
+            f"| {r['seconds_per_image']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the bbbc039 folder")
+    p.add_argument("--split", default="test", choices=["training", "validation", "test"])
+    p.add_argument("--models", nargs="+", default=["v5", "v6", "classical"])
+    p.add_argument("--tile", type=int, default=640)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plots", type=Path, default=None)
+    args = p.parse_args(argv)
+    results = run(args.data, args.split, args.models, args.tile)
+    print(f"BBBC039 {args.split}: {results[0]['n_images']} images, {results[0]['n_true']} nuclei")
+    print(markdown(results))
+    if args.json:
+        keep = ("name", "conf", "precision", "recall", "f1", "mAP50", "mAP50-95", "count_error",
+                "count_bias", "conf_best_f1", "conf_min_count_error", "n_images", "n_true",
+                "n_pred", "seconds_per_image")
+        args.json.write_text(json.dumps([{k: r.get(k) for k in keep} for r in results],
+                                        indent=2, default=float))
+    if args.plots:
+        from napari_yolocell.plots import save_plots
+
+        save_plots(results, args.plots)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Detect widget in a real (headless) viewer, with the deterministic classical detector.
+
+The classical detector finds every blob of a clean synthetic image exactly, so counts can be
+compared with the truth. Images are small (384 x 384, one or two tiles) to keep this quick.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import napari_yolocell._widget_detect as wd
+from napari_yolocell._widget_detect import DetectWidget
+from napari_yolocell.layers import CSV_COLUMNS, KIND_KEY, SOURCE_KEY
+from napari_yolocell.synthetic import make_nuclei_image
+
+TIMEOUT = 30_000
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    return make_nuclei_image((384, 384), n_nuclei=20, seed=1)
+
+
+@pytest.fixture
+def setup(make_napari_viewer, nuclei):
+    viewer = make_napari_viewer()
+    viewer.add_image(nuclei.image, name="cells")
+    widget = DetectWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.model.value = "classical"
+    widget.tile.value = 256
+    return viewer, widget
+
+
+def run(qtbot, widget):
+    worker = widget.run()
+    assert worker is not None
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+
+
+def results(viewer, source="cells"):
+    return {layer.metadata[KIND_KEY]: layer for layer in viewer.layers
+            if layer.metadata.get(SOURCE_KEY) == source}
+
+
+def test_detect_layers_count_rerun_and_slider(qtbot, setup, nuclei):
+    viewer, widget = setup
+    assert widget.conf.value == 0.0  # the classical model's default confidence
+    run(qtbot, widget)
+    layers = results(viewer)
+    assert set(layers) == {"boxes", "nuclei"}
+    boxes, points = layers["boxes"], layers["nuclei"]
+    assert boxes._type_string == "shapes" and points._type_string == "points"
+    assert boxes.nshapes == len(points.data) == nuclei.count == 20
+    assert boxes.name == "cells boxes (20)" and points.name == "cells nuclei (20)"
+    assert list(boxes.features.columns) == ["confidence", "class"]
+    assert list(points.features.columns) == ["confidence", "class"]
+    assert len(boxes.metadata["detections"]) == 20
+    assert "20 nuclei" in widget.count_label.value
+    # centres land on the truth (napari puts pixel centres on integers: truth - 0.5)
+    truth = nuclei.centers - 0.5
+    dist = np.linalg.norm(points.data[:, None, :] - truth[None], axis=2).min(axis=1)
+    assert dist.max() < 1.5
+
+    run(qtbot, widget)  # re-running replaces, never piles up
+    assert len(viewer.layers) == 3
+    assert set(results(viewer)) == {"boxes", "nuclei"}
+
+    conf = np.sort(boxes.metadata["detections"]["confidence"].to_numpy())
+    widget.conf.value = float(np.round(conf[12], 2) + 0.005)
+    expected = int((conf >= widget.conf.value).sum())
+    layers = results(viewer)
+    assert 0 < expected < 20
+    assert layers["boxes"].nshapes == len(layers["nuclei"].data) == expected
+    assert len(layers["nuclei"].features) == expected
+    assert layers["nuclei"].name == f"cells nuclei ({expected})"
+    assert f"{expected} nuclei" in widget.count_label.value
+    widget.conf.value = 0.0
+    assert results(viewer)["boxes"].nshapes == 20
+
+
+def test_roi_counts_and_csv_export(qtbot, setup, nuclei, tmp_path):
+    viewer, widget = setup
+    viewer.add_shapes([np.array([[0, 0], [0, 191.5], [383.5, 191.5], [383.5, 0]])],
+                      shape_type="rectangle", name="left half")
+    widget.roi.value = viewer.layers["left half"]
+    run(qtbot, widget)
+    truth_left = int((nuclei.centers[:, 1] < 192).sum())
+    counts = widget.counts()
+    assert list(counts.columns) == ["image", "plane", "roi", "count"]
+    assert counts.loc[counts["roi"] == "image", "count"].item() == 20
+    assert counts.loc[counts["roi"] == "roi_0", "count"].item() == truth_left
+    assert widget.roi_table.visible
+    assert widget.roi_table.data[0, 2] == truth_left
+
+    det = pd.read_csv(widget.export_detections(tmp_path / "det.csv"))
+    assert list(det.columns) == CSV_COLUMNS
+    assert len(det) == 20 and (det["image"] == "cells").all()
+    cnt = pd.read_csv(widget.export_counts(tmp_path / "counts.csv"))
+    assert list(cnt.columns) == ["image", "plane", "roi", "count"]
+    assert sorted(cnt["count"]) == sorted([20, truth_left])
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temp file
+
+
+def test_calibrate_by_count_and_points(qtbot, setup, nuclei):
+    viewer, widget = setup
+    run(qtbot, widget)
+    widget.known_count.value = 12
+    cal = widget.calibrate()
+    assert widget.conf.value == pytest.approx(cal.conf)
+    assert len(widget.filtered()) == cal.count
+    assert abs(cal.count - 12) <= 1
+    assert "known: 12" in widget.calibration_label.value
+    assert "->" in widget.calibration_label.value  # before -> after
+
+    # every nucleus clicked: the best F1 keeps all 20 detections
+    viewer.add_points(nuclei.centers - 0.5, name="clicked")
+    widget.clicked.value = viewer.layers["clicked"]
+    cal = widget.calibrate()
+    assert cal.count == 20 and len(widget.filtered()) == 20
+    assert widget._calibrated["classical"] == cal.conf  # kept for the session
+
+
+def test_cancel_leaves_no_layers(qtbot, make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.add_image(make_nuclei_image((1024, 1024), n_nuclei=50, seed=2).image, name="big")
+    widget = DetectWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.model.value = "classical"
+    widget.tile.value = 64  # hundreds of tiles: the cancel lands long before the end
+    worker = widget.run()
+    assert worker is not None and widget.cancel_button.enabled
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert len(viewer.layers) == 1
+    assert widget.result() is None
+    assert widget.count_label.value == "detection cancelled"
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+
+
+def test_error_is_shown_and_run_reenabled(qtbot, setup, monkeypatch):
+    viewer, widget = setup
+    errors = []
+    monkeypatch.setattr(wd, "_show_error", errors.append)
+
+    def broken(name):
+        raise ValueError(f"unknown model {name!r}")
+
+    monkeypatch.setattr(wd, "load_detector", broken)
+    run(qtbot, widget)
+    assert len(errors) == 1 and "Detection failed" in errors[0]
+    assert "unknown model 'classical'" in errors[0]
+    assert widget.run_button.enabled and len(viewer.layers) == 1
+
+
+def test_stack_planes_map_to_leading_axis(qtbot, make_napari_viewer, nuclei):
+    viewer = make_napari_viewer()
+    other = make_nuclei_image((384, 384), n_nuclei=12, seed=5)
+    viewer.add_image(np.stack([nuclei.image, other.image]), name="stack",
+                     scale=(2.0, 0.5, 0.5), translate=(0.0, 10.0, 20.0))
+    widget = DetectWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.model.value = "classical"
+    widget.tile.value = 256
+    run(qtbot, widget)
+    layers = results(viewer, "stack")
+    points = layers["nuclei"]
+    assert points.ndim == 3 and layers["boxes"].ndim == 3
+    assert list(points.scale) == [2.0, 0.5, 0.5]
+    assert list(points.translate) == [0.0, 10.0, 20.0]
+    z = points.data[:, 0]
+    assert (z == 0).sum() == 20 and (z == 1).sum() == 12
+    assert "of 2 planes" in widget.count_label.value
+    counts = widget.counts()
+    assert counts["count"].tolist() == [20, 12]
+
+    # only the plane shown
+    viewer.dims.set_point(0, 2.0)  # world z = 2.0 -> plane 1
+    widget.current_plane.value = True
+    run(qtbot, widget)
+    points = results(viewer, "stack")["nuclei"]
+    assert len(points.data) == 12 and (points.data[:, 0] == 1).all()
+
+
+def test_untrained_yolo_runs(qtbot, make_napari_viewer):
+    pytest.importorskip("ultralytics")
+    viewer = make_napari_viewer()
+    viewer.add_image(make_nuclei_image((128, 128), n_nuclei=5, seed=3).image, name="small")
+    widget = DetectWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    errors = []
+    widget_errors = wd._show_error
+    try:
+        wd._show_error = errors.append
+        widget.model.value = "yolov5n.yaml"
+        widget.tile.value = 128
+        run(qtbot, widget)
+    finally:
+        wd._show_error = widget_errors
+    assert errors == []
+    assert set(results(viewer, "small")) == {"boxes", "nuclei"}
+
+
+def test_session_models_reach_the_combo(setup, tmp_path):
+    _, widget = setup
+    weights = tmp_path / "run" / "weights" / "best.pt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"not really a model")
+    key = wd.register_session_model(weights)
+    try:
+        assert key in [value for _, value in widget.model.choices] or key in widget.model.choices
+        widget.add_model(weights)
+        assert widget.model.value == key
+        with pytest.raises(FileNotFoundError):
+            widget.add_model(tmp_path / "missing.pt")
+    finally:
+        wd._SESSION_MODELS.remove(key)
