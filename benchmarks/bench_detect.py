@@ -80,6 +80,8 @@ def run_bare(args) -> dict:
     tiles = tile_grid(plane.shape[-2:], params.tile, params.overlap)
     inputs = [np.repeat(to_uint8(np.asarray(plane[t.slices]), lo, hi)[..., None], 3, axis=2)
               for t in tiles]
+    if getattr(detector, "needs_overview", False):  # classical: plane-wide threshold
+        detector.prepare(to_uint8(np.asarray(image.levels[-1]), lo, hi))
 
     def forward() -> int:
         count = 0
@@ -194,17 +196,17 @@ def main(argv=None) -> None:
     if args.variant:
         _run_variant(args)
         return
+    truth = "unknown"
     with tempfile.TemporaryDirectory() as tmp:
         tiff = Path(args.tiff) if args.tiff else Path(tmp) / "bench.tif"
         if not args.tiff:
             from napari_yolocell.synthetic import write_synthetic_tiff
 
-            truth = write_synthetic_tiff(tiff, shape=(args.size, args.size), tile=512, levels=3)
-            print(f"synthetic {args.size}x{args.size} BigTIFF, {len(truth)} true nuclei",
-                  file=sys.stderr)
+            truth = len(write_synthetic_tiff(tiff, shape=(args.size, args.size), tile=512,
+                                             levels=3))
         results = {v: _spawn(args, v, tiff) for v in args.variants.split(",")}
     print(f"\nsize {args.size}x{args.size}, model {args.model}, tile {args.tile}, "
-          f"batch {args.batch}\n")
+          f"batch {args.batch}, true nuclei {truth}\n")
     print(format_table(results, args.size))
 
 

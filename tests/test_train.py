@@ -7,12 +7,14 @@ on a CPU; nothing here checks that the model learns, only that the plumbing work
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+
+# Shared fixture folder (tests/conftest.py: YOLOCELL_FIXTURES overrides it).
+from conftest import FIXTURES_DIR as FIXTURES  # noqa: E402
 from PIL import Image
 
 from napari_yolocell.train import (
@@ -24,8 +26,6 @@ from napari_yolocell.train import (
     train,
 )
 
-# Shared fixture folder (tests/conftest.py: YOLOCELL_FIXTURES overrides it).
-FIXTURES = Path(os.environ.get("YOLOCELL_FIXTURES", "/work/shared/data/fixtures"))
 ROBOFLOW = FIXTURES / "roboflow_yolo_export"
 SIZE = 64
 
@@ -157,7 +157,7 @@ def test_augmentation_presets():
         augmentation_settings("fancy")
 
 
-@pytest.mark.skipif(not ROBOFLOW.is_dir(), reason="Roboflow fixture not present")
+@pytest.mark.usefixtures("fixtures_dir")
 def test_prepare_data_yaml_relocates_roboflow_paths(tmp_path):
     path, config = prepare_data_yaml(ROBOFLOW, tmp_path)
     written = yaml.safe_load(path.read_text())

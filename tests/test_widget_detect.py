@@ -83,16 +83,18 @@ def test_detect_layers_count_rerun_and_slider(qtbot, setup, nuclei):
 
 def test_roi_counts_and_csv_export(qtbot, setup, nuclei, tmp_path):
     viewer, widget = setup
-    viewer.add_shapes([np.array([[0, 0], [0, 191.5], [383.5, 191.5], [383.5, 0]])],
-                      shape_type="rectangle", name="left half")
-    widget.roi.value = viewer.layers["left half"]
+    # the edge x = 240 lies in a wide gap between nuclei (x = 196 and 278)
+    viewer.add_shapes([np.array([[0, 0], [0, 239.5], [383.5, 239.5], [383.5, 0]])],
+                      shape_type="rectangle", name="left")
+    widget.roi.value = viewer.layers["left"]
     run(qtbot, widget)
-    truth_left = int((nuclei.centers[:, 1] < 192).sum())
+    truth_left = int((nuclei.centers[:, 1] < 240).sum())
     counts = widget.counts()
     assert list(counts.columns) == ["image", "plane", "roi", "count"]
     assert counts.loc[counts["roi"] == "image", "count"].item() == 20
     assert counts.loc[counts["roi"] == "roi_0", "count"].item() == truth_left
-    assert widget.roi_table.visible
+    assert not widget.roi_table.native.isHidden()
+    assert widget.roi_table.column_headers == ("plane", "roi", "count")
     assert widget.roi_table.data[0, 2] == truth_left
 
     det = pd.read_csv(widget.export_detections(tmp_path / "det.csv"))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Shared fixture folder (tests/conftest.py: YOLOCELL_FIXTURES overrides it).
+from conftest import FIXTURES_DIR as FIXTURES  # noqa: E402
 from PIL import Image
 
 from napari_yolocell.yolo_import import (
@@ -17,10 +19,8 @@ from napari_yolocell.yolo_import import (
     to_napari_layers,
 )
 
-# Shared fixture folder (tests/conftest.py: YOLOCELL_FIXTURES overrides it).
-FIXTURES = Path(os.environ.get("YOLOCELL_FIXTURES", "/work/shared/data/fixtures"))
 ROBOFLOW = FIXTURES / "roboflow_yolo_export"
-needs_roboflow = pytest.mark.skipif(not ROBOFLOW.is_dir(), reason="Roboflow fixture not present")
+needs_roboflow = pytest.mark.usefixtures("fixtures_dir")  # fails loudly if missing
 
 
 def _image(path: Path, size: tuple[int, int] = (40, 60)) -> None:

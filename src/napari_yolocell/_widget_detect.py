@@ -243,8 +243,7 @@ class DetectWidget(Container):
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.count_label = Label(value="no detections yet")
-        self.roi_table = Table(value={"data": [], "columns": ["plane", "roi", "count"]},
-                               visible=False)
+        self.roi_table = Table(value={"plane": [], "roi": [], "count": []}, visible=False)
         self.export_detections_button = PushButton(text="Export detections CSV...")
         self.export_counts_button = PushButton(text="Export counts CSV...")
         # --- calibrate
@@ -620,8 +619,7 @@ class DetectWidget(Container):
         if polys:
             table = self.counts(res.source)
             table = table[table["roi"] != "image"][["plane", "roi", "count"]]
-            self.roi_table.value = {"data": table.values.tolist(),
-                                    "columns": ["plane", "roi", "count"]}
+            self.roi_table.value = {c: table[c].tolist() for c in ("plane", "roi", "count")}
             self.roi_table.visible = True
         else:
             self.roi_table.visible = False

@@ -281,8 +281,10 @@ def cmd_evaluate(args) -> int:
 
     params = _detect_params(args)
     try:
+        # one low-threshold run per model; P/R/F1 reported at --conf (default: F1-maximising)
         table, results = compare_models(args.model, args.data, split=args.split, params=params,
-                                        return_results=True, min_area=args.min_area)
+                                        return_results=True, min_area=args.min_area,
+                                        conf=args.conf)
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     with pd.option_context("display.width", 200, "display.max_columns", 30):
