@@ -112,3 +112,18 @@ def test_nms_only_overcounts_at_tile_edges():
     naive = merge_tiles(pairs, iou=0.5, ios=0.7, drop_edges=False)
     assert len(exact) == syn.count
     assert len(naive) > syn.count
+
+
+def test_nms_with_a_few_huge_boxes_matches_torchvision():
+    torchvision = pytest.importorskip("torchvision")
+    import torch
+
+    rng = np.random.default_rng(2)
+    xy = rng.uniform(0, 2000, (3000, 2))
+    wh = rng.uniform(8, 25, (3000, 2))
+    wh[:5] = 600  # a few bogus giant boxes must still be compared with everything
+    boxes = np.column_stack([xy, xy + wh, rng.random(3000), np.zeros(3000)])
+    for iou in (0.1, 0.5):
+        ref = torchvision.ops.nms(torch.as_tensor(boxes[:, :4]), torch.as_tensor(boxes[:, 4]), iou)
+        assert nms(boxes, iou).tolist() == sorted(ref.tolist())
+    assert len(ios_suppress(boxes, 0.7)) < len(boxes)

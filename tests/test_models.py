@@ -66,9 +66,12 @@ def test_corrupt_weights_name_the_file(tmp_path):
         load_detector(bad, device="cpu")
 
 
-def test_unknown_name():
+def test_unknown_name(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown model"):
         resolve_model("no-such-model")
+    monkeypatch.setattr(models, "REGISTRY_FILE", tmp_path / "none.json")
+    with pytest.raises(ValueError, match="no bundled model"):
+        resolve_model("default")
 
 
 def test_sidecar_settings_are_read(tmp_path):

@@ -83,7 +83,8 @@ UNTRAINED = ("yolov5n.yaml", "yolov6n.yaml")
 # --------------------------------------------------------------------------- session models
 
 _SESSION_MODELS: list[str] = []
-_WIDGETS: weakref.WeakSet[DetectWidget] = weakref.WeakSet()
+# Open widgets that list models (anything with ``refresh_models()``), told about new ones.
+_WIDGETS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def session_models() -> list[str]:
@@ -92,7 +93,7 @@ def session_models() -> list[str]:
 
 
 def register_session_model(path: str | Path) -> str:
-    """Add a weights file to the session's model list and refresh every open Detect widget.
+    """Add a weights file to the session's model list and refresh every open widget listing it.
 
     Call from the GUI thread (the Train widget does, when a run ends).
 
@@ -108,7 +109,10 @@ def register_session_model(path: str | Path) -> str:
     if key not in _SESSION_MODELS:
         _SESSION_MODELS.append(key)
     for widget in list(_WIDGETS):
-        widget.refresh_models()
+        try:
+            widget.refresh_models()
+        except RuntimeError:  # its Qt side was deleted (dock closed): forget it
+            _WIDGETS.discard(widget)
     return key
 
 

@@ -98,7 +98,9 @@ def _detect_one(path: Path, detector, params, quiet: bool) -> pd.DataFrame:
 
 
 def cmd_detect(args) -> int:
-    from .detect import count_per_plane
+    from tqdm import tqdm
+
+    from .batch import run_batch
     from .images import expand_inputs
 
     inputs = list(args.images)
@@ -112,36 +114,55 @@ def cmd_detect(args) -> int:
         paths = expand_inputs(inputs)
     except FileNotFoundError as exc:
         raise CliError(str(exc)) from exc
-    detector = _load_detector(args.model, args.device)
+    model = args.model or "default"
+    _load_detector(model, args.device)  # fail fast, with one line, on a bad model
     params = _detect_params(args)
+    scheduler = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+    errors = args.errors
+    if errors is None and (args.out or args.counts):
+        anchor = Path(args.out or args.counts)
+        errors = str(anchor.with_name(anchor.stem + ".errors.csv"))
 
-    det_frames, count_rows, failures, total = [], [], [], 0
-    for path in paths:
-        try:
-            df = _detect_one(path, detector, params, args.quiet)
-        except (FileNotFoundError, ValueError, OSError) as exc:
-            msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-            print(f"yolocell: error: {msg}", file=sys.stderr)
-            failures.append(path)
-            continue
-        n = len(df)
-        total += n
-        print(f"{path}\t{n}", flush=True)
-        df.insert(0, "image", str(path))
-        det_frames.append(df)
-        for plane, c in count_per_plane(df.drop(columns="image")).items():
-            count_rows.append({"image": str(path), "plane": int(plane), "roi": "all",
-                               "count": int(c)})
-    print(f"total\t{total}", flush=True)
+    # Lines go out in input order as soon as every earlier image is done.
+    finished: dict[int, object] = {}
+    state = {"next": 0, "total": 0}
+    images_bar = tqdm(total=len(paths), desc="images", unit="image", file=sys.stderr,
+                      disable=args.quiet or len(paths) == 1, dynamic_ncols=True)
+    tiles_bar = _progress_bar("tiles", args.quiet or len(paths) > 1 and args.workers > 1)
 
-    if args.out:
-        dets = pd.concat(det_frames, ignore_index=True) if det_frames else pd.DataFrame()
-        dets = dets.reindex(columns=DETECTION_COLUMNS)
-        _write_csv_atomic(dets, args.out)
-    if args.counts:
-        _write_csv_atomic(pd.DataFrame(count_rows, columns=COUNT_COLUMNS), args.counts)
-    if failures:
-        print(f"yolocell: error: {len(failures)} of {len(paths)} image(s) failed", file=sys.stderr)
+    def tile_progress(path: str, done: int, total: int) -> None:
+        tiles_bar.set_description(Path(path).name)
+        tiles_bar.total = total
+        tiles_bar.n = done
+        tiles_bar.refresh()
+
+    def on_result(i: int, res) -> None:
+        finished[i] = res
+        images_bar.update(1)
+        while state["next"] in finished:
+            r = finished.pop(state["next"])
+            state["next"] += 1
+            if r.error is not None:
+                tqdm.write(f"yolocell: error: {r.error}", file=sys.stderr)
+            else:
+                state["total"] += r.count
+                print(f"{r.image}\t{r.count}", flush=True)
+
+    try:
+        results = run_batch(
+            [str(p) for p in paths], model, params, out=args.out, counts=args.counts,
+            errors=errors, workers=args.workers, scheduler=scheduler, device=args.device,
+            on_result=on_result, tile_progress=tile_progress,
+        )
+    finally:
+        tiles_bar.close()
+        images_bar.close()
+    print(f"total\t{state['total']}", flush=True)
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        where = f" (see {errors})" if errors else ""
+        print(f"yolocell: error: {len(failed)} of {len(paths)} image(s) failed{where}",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -373,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detect_options(d)
     d.add_argument("--out", default=None, help="detections CSV")
     d.add_argument("--counts", default=None, help="counts CSV")
+    d.add_argument("--errors", default=None,
+                   help="errors CSV (default: beside --out / --counts as NAME.errors.csv)")
+    d.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    d.add_argument("--scheduler", default=None,
+                   help="dask.distributed scheduler address (or DASK_SCHEDULER_ADDRESS)")
     d.add_argument("--sample", action="store_true", help="run on the bundled sample image")
     d.set_defaults(func=cmd_detect)
 

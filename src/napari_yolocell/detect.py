@@ -36,6 +36,7 @@ import pandas as pd
 
 from napari_yolocell.backends import Detector
 from napari_yolocell.merge import merge_tiles
+from napari_yolocell.models import ModelSpec, load_detector
 from napari_yolocell.normalize import (
     check_mode,
     clip_uint8,
@@ -374,9 +375,7 @@ def _frame(plane: int, boxes: np.ndarray, factor: tuple[float, float]) -> pd.Dat
 
 
 def _load(detector) -> Detector:
-    if isinstance(detector, (str, Path)) or type(detector).__name__ == "ModelSpec":
-        from napari_yolocell.models import load_detector
-
+    if isinstance(detector, (str, Path, ModelSpec)):
         return load_detector(detector)
     return detector
 

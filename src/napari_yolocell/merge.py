@@ -65,15 +65,29 @@ def _areas(boxes: np.ndarray) -> np.ndarray:
 
 
 def _candidate_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i < j) of boxes that may intersect, found with a KD-tree on centres."""
+    """Index pairs (i < j) of boxes that may intersect, found with a KD-tree on centres.
+
+    Two boxes can only intersect if their centres are closer, per axis, than the mean of their
+    sides. The search radius is set by the typical boxes; the few unusually large ones get
+    their own radius, so one huge box does not make every pair a candidate.
+    """
+    empty = np.zeros(0, dtype=np.intp)
     if len(boxes) < 2:
-        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp)
+        return empty, empty
     centres = np.column_stack(
         [(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2]
     )
-    # Two boxes can only intersect if their centres are closer (per axis) than the largest side.
-    reach = float(np.max(np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])))
-    pairs = cKDTree(centres).query_pairs(r=max(reach, 1e-6), p=np.inf, output_type="ndarray")
+    sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    typical = max(2.0 * float(np.percentile(sides, 99)), 1e-6)
+    large = np.flatnonzero(sides > typical)
+    tree = cKDTree(centres)
+    pairs = [tree.query_pairs(r=typical, p=np.inf, output_type="ndarray")]
+    if len(large):
+        found = tree.query_ball_point(centres[large], r=(sides[large] + typical) / 2, p=np.inf)
+        for i, near in zip(large, found, strict=True):
+            pairs.append(np.column_stack([np.full(len(near), i), near]).astype(np.intp))
+    pairs = np.sort(np.concatenate(pairs).reshape(-1, 2), axis=1)
+    pairs = np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
     return pairs[:, 0], pairs[:, 1]
 
 

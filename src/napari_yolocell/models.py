@@ -204,6 +204,9 @@ def resolve_model(name_or_path: str | Path | ModelSpec) -> ModelSpec:
             raise FileNotFoundError(f"weights file of bundled model {spec.name!r} is missing: "
                                     f"{spec.path}")
         return spec
+    if name.lower() == "default":
+        raise ValueError("no bundled model is installed (models/registry.json is empty); use "
+                         "'classical' or a path to trained weights (.pt)")
     if _is_shipped_yaml(name):
         return ModelSpec(name=name, family=_family_from_name(name), path=Path(name),
                          description="untrained architecture (random weights)")

@@ -1,0 +1,272 @@
+"""Detection over many images: resumable, loss-free, in parallel or on a dask cluster.
+
+Each finished image is written at once as a small part file under ``<out>.parts/`` (atomic
+rename), keyed by the image and the settings. A run that is killed and started again with the
+same arguments skips the images already done; at the end the parts are merged, in input order,
+into one detections CSV and one counts CSV (each written atomically), so an interrupted and
+resumed run ends with the same CSVs as an uninterrupted one. An image that fails is recorded
+in an errors CSV with its message and does not stop the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+__all__ = [
+    "COUNT_COLUMNS",
+    "DETECTION_COLUMNS",
+    "ERROR_COLUMNS",
+    "ImageResult",
+    "detect_file",
+    "run_batch",
+]
+
+DETECTION_COLUMNS = ["image", "plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "class"]
+COUNT_COLUMNS = ["image", "plane", "roi", "count"]
+ERROR_COLUMNS = ["image", "error"]
+
+
+@dataclass
+class ImageResult:
+    """Outcome for one image: its detections and per-plane counts, or an error message."""
+
+    image: str
+    detections: pd.DataFrame | None = None
+    counts: list[int] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def count(self) -> int:
+        return int(sum(self.counts))
+
+
+def detect_file(path: str, model: str, params: Any, device: str | None = None,
+                backend: str = "torch",
+                progress: Callable[[int, int], None] | None = None) -> ImageResult:
+    """Open one image, detect, return an :class:`ImageResult` (never raises for bad images).
+
+    Runs in worker processes and on dask workers, so it takes plain, picklable arguments and
+    reads the pixels itself.
+    """
+    from .detect import count_per_plane, detect_image
+    from .images import open_image
+    from .models import load_detector
+
+    detector = load_detector(model, device=device, backend=backend)
+    try:
+        img = open_image(path)
+        try:
+            data = img.levels if len(img.levels) > 1 else img.data
+            df = detect_image(data, detector, params, channel_axis=img.channel_axis, rgb=img.rgb,
+                              progress=progress)
+        finally:
+            img.close()
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+        msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+        return ImageResult(image=str(path), error=msg.splitlines()[0] if msg else repr(exc))
+    counts = [int(c) for c in count_per_plane(df).to_numpy()]
+    df.insert(0, "image", str(path))
+    return ImageResult(image=str(path), detections=df.reindex(columns=DETECTION_COLUMNS),
+                       counts=counts)
+
+
+def _key(path: str, model: str, params: Any) -> str:
+    """Part-file key: the image (path, size, mtime) and every setting that changes results."""
+    p = Path(path)
+    st = p.stat() if p.exists() else None
+    ident = {
+        "path": str(p.resolve()), "size": st.st_size if st else None,
+        "mtime": st.st_mtime_ns if st else None, "model": model,
+        "params": asdict(params) if params is not None else None,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(path, df.to_csv(index=False))
+
+
+class _Parts:
+    """One ``<key>.json`` (+ ``<key>.csv`` of detections) per finished image."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def load(self, key: str) -> ImageResult | None:
+        meta = self.folder / f"{key}.json"
+        if not meta.exists():
+            return None
+        info = json.loads(meta.read_text())
+        det = None
+        if info.get("error") is None:
+            csv = self.folder / f"{key}.csv"
+            # round_trip: floats read back bit-identical, so resumed runs give the same CSVs
+            det = pd.read_csv(csv, float_precision="round_trip")
+            det["image"] = info["image"]  # keep the path exactly as given
+        return ImageResult(image=info["image"], detections=det, counts=info["counts"],
+                           error=info.get("error"))
+
+    def save(self, key: str, res: ImageResult) -> None:
+        if res.error is None:
+            _atomic_write_text(self.folder / f"{key}.csv", res.detections.to_csv(index=False))
+        # the json is written last: its presence marks the image as done
+        _atomic_write_text(self.folder / f"{key}.json", json.dumps(
+            {"image": res.image, "counts": res.counts, "error": res.error}))
+
+
+def _local_results(todo: list[tuple[int, str]], model: str, params: Any, workers: int,
+                   device: str | None, backend: str,
+                   tile_progress: Callable[[str, int, int], None] | None = None,
+                   ) -> Iterator[tuple[int, ImageResult]]:
+    if workers <= 1:
+        for i, path in todo:
+            prog = None
+            if tile_progress is not None:
+                def prog(done, total, _p=path):
+                    tile_progress(_p, done, total)
+            yield i, detect_file(path, model, params, device, backend, prog)
+        return
+    # Each process gets an equal share of the cores; torch would otherwise oversubscribe.
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        pending = {pool.submit(detect_file, p, model, params, device, backend): i
+                   for i, p in todo}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                yield pending.pop(fut), fut.result()
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _dask_results(todo: list[tuple[int, str]], model: str, params: Any, scheduler: Any,
+                  device: str | None, backend: str) -> Iterator[tuple[int, ImageResult]]:
+    from distributed import Client, as_completed
+
+    client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+    try:
+        futures = {client.submit(detect_file, p, model, params, device, backend, pure=False): i
+                   for i, p in todo}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+    finally:
+        if client is not scheduler:
+            client.close()
+
+
+def run_batch(
+    paths: Sequence[str | os.PathLike],
+    model: str,
+    params: Any = None,
+    *,
+    out: str | os.PathLike | None = None,
+    counts: str | os.PathLike | None = None,
+    errors: str | os.PathLike | None = None,
+    workers: int = 1,
+    scheduler: Any = None,
+    device: str | None = None,
+    backend: str = "torch",
+    on_result: Callable[[int, ImageResult], None] | None = None,
+    tile_progress: Callable[[str, int, int], None] | None = None,
+    keep_parts: bool = False,
+) -> list[ImageResult]:
+    """Detect nuclei in many images; resumable when ``out`` or ``counts`` is given.
+
+    Parameters
+    ----------
+    paths : sequence of path
+        Image files.
+    model : str
+        Model name or path (workers load it themselves).
+    params : DetectParams, optional
+    out, counts, errors : path, optional
+        Detections CSV, counts CSV, errors CSV. The part files live in ``<out>.parts/`` (or
+        ``<counts>.parts/``) and are removed after a complete merge.
+    workers : int
+        Local worker processes (1 = in this process).
+    scheduler : str or distributed.Client, optional
+        A dask.distributed scheduler address (or client): images become tasks on its workers,
+        which read the pixels from the (shared) path themselves.
+    on_result : callable, optional
+        Called as ``on_result(index, result)`` as each image finishes (any order).
+    tile_progress : callable, optional
+        ``tile_progress(path, done_tiles, total_tiles)``, for in-process runs (workers=1).
+
+    Returns
+    -------
+    list of ImageResult, in input order.
+    """
+    paths = [str(p) for p in paths]
+    anchor = out or counts
+    parts = _Parts(Path(f"{anchor}.parts")) if anchor else None
+    keys = [_key(p, model, params) for p in paths]
+    results: list[ImageResult | None] = [None] * len(paths)
+    todo = []
+    for i, (p, k) in enumerate(zip(paths, keys, strict=True)):
+        done = parts.load(k) if parts else None
+        if done is not None and done.image == p:
+            results[i] = done
+            if on_result:
+                on_result(i, done)
+        else:
+            todo.append((i, p))
+    if scheduler is not None:
+        stream = _dask_results(todo, model, params, scheduler, device, backend)
+    else:
+        stream = _local_results(todo, model, params, workers, device, backend, tile_progress)
+    for i, res in stream:
+        if parts:
+            parts.save(keys[i], res)
+            res = parts.load(keys[i])  # what a resumed run would read: identical CSVs
+        results[i] = res
+        if on_result:
+            on_result(i, res)
+    final = [r for r in results if r is not None]
+    _merge(final, out, counts, errors)
+    if parts and not keep_parts:
+        shutil.rmtree(parts.folder, ignore_errors=True)
+    return final
+
+
+def _merge(results: list[ImageResult], out, counts, errors) -> None:
+    ok = [r for r in results if r.error is None]
+    if out:
+        frames = [r.detections for r in ok if r.detections is not None and len(r.detections)]
+        det = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        _atomic_csv(det.reindex(columns=DETECTION_COLUMNS), Path(out))
+    if counts:
+        rows = [{"image": r.image, "plane": plane, "roi": "all", "count": c}
+                for r in ok for plane, c in enumerate(r.counts)]
+        _atomic_csv(pd.DataFrame(rows, columns=COUNT_COLUMNS), Path(counts))
+    failed = [{"image": r.image, "error": r.error} for r in results if r.error is not None]
+    if errors and (failed or Path(errors).exists()):
+        _atomic_csv(pd.DataFrame(failed, columns=ERROR_COLUMNS), Path(errors))

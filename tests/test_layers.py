@@ -1,0 +1,151 @@
+"""Detection table -> LayerDataTuple conversion, coordinates and CSV tables (no Qt, no napari)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_yolocell.layers import (
+    COUNT_COLUMNS,
+    CSV_COLUMNS,
+    counts_table,
+    detections_csv_table,
+    detections_to_layers,
+    ellipse_polygon,
+    shapes_to_polygons,
+    to_layer_coords,
+    to_table_coords,
+    transform_coords,
+    write_csv_atomic,
+)
+from napari_yolocell.roi import in_roi
+
+
+def table(rows, plane_shape=None, n_planes=None) -> pd.DataFrame:
+    """rows: (plane, y0, x0, y1, x1, confidence)."""
+    arr = np.asarray(rows, dtype=float).reshape(-1, 6)
+    df = pd.DataFrame({
+        "plane": arr[:, 0].astype(np.int64),
+        "y": (arr[:, 1] + arr[:, 3]) / 2, "x": (arr[:, 2] + arr[:, 4]) / 2,
+        "y0": arr[:, 1], "x0": arr[:, 2], "y1": arr[:, 3], "x1": arr[:, 4],
+        "confidence": arr[:, 5], "class": np.zeros(len(arr), np.int64),
+    })
+    if plane_shape is not None:
+        df.attrs["plane_shape"] = plane_shape
+    if n_planes is not None:
+        df.attrs["n_planes"] = n_planes
+    return df
+
+
+DF2 = table([(0, 10, 20, 20, 40, 0.9), (0, 50, 50, 60, 60, 0.3), (0, 0, 0, 4, 4, 0.6)],
+            plane_shape=(), n_planes=1)
+
+
+def test_layers_2d_names_features_metadata_and_filter():
+    (rects, skw, stype), (pts, pkw, ptype) = detections_to_layers(
+        DF2, "cells", scale=(0.5, 0.25), translate=(1.0, 2.0), conf=0.5)
+    assert (stype, ptype) == ("shapes", "points")
+    assert skw["name"] == "cells boxes (2)" and pkw["name"] == "cells nuclei (2)"
+    assert skw["shape_type"] == "rectangle"
+    assert skw["scale"] == [0.5, 0.25] and pkw["translate"] == [1.0, 2.0]
+    for kw in (skw, pkw):
+        assert list(kw["features"].columns) == ["confidence", "class"]
+        assert kw["features"]["confidence"].tolist() == [0.9, 0.6]
+        assert kw["metadata"]["yolocell_source"] == "cells"
+        assert kw["metadata"]["detections"] is DF2  # full table, for re-filtering
+        assert kw["ndim"] == 2
+    assert skw["edge_color"] == "confidence" and pkw["face_color"] == "confidence"
+    assert skw["metadata"]["yolocell_kind"] == "boxes"
+    assert pkw["metadata"]["yolocell_kind"] == "nuclei"
+    # napari: pixel centres on integers -> table coordinates minus 0.5
+    np.testing.assert_allclose(pts, [[14.5, 29.5], [1.5, 1.5]])
+    np.testing.assert_allclose(rects[0], [[9.5, 19.5], [9.5, 39.5], [19.5, 39.5], [19.5, 19.5]])
+
+
+def test_layers_nd_leading_coordinates():
+    df = table([(0, 0, 0, 2, 2, 0.5), (4, 10, 10, 12, 12, 0.5), (5, 20, 20, 22, 22, 0.7)],
+               plane_shape=(2, 3))
+    (rects, skw, _), (pts, pkw, _) = detections_to_layers(df, "zt")
+    assert skw["ndim"] == pkw["ndim"] == 4
+    # plane 4 of (2, 3) is (1, 1); plane 5 is (1, 2)
+    np.testing.assert_allclose(pts[:, :2], [[0, 0], [1, 1], [1, 2]])
+    np.testing.assert_allclose(rects[2][:, :2], [[1, 2]] * 4)
+    planes, yx = to_table_coords(pts, (2, 3))
+    assert planes.tolist() == [0, 4, 5]
+    np.testing.assert_allclose(yx, df[["y", "x"]].to_numpy())
+    bad = table([(6, 0, 0, 2, 2, 0.5)], plane_shape=(2, 3))
+    with pytest.raises(ValueError, match="out of range"):
+        to_layer_coords(bad)
+
+
+def test_plane_shape_fallback_is_a_stack():
+    df = table([(0, 0, 0, 2, 2, 0.5), (2, 0, 0, 2, 2, 0.5)])
+    (_, skw, _), (pts, _, _) = detections_to_layers(df, "s")
+    assert skw["ndim"] == 3 and pts[:, 0].tolist() == [0, 2]
+
+
+def test_empty_table_gives_empty_layers():
+    empty = DF2.iloc[:0]
+    empty.attrs = {"plane_shape": (3,)}
+    (rects, skw, _), (pts, pkw, _) = detections_to_layers(empty, "void")
+    assert rects == [] and pts.shape == (0, 3)
+    assert skw["ndim"] == pkw["ndim"] == 3
+    assert skw["name"] == "void boxes (0)"
+    assert skw["edge_color"] != "confidence"  # no values to map through a colormap
+    # everything filtered out behaves the same
+    (rects, _, _), (pts, _, _) = detections_to_layers(DF2, "c", conf=0.99)
+    assert rects == [] and pts.shape == (0, 2)
+
+
+def test_transform_coords_through_world():
+    pts = np.array([[10.0, 20.0]])
+    out = transform_coords(pts, from_scale=(1, 1), from_translate=(0, 0),
+                           to_scale=(0.5, 0.5), to_translate=(1, 2))
+    np.testing.assert_allclose(out, [[18.0, 36.0]])
+    # a 2-D ROI over a 3-D image: axes aligned on the right
+    out = transform_coords(pts, (2, 2), None, (5.0, 1.0, 1.0), None)
+    np.testing.assert_allclose(out, [[20.0, 40.0]])
+    assert transform_coords(np.zeros((0, 2))).shape == (0, 2)
+
+
+def test_counts_table_planes_and_rois():
+    df = table([(0, 0, 0, 10, 10, 0.9), (0, 100, 100, 110, 110, 0.9), (2, 0, 0, 10, 10, 0.9)],
+               plane_shape=(3,), n_planes=3)
+    square = np.array([[0, 0], [0, 50], [50, 50], [50, 0]], float)
+    out = counts_table(df, "img", [square], ["corner"])
+    assert list(out.columns) == COUNT_COLUMNS
+    whole = out[out["roi"] == "image"]
+    assert whole["count"].tolist() == [2, 0, 1]  # plane 1 has none but is listed
+    corner = out[out["roi"] == "corner"]
+    assert corner["plane"].tolist() == [0, 1, 2] and corner["count"].tolist() == [1, 0, 1]
+    assert (out["image"] == "img").all()
+
+
+def test_csv_table_and_atomic_write(tmp_path):
+    out = detections_csv_table(DF2, "cells")
+    assert list(out.columns) == CSV_COLUMNS and (out["image"] == "cells").all()
+    path = tmp_path / "sub" / "det.csv"
+    write_csv_atomic(out, path)
+    write_csv_atomic(out.iloc[:1], path)  # replaces the old file
+    back = pd.read_csv(path)
+    assert list(back.columns) == CSV_COLUMNS and len(back) == 1
+    assert [p.name for p in path.parent.iterdir()] == ["det.csv"]
+
+
+def test_ellipse_and_shapes_polygons():
+    corners = np.array([[0, 0], [0, 20], [10, 20], [10, 0]], float)  # ellipse box
+    poly = ellipse_polygon(corners)
+    assert in_roi(np.array([[5.0, 10.0]]), poly).all()
+    assert not in_roi(np.array([[0.5, 0.5]]), poly).any()  # box corner, outside the ellipse
+    polys = shapes_to_polygons([corners, corners, corners[:2]], ["ellipse", "rectangle", "line"])
+    assert len(polys) == 2 and len(polys[0]) > 4
+    np.testing.assert_array_equal(polys[1], corners)
+
+
+def test_layers_module_does_not_import_napari():
+    code = "import sys, napari_yolocell.layers; sys.exit('napari' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

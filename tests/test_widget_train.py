@@ -1,0 +1,212 @@
+"""Train widget in a real (headless) viewer: export, import, training wiring, evaluation.
+
+One 384 x 384 synthetic image with its 20 nucleus centres as a Points layer is the dataset
+(tile 384: one training image). Training is only checked for its wiring (cancel at the first
+batch keeps ``last.pt``); tests/test_train.py covers real training runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+
+import napari_yolocell._widget_detect as wd
+import napari_yolocell._widget_train as wt
+from napari_yolocell._widget_train import TrainWidget, layers_to_samples, pump
+from napari_yolocell.synthetic import make_nuclei_image
+
+TIMEOUT = 60_000
+
+# Under xvfb, Mesa's software OpenGL and triton's LLVM clash if triton loads after a GL context
+# exists (segfault); torch pulls triton in when training starts, so load it first.
+with contextlib.suppress(ImportError):
+    import triton  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    return make_nuclei_image((384, 384), n_nuclei=20, seed=1)
+
+
+@pytest.fixture
+def setup(make_napari_viewer, nuclei, monkeypatch):
+    viewer = make_napari_viewer()
+    viewer.add_image(nuclei.image, name="cells")
+    viewer.add_points(nuclei.centers - 0.5, name="clicked")  # napari: pixel centres
+    widget = TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.ex_image.value = viewer.layers["cells"]
+    widget.ex_annotations.value = viewer.layers["clicked"]
+    widget.ex_tile.value = 384
+    errors: list[str] = []
+    monkeypatch.setattr(wt, "_show_error", errors.append)
+    return viewer, widget, errors
+
+
+def wait(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+
+
+def export(qtbot, widget, out):
+    widget.ex_out.value = out
+    assert widget.export() is not None
+    wait(qtbot, widget)
+
+
+def label_lines(root):
+    return sum(len(p.read_text().splitlines()) for p in root.glob("labels/*/*.txt"))
+
+
+def test_export_points_then_import_back(qtbot, setup, tmp_path):
+    viewer, widget, errors = setup
+    out = tmp_path / "ds"
+    export(qtbot, widget, out)
+    assert errors == []
+    assert (out / "data.yaml").is_file()
+    assert label_lines(out) == 20
+    assert "wrote" in widget.ex_label.value
+    assert widget.tr_data.value == out and widget.im_path.value == out
+
+    assert widget.import_dataset() is not None
+    wait(qtbot, widget)
+    assert errors == []
+    shapes = [layer for layer in viewer.layers if layer._type_string == "shapes"]
+    images = [layer for layer in viewer.layers if layer._type_string == "image"]
+    assert len(images) == 2 and len(shapes) == 1
+    assert shapes[0].nshapes == 20
+    assert "20 boxes" in widget.im_label.value
+
+
+def test_export_errors_write_nothing(qtbot, setup, tmp_path):
+    viewer, widget, errors = setup
+    viewer.add_points(np.zeros((0, 2)), name="empty")
+    widget.ex_annotations.value = viewer.layers["empty"]
+    widget.ex_out.value = tmp_path / "never"
+    assert widget.export() is None
+    assert "is empty" in errors[-1] and "'empty'" in errors[-1]
+    assert not (tmp_path / "never").exists()
+
+    viewer.add_labels(np.zeros((100, 100), np.int32), name="small labels")
+    widget.ex_annotations.value = viewer.layers["small labels"]
+    assert widget.export() is None
+    assert "(100, 100)" in errors[-1] and "(384, 384)" in errors[-1]
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    widget.ex_annotations.value = viewer.layers["clicked"]
+    widget.ex_out.value = full
+    assert widget.export() is None
+    assert "not empty" in errors[-1]
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+    assert not widget.running
+
+
+def test_layers_to_samples_planes_and_checks():
+    stack = np.zeros((3, 64, 64), np.uint16)
+    pts = np.array([[0, 10, 10], [2, 30, 30], [2, 40, 40]], float)
+    samples = layers_to_samples(stack, "my stack", "points", pts, diameter=8)
+    assert [s.name for s in samples] == ["my_stack_p0", "my_stack_p2"]
+    assert [len(s.boxes) for s in samples] == [1, 2]
+    np.testing.assert_allclose(samples[0].boxes[0], [6.5, 6.5, 14.5, 14.5])
+    with pytest.raises(ValueError, match="2-D but the image is 3-D"):
+        layers_to_samples(stack, "s", "points", pts[:, 1:])
+    with pytest.raises(ValueError, match="lies inside"):
+        layers_to_samples(stack, "s", "points", pts + [0, 500, 500])
+    rect = [np.array([[1, 9.5, 9.5], [1, 9.5, 19.5], [1, 19.5, 19.5], [1, 19.5, 9.5]])]
+    (sample,) = layers_to_samples(stack, "s", "shapes", rect, shape_types=["rectangle"])
+    assert sample.name == "s_p1"
+    np.testing.assert_allclose(sample.boxes, [[10, 10, 20, 20]])
+    labels = np.zeros((3, 64, 64), np.int32)
+    labels[1, 5:9, 5:12] = 1
+    (sample,) = layers_to_samples(stack, "s", "labels", labels)
+    np.testing.assert_allclose(sample.boxes, [[5, 5, 9, 12]])
+
+
+def test_pump_forwards_callbacks_and_errors():
+    def work(n, progress):
+        for i in range(n):
+            progress(i + 1, n)
+        return "done"
+
+    gen = pump(work, ["progress"], n=3)
+    messages = []
+    while True:
+        try:
+            messages.append(next(gen))
+        except StopIteration as stop:
+            outcome = stop.value
+            break
+    assert messages == [("progress", (1, 3)), ("progress", (2, 3)), ("progress", (3, 3))]
+    assert outcome.value == "done" and outcome.error is None
+
+    def fail():
+        raise RuntimeError("boom")
+
+    gen = pump(fail)
+    with pytest.raises(StopIteration) as stop:
+        next(gen)
+    assert isinstance(stop.value.value.error, RuntimeError)
+
+
+def test_training_cancel_keeps_last_and_resume_is_offered(qtbot, setup, tmp_path):
+    pytest.importorskip("ultralytics")
+    viewer, widget, errors = setup
+    out = tmp_path / "ds"
+    export(qtbot, widget, out)
+    widget.tr_model.value = "yolov5n"
+    widget.tr_epochs.value = 1
+    widget.tr_imgsz.value = 64
+    widget.tr_batch.value = 2
+    widget.tr_device.value = "cpu"
+    widget.tr_out.value = tmp_path / "runs"
+    assert widget.start_training() is not None
+    assert widget.cancel_button.enabled and not widget.train_button.enabled
+    widget.cancel_training()  # should_stop is true from the first batch on
+    wait(qtbot, widget)
+    assert errors == []
+    result = widget.last_result
+    assert result.cancelled and result.last.is_file()
+    assert "Resume" in widget.tr_label.value
+    assert widget.resume_button.enabled and widget.train_button.enabled
+    assert widget.training_kwargs(resume=True)["model"] == str(result.last)
+
+
+def test_train_done_registers_best_in_detect_widget(setup, tmp_path):
+    from napari_yolocell.train import TrainResult
+
+    viewer, widget, errors = setup
+    detect = wd.DetectWidget(viewer)
+    viewer.window.add_dock_widget(detect)
+    best = tmp_path / "run" / "weights" / "best.pt"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(b"weights")
+    result = TrainResult(best=best, last=best, metrics={"mAP50": 0.5}, run_dir=tmp_path / "run")
+    try:
+        widget._train_done(wt.Outcome(value=result))
+        key = str(best.resolve())
+        assert key in detect.model.choices
+        assert key in widget.tr_model.choices  # fine-tune the new model next
+        assert "mAP50 0.500" in widget.tr_label.value
+    finally:
+        wd._SESSION_MODELS.remove(str(best.resolve()))
+
+
+def test_evaluate_classical_table_and_plots(qtbot, setup, tmp_path):
+    viewer, widget, errors = setup
+    out = tmp_path / "ds"
+    export(qtbot, widget, out)
+    widget.ev_models.value = ["classical"]
+    widget.ev_split.value = "train"  # the only image is in train
+    assert widget.evaluate() is not None
+    wait(qtbot, widget)
+    assert errors == []
+    table, results = widget.last_evaluation
+    assert table["model"].tolist() == ["classical"]
+    assert table["n_true"].item() == 20
+    assert widget.ev_table.shape[0] == 1
+    for plot in ("pr_curve", "f1_curve", "count_error_curve", "count_scatter"):
+        widget.ev_plot.value = plot
+        assert widget.ev_canvas.figure.axes
