@@ -115,9 +115,10 @@ def test_roi_counts_and_csv_export(qtbot, setup, nuclei, tmp_path):
 
 def test_calibrate_by_count_and_points(qtbot, setup, nuclei):
     viewer, widget = setup
-    run(qtbot, widget)
     widget.known_count.value = 12
-    cal = widget.calibrate()
+    widget._on_calibrate_clicked()  # no run yet: runs once, then calibrates on its table
+    qtbot.waitUntil(lambda: widget.last_calibration is not None, timeout=TIMEOUT)
+    cal = widget.last_calibration
     assert widget.conf.value == pytest.approx(cal.conf)
     assert len(widget.filtered()) == cal.count
     assert abs(cal.count - 12) <= 1
@@ -191,6 +192,22 @@ def test_stack_planes_map_to_leading_axis(qtbot, make_napari_viewer, nuclei):
     run(qtbot, widget)
     points = results(viewer, "stack")["nuclei"]
     assert len(points.data) == 12 and (points.data[:, 0] == 1).all()
+
+
+def test_multiscale_level_boxes_in_full_resolution(qtbot, make_napari_viewer, nuclei):
+    viewer = make_napari_viewer()
+    viewer.add_image([nuclei.image, nuclei.image[::2, ::2]], multiscale=True, name="pyramid")
+    widget = DetectWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert widget.level.choices == (0, 1)
+    widget.model.value = "classical"
+    widget.tile.value = 256
+    widget.level.value = 1
+    run(qtbot, widget)
+    points = results(viewer, "pyramid")["nuclei"]
+    assert len(points.data) >= 10  # small blobs at half resolution are partly missed
+    dist = np.linalg.norm(points.data[:, None, :] - (nuclei.centers - 0.5)[None], axis=2)
+    assert dist.min(axis=1).max() < 2.0  # full-resolution coordinates
 
 
 def test_untrained_yolo_runs(qtbot, make_napari_viewer):

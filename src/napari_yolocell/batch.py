@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -152,8 +153,10 @@ def _local_results(todo: list[tuple[int, str]], model: str, params: Any, workers
         return
     # Each process gets an equal share of the cores; torch would otherwise oversubscribe.
     threads = max(1, (os.cpu_count() or 1) // workers)
+    # spawn, not fork: forking a process that already runs torch/OpenMP threads can deadlock
+    ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                             initargs=(threads,)) as pool:
+                             initargs=(threads,), mp_context=ctx) as pool:
         pending = {pool.submit(detect_file, p, model, params, device, backend): i
                    for i, p in todo}
         while pending:
