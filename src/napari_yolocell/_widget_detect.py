@@ -236,7 +236,7 @@ class DetectWidget(Container):
         self.iou = FloatSpinBox(label="IoU (NMS)", value=0.5, min=0.05, max=0.95, step=0.05)
         self.tile = SpinBox(label="tile", value=640, min=64, max=8192, step=32)
         self.overlap = SpinBox(label="overlap (0 = auto)", value=0, min=0, max=4096)
-        self.diameter = FloatSpinBox(label="diameter px (0 = model's)", value=0.0, min=0.0,
+        self.diameter = FloatSpinBox(label="diameter px (0 = model)", value=0.0, min=0.0,
                                      max=2000.0, step=1.0,
                                      tooltip="typical nucleus diameter in full-resolution "
                                              "pixels; tiles are rescaled to the model's")
@@ -264,14 +264,19 @@ class DetectWidget(Container):
             self.model, self.model_file,
             self.conf, self.iou, self.tile, self.overlap, self.diameter, self.normalize,
             self.roi,
-            Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
-                      labels=False),
-            self.count_label, self.roi_table,
-            Container(widgets=[self.export_detections_button, self.export_counts_button],
-                      layout="horizontal", labels=False),
-            self.known_count, self.clicked, self.calibrate_button, self.calibration_label,
+            # results span the full width (no label column)
+            Container(labels=False, widgets=[
+                Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
+                          labels=False),
+                self.count_label, self.roi_table,
+                Container(widgets=[self.export_detections_button, self.export_counts_button],
+                          layout="horizontal", labels=False)]),
+            self.known_count, self.clicked,
+            Container(labels=False, widgets=[self.calibrate_button, self.calibration_label]),
         ])
+        self.roi_table.native.setMaximumHeight(140)
 
+        _wrap(self.count_label, self.calibration_label)
         self.image.changed.connect(self._on_image_changed)
         self.model.changed.connect(self._on_model_changed)
         self.model_file.changed.connect(self._on_model_file)
@@ -779,6 +784,15 @@ def _update_result_layers(boxes, nuclei, shown: pd.DataFrame, res: _Result, conf
     for layer in (boxes, nuclei):
         layer.metadata["conf"] = conf
     boxes.name, nuclei.name = box_name, point_name
+
+
+def _wrap(*labels: Label) -> None:
+    """Let long messages wrap at the dock's width instead of widening it."""
+    from qtpy.QtWidgets import QSizePolicy
+
+    for label in labels:
+        label.native.setWordWrap(True)
+        label.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
 
 
 def _show_error(message: str) -> None:

@@ -45,6 +45,7 @@ from magicgui.widgets import (
 )
 from qtpy.QtWidgets import QTabWidget, QVBoxLayout, QWidget
 
+from napari_yolocell._widget_detect import _wrap
 from napari_yolocell.annotations import boxes_from_labels, boxes_from_points, boxes_from_shapes
 from napari_yolocell.layers import LayerDataTuple, to_table_coords, transform_coords
 from napari_yolocell.train import ARCHITECTURES
@@ -325,6 +326,7 @@ class TrainWidget(QWidget):
         self._build_import()
         self._build_train()
         self._build_evaluate()
+        _wrap(self.ex_label, self.im_label, self.tr_label, self.ev_label)
         for event in ("inserted", "removed", "reordered"):
             getattr(self.viewer.layers.events, event).connect(self.reset_choices)
         from napari_yolocell._widget_detect import _WIDGETS
@@ -686,10 +688,14 @@ class TrainWidget(QWidget):
                 ax.plot(epochs, values, marker=".", label=key.replace("_loss", ""))
         bx.plot(epochs, [h.get("mAP50", np.nan) for h in self.history], marker=".",
                 color="tab:green")
-        ax.set(xlabel="epoch", title="training loss")
-        bx.set(xlabel="epoch", title="val mAP50", ylim=(0, 1))
+        ax.set_title("training loss", fontsize=9)
+        bx.set_title("val mAP50", fontsize=9)
+        bx.set_ylim(0, 1)
+        for axis in (ax, bx):
+            axis.set_xlabel("epoch", fontsize=8)
+            axis.tick_params(labelsize=7)
         if ax.lines:
-            ax.legend(fontsize="small")
+            ax.legend(fontsize=7)
         self.canvas.draw_idle()
 
     def _train_done(self, outcome: Outcome) -> None:

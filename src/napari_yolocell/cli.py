@@ -61,11 +61,11 @@ def _detect_params(args):
     )
 
 
-def _load_detector(model: str | None, device: str | None = None):
+def _load_detector(model: str | None, device: str | None = None, backend: str = "torch"):
     from .models import load_detector
 
     try:
-        return load_detector(model or "default", device=device)
+        return load_detector(model or "default", device=device, backend=backend)
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from exc
 
@@ -115,7 +115,7 @@ def cmd_detect(args) -> int:
     except FileNotFoundError as exc:
         raise CliError(str(exc)) from exc
     model = args.model or "default"
-    _load_detector(model, args.device)  # fail fast, with one line, on a bad model
+    _load_detector(model, args.device, args.backend)  # fail fast, one line, on a bad model
     params = _detect_params(args)
     scheduler = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
     errors = args.errors
@@ -152,7 +152,7 @@ def cmd_detect(args) -> int:
         results = run_batch(
             [str(p) for p in paths], model, params, out=args.out, counts=args.counts,
             errors=errors, workers=args.workers, scheduler=scheduler, device=args.device,
-            on_result=on_result, tile_progress=tile_progress,
+            backend=args.backend, on_result=on_result, tile_progress=tile_progress,
         )
     finally:
         tiles_bar.close()
@@ -330,7 +330,7 @@ def cmd_calibrate(args) -> int:
 
     if (args.count is None) == (args.points is None):
         raise CliError("give exactly one of --count N or --points CSV")
-    detector = _load_detector(args.model, args.device)
+    detector = _load_detector(args.model, args.device, args.backend)
     before = detector.spec.default_conf if args.conf is None else args.conf
     args.conf = 0.05  # one run at a low threshold; every candidate is scored from it
     df = _detect_one(Path(args.image), detector, _detect_params(args), args.quiet)
@@ -377,6 +377,9 @@ def _add_detect_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
     p.add_argument("--level", type=int, default=0, help="pyramid level (0 = full resolution)")
     p.add_argument("--device", default=None, help="cpu, cuda:0... (default: CUDA if available)")
+    p.add_argument("--backend", default="torch",
+                   choices=["auto", "torch", "onnxruntime", "openvino"],
+                   help="forward-pass runtime; auto = the fastest installed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
