@@ -6,8 +6,6 @@ compared with the truth. Images are small (384 x 384, one or two tiles) to keep 
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,10 +17,6 @@ from napari_yolocell.synthetic import make_nuclei_image
 
 TIMEOUT = 30_000
 
-# Under xvfb, Mesa's software OpenGL loads its own LLVM; importing triton (which torch pulls in
-# with torchvision) after a GL context exists then segfaults. Loading it first avoids the clash.
-with contextlib.suppress(ImportError):
-    import triton  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ batch keeps ``last.pt``); tests/test_train.py covers real training runs.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
@@ -19,10 +17,6 @@ from napari_yolocell.synthetic import make_nuclei_image
 
 TIMEOUT = 60_000
 
-# Under xvfb, Mesa's software OpenGL and triton's LLVM clash if triton loads after a GL context
-# exists (segfault); torch pulls triton in when training starts, so load it first.
-with contextlib.suppress(ImportError):
-    import triton  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -351,7 +351,7 @@ class TrainWidget(QWidget):
 
     def _layers_of(self, *types: str) -> list[tuple[str, Any]]:
         return [(layer.name, layer) for layer in self.viewer.layers
-                if layer._type_string in types]
+                if _layer_kind(layer) in types]
 
     # ------------------------------------------------------------------ workers
 
@@ -443,7 +443,7 @@ class TrainWidget(QWidget):
         if ann is None:
             raise ValueError("choose an annotation layer (Shapes, Points or Labels)")
         data = image.data[0] if image.multiscale else image.data
-        kind = ann._type_string
+        kind = _layer_kind(ann)
         ann_data = ann.data[0] if kind == "labels" and ann.multiscale else ann.data
         return layers_to_samples(
             data, image.name, kind, ann_data, rgb=bool(image.rgb),
@@ -810,6 +810,17 @@ class TrainWidget(QWidget):
         self.ev_canvas.deleteLater()
         self.ev_figure, self.ev_canvas = fig, canvas
         canvas.draw_idle()
+
+
+def _layer_kind(layer) -> str:
+    """``"image"``, ``"shapes"``, ``"points"``, ``"labels"`` or ``""`` for other layers."""
+    from napari.layers import Image, Labels, Points, Shapes
+
+    for cls, kind in ((Image, "image"), (Shapes, "shapes"), (Points, "points"),
+                      (Labels, "labels")):
+        if isinstance(layer, cls):
+            return kind
+    return ""
 
 
 def _figure_canvas():

@@ -8,6 +8,7 @@ machine, so every module that touches ultralytics imports it through :func:`impo
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,9 +31,27 @@ def configure_offline() -> None:
     os.environ.setdefault("YOLO_VERBOSE", "False")
 
 
+def block_triton_on_cpu() -> None:
+    """Keep torch from loading triton on machines without an NVIDIA GPU.
+
+    CUDA builds of torch (the default pip wheel on Linux) import triton with torchvision and on
+    the first forward pass. triton is useless on CPU, and its bundled LLVM crashes the process
+    when Mesa's software OpenGL (napari under Xvfb, VMs, remote desktops) has loaded its own
+    LLVM first. A ``None`` entry in ``sys.modules`` makes ``import triton`` fail cleanly, which
+    torch handles as "triton not installed". No NVIDIA driver device node means no CUDA, checked
+    without importing torch (this runs when the package is imported). Set
+    ``YOLOCELL_ALLOW_TRITON=1`` to opt out.
+    """
+    if "triton" in sys.modules or os.environ.get("YOLOCELL_ALLOW_TRITON") == "1":
+        return
+    if not os.path.exists("/dev/nvidiactl"):
+        sys.modules["triton"] = None
+
+
 def import_ultralytics():
     """Import ``ultralytics`` offline and with telemetry/sync disabled; return the module."""
     configure_offline()
+    block_triton_on_cpu()
     import ultralytics
     from ultralytics.utils import SETTINGS
 

@@ -1,0 +1,276 @@
+"""Offline ONNX / OpenVINO exports of ultralytics detectors, cached per user.
+
+The ONNX Runtime and OpenVINO backends (:mod:`napari_yolocell.backends`) run an exported copy
+of the network. Exporting takes seconds, so each export is made once per weights file and kept
+in ``<cache>/<sha256 of the weights>/<format>-v<N>/``:
+
+- ``onnx-vN/model.onnx``: the raw detection head output ``(N, 4 + nc, anchors)``, with a
+  dynamic batch, height and width, so one file serves every tile size and batch size;
+- ``openvino-vN/model.xml`` + ``model.bin``: the same graph as OpenVINO IR (FP32, not
+  compressed to FP16, so answers match PyTorch's); it is reshaped to a static input shape when
+  compiled;
+- ``meta.json`` next to each: the checkpoint's ``"yolocell"`` settings, class names, stride.
+
+The cache folder is ``$YOLOCELL_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/napari-yolocell/exports``
+(``~/.cache/napari-yolocell/exports``). An export is written to a temporary folder beside its
+final place and renamed into place (``os.replace``), so a crash never leaves a half export and
+concurrent workers (``--workers``, dask) can export the same model at once safely. Delete the
+folder to reclaim the space; it is rebuilt on demand.
+
+We export with :func:`torch.onnx.export` ourselves instead of ``YOLO.export``: the ultralytics
+exporter writes next to the weights (read-only for bundled models), and its requirement checks
+may try to ``pip install`` packages, which must never happen offline.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("onnx", "openvino")
+#: Bump when the export recipe changes: old exports are then ignored (and may be deleted).
+EXPORT_VERSION = 1
+ONNX_OPSET = 17
+META_FILE = "meta.json"
+_MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
+_HASHES: dict[tuple, str] = {}
+_LOCK = threading.Lock()
+
+
+def cache_root() -> Path:
+    """Folder holding all exports (created on demand; a temp folder if home is read-only)."""
+    env = os.environ.get("YOLOCELL_CACHE_DIR")
+    if env:
+        root = Path(env).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+        root = Path(base) / "napari-yolocell" / "exports"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK):
+            raise PermissionError(root)
+    except OSError:  # read-only home on some clusters: exports then live for this machine's boot
+        root = Path(tempfile.gettempdir()) / f"napari-yolocell-exports-{os.getuid()}"
+        root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def weights_sha256(path: str | Path, expected: str | None = None) -> str:
+    """SHA-256 of a weights file, memoised per (path, size, mtime); ``expected`` if known."""
+    if expected:
+        return expected.lower()
+    from napari_yolocell.models import file_sha256
+
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _LOCK:
+        if key in _HASHES:
+            return _HASHES[key]
+    digest = file_sha256(path)
+    with _LOCK:
+        _HASHES[key] = digest
+    return digest
+
+
+def export_dir(key: str, fmt: str, root: Path | None = None) -> Path:
+    """Where the ``fmt`` export of the weights with SHA-256 ``key`` lives."""
+    _check_format(fmt)
+    return (root or cache_root()) / key / f"{fmt}-v{EXPORT_VERSION}"
+
+
+def model_file(folder: Path, fmt: str) -> Path:
+    """The file a runtime loads from an export folder."""
+    return Path(folder) / _MODEL_FILES[fmt]
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """The ``meta.json`` of an export folder (empty dict if missing or unreadable)."""
+    try:
+        return json.loads((Path(folder) / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def cached_export(spec, fmt: str, model=None, root: Path | None = None) -> Path:
+    """Folder of the ``fmt`` export of ``spec``'s weights, exporting it on first use.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        A model with a weights file (``spec.path``); its SHA-256 keys the cache.
+    fmt : {"onnx", "openvino"}
+        Export format.
+    model : ultralytics.YOLO, optional
+        The already loaded model; loaded from ``spec.path`` only when an export is needed.
+    root : pathlib.Path, optional
+        Cache folder (default :func:`cache_root`).
+
+    Returns
+    -------
+    pathlib.Path
+        The export folder (see :func:`model_file`, :func:`read_meta`).
+
+    Raises
+    ------
+    ValueError
+        Unreadable weights (names the file).
+    """
+    _check_format(fmt)
+    key = weights_sha256(spec.path, spec.sha256)
+    final = export_dir(key, fmt, root)
+    if model_file(final, fmt).is_file():
+        return final
+    if model is None:
+        from napari_yolocell.backends import load_ultralytics
+
+        model = load_ultralytics(spec.path)
+    if fmt == "openvino":
+        onnx_dir = cached_export(spec, "onnx", model=model, root=root)
+        build = lambda tmp: _onnx_to_openvino(model_file(onnx_dir, "onnx"), tmp)  # noqa: E731
+    else:
+        build = lambda tmp: export_onnx(model, model_file(tmp, "onnx"))  # noqa: E731
+    return _build_atomically(final, build, _meta(model, spec))
+
+
+def temporary_export(model, fmt: str) -> tempfile.TemporaryDirectory:
+    """Export an in-memory model (an untrained YAML architecture) to a fresh temp folder.
+
+    Untrained architectures get new random weights at every load, so their exports are not
+    cached on disk. The folder is deleted when the returned object is garbage collected.
+    """
+    _check_format(fmt)
+    tmp = tempfile.TemporaryDirectory(prefix="yolocell-export-")
+    folder = Path(tmp.name)
+    export_onnx(model, model_file(folder, "onnx"))
+    if fmt == "openvino":
+        _onnx_to_openvino(model_file(folder, "onnx"), folder)
+    return tmp
+
+
+def export_onnx(model, path: str | Path, opset: int = ONNX_OPSET) -> Path:
+    """Export an ultralytics detection model to ONNX with dynamic batch, height and width.
+
+    The graph ends at the detection head's raw output ``(N, 4 + nc, anchors)`` (boxes as
+    centre-x, centre-y, width, height in input pixels, then per-class scores), exactly what
+    PyTorch gives ultralytics' non-maximum suppression; NMS itself is not exported.
+
+    Parameters
+    ----------
+    model : ultralytics.YOLO or torch.nn.Module
+        Detection model (``YOLO`` object or its ``.model``).
+    path : str or Path
+        Output ``.onnx`` file.
+    opset : int
+        ONNX opset.
+    """
+    import torch
+
+    from napari_yolocell.ultralytics_env import import_ultralytics
+
+    import_ultralytics()
+    from ultralytics.nn.modules.head import Detect
+
+    net = getattr(model, "model", model)
+    net = copy.deepcopy(net).cpu().float().eval()
+    for param in net.parameters():
+        param.requires_grad = False
+    if hasattr(net, "fuse"):
+        net = net.fuse(verbose=False)  # the same fused graph ultralytics' predictor runs
+    for module in net.modules():
+        if isinstance(module, Detect):
+            # Export mode: the head returns its decoded tensor only; dynamic: anchors rebuilt
+            # from the feature-map size, so any input size works.
+            module.export, module.dynamic, module.format = True, True, "onnx"
+            module.shape = None
+            if hasattr(module, "xyxy"):
+                module.xyxy = False
+    example = torch.zeros(1, 3, 64, 64)
+    net(example)  # dry run: builds the anchors once, as the ultralytics exporter does
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {"dynamo": False} if "dynamo" in _export_params(torch.onnx.export) else {}
+    with warnings.catch_warnings():
+        # the TorchScript-based exporter is deprecated but needs no extra package (onnxscript)
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net, example, str(path), opset_version=opset, input_names=["images"],
+            output_names=["output0"],
+            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                          "output0": {0: "batch", 2: "anchors"}},
+            **kwargs,
+        )
+    return path
+
+
+def clear_cache(root: Path | None = None) -> None:
+    """Delete every cached export."""
+    shutil.rmtree(root or cache_root(), ignore_errors=True)
+
+
+def _export_params(func) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _onnx_to_openvino(onnx_path: Path, folder: Path) -> Path:
+    import openvino as ov
+
+    ov_model = ov.convert_model(str(onnx_path))
+    xml = model_file(folder, "openvino")
+    # FP32 on disk: ov.save_model compresses weights to FP16 by default, which changes answers.
+    ov.save_model(ov_model, str(xml), compress_to_fp16=False)
+    return xml
+
+
+def _meta(model, spec) -> dict[str, Any]:
+    ckpt = getattr(model, "ckpt", None)
+    settings = ckpt.get("yolocell") if isinstance(ckpt, dict) else None
+    net = getattr(model, "model", model)
+    names = getattr(net, "names", None) or {}
+    stride = getattr(net, "stride", None)
+    meta = {
+        "source": str(spec.path), "export_version": EXPORT_VERSION,
+        "names": {str(k): str(v) for k, v in dict(names).items()},
+        "stride": int(max(stride.tolist())) if stride is not None else 32,
+        "yolocell": settings if isinstance(settings, dict) else None,
+    }
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError):  # exotic settings in the checkpoint: keep the rest
+        meta["yolocell"] = None
+    return meta
+
+
+def _build_atomically(final: Path, build, meta: dict[str, Any]) -> Path:
+    """Run ``build(tmp_folder)`` in a temp folder next to ``final``, then rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another process finished the same export first (non-empty target): use theirs.
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; use one of {FORMATS}")
