@@ -1,7 +1,9 @@
 """Turn the annotations a biologist has (napari Shapes, Points, Labels) into bounding boxes.
 
 All boxes are ``(N, 4)`` float arrays ``y0, x0, y1, x1`` in pixels of the image they annotate,
-with ``y1``/``x1`` exclusive (a one-pixel object at row 3, column 5 is ``3, 5, 4, 6``).
+with ``y1``/``x1`` exclusive (a one-pixel object at row 3, column 5 is ``3, 5, 4, 6``): pixel
+``i`` spans ``[i, i+1)``. napari's layer coordinates put pixel centres on whole numbers, so add
+0.5 to Shapes vertices and Points before calling these functions (the widgets and the CLI do).
 """
 
 from __future__ import annotations

@@ -2,23 +2,41 @@
 
 A :class:`Detector` turns a batch of 8-bit tiles into boxes in tile pixel coordinates. The
 tiling, normalisation and merging around it (:mod:`napari_yolocell.detect`) do not depend on
-how the forward pass runs, so an ONNX Runtime or OpenVINO backend only has to implement
-:meth:`Detector.predict` and be registered in :func:`make_detector`.
+how the forward pass runs. Three runtimes implement it for ultralytics YOLO models:
+
+- :class:`TorchDetector`: PyTorch via ``YOLO.predict`` (CPU or CUDA);
+- :class:`OnnxRuntimeDetector`: ONNX Runtime on an ONNX export of the same weights;
+- :class:`OpenVinoDetector`: OpenVINO on an IR export (fastest on x86 CPUs).
+
+The exported backends feed the network exactly what ultralytics' predictor feeds PyTorch
+(tiles zero-padded bottom/right to a multiple of 32, grey x3, /255, NCHW float32) and decode
+its raw output with ultralytics' own ``non_max_suppression`` (same call, same arguments), so
+their boxes match PyTorch's up to float rounding. Exports are made once per weights file and
+cached (:mod:`napari_yolocell.export_cache`). :func:`make_detector` picks the backend.
 """
 
 from __future__ import annotations
 
 import abc
+import collections
+import importlib.util
 import math
+import threading
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     from napari_yolocell.models import ModelSpec
 
-BACKENDS = ("torch",)
+#: Forward-pass runtimes; ``"auto"`` is accepted too (see :func:`resolve_backend`).
+BACKENDS = ("torch", "onnxruntime", "openvino")
+BACKEND_CHOICES = ("auto", *BACKENDS)
+#: Preference of ``backend="auto"`` on a CPU: measured fastest first.
+_AUTO_CPU_ORDER = ("openvino", "onnxruntime")
+_BACKEND_MODULE = {"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 
 class Detector(abc.ABC):
@@ -140,6 +158,26 @@ class TorchDetector(Detector):
             out.append(_clip_to_tile(data[:, :6].reshape(-1, 6), tile.shape[:2]))
         return out
 
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Raw network output ``(N, 4 + nc, anchors)`` for an NCHW float32 batch in [0, 1].
+
+        The network ultralytics' predictor runs (fused, eval mode); for comparing backends.
+        """
+        import torch
+
+        if self.model.predictor is None:  # the predictor (and its fused model) is built lazily
+            self.predict([np.zeros((32, 32, 3), np.uint8)], conf=0.5, iou=0.5, max_det=1)
+        with torch.inference_mode():
+            out = self.model.predictor.model(torch.from_numpy(batch).to(self.device))
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return out.detach().cpu().float().numpy()
+
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read as an ultralytics detection model."""
+
 
 def load_ultralytics(path: str | Path):
     """Load an ultralytics model from a ``.pt`` checkpoint or a shipped architecture YAML.
@@ -148,8 +186,8 @@ def load_ultralytics(path: str | Path):
 
     Raises
     ------
-    ValueError
-        If the file cannot be read as an ultralytics model (names the file).
+    WeightsError
+        (a ValueError) If the file cannot be read as an ultralytics model (names the file).
     """
     from napari_yolocell.ultralytics_env import import_ultralytics
 
@@ -157,28 +195,301 @@ def load_ultralytics(path: str | Path):
     try:
         return ultralytics.YOLO(str(path), task="detect")
     except Exception as err:  # torch/pickle/zip errors vary: report them uniformly
-        raise ValueError(
+        raise WeightsError(
             f"cannot load model weights {str(path)!r}: {type(err).__name__}: {err}. "
             "Is it an ultralytics detection checkpoint (.pt)?"
         ) from err
 
 
-def make_detector(spec: ModelSpec, backend: str = "torch", device: str | None = None) -> Detector:
+# ---------------------------------------------------------------------------------------------
+# Exported backends (ONNX Runtime, OpenVINO)
+
+
+def preprocess(tiles: list[np.ndarray]) -> np.ndarray:
+    """Tiles -> the NCHW float32 batch ultralytics' predictor would build from them.
+
+    Zero-padded bottom/right to one shape (:func:`pad_batch`), BGR -> RGB like ultralytics
+    (moot for grey x3), scaled to [0, 1] with the same float32 division.
+    """
+    padded, _ = pad_batch(tiles)
+    batch = np.stack(padded)[..., ::-1].transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(batch, dtype=np.float32) / np.float32(255)
+
+
+def postprocess(raw: np.ndarray, tiles: list[np.ndarray], conf: float, iou: float,
+                max_det: int) -> list[np.ndarray]:
+    """Decode a raw head output ``(N, 4 + nc, anchors)`` into per-tile ``(k, 6)`` boxes.
+
+    Calls ultralytics' ``non_max_suppression`` with the arguments its detection predictor uses
+    for :class:`TorchDetector` (class-agnostic, best class per box), so answers are identical.
+    """
+    import torch
+
+    from napari_yolocell.ultralytics_env import import_ultralytics
+
+    import_ultralytics()
+    from ultralytics.utils.nms import non_max_suppression
+
+    preds = non_max_suppression(torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32)),
+                                conf, iou, None, True, max_det=max_det, nc=0)
+    out = []
+    for tile, pred in zip(tiles, preds, strict=True):
+        data = pred.numpy().astype(np.float64)[:, :6].reshape(-1, 6)
+        out.append(_clip_to_tile(data, tile.shape[:2]))
+    return out
+
+
+def _num_threads() -> int:
+    """Threads per forward pass: torch's setting, which batch workers lower to share cores."""
+    import torch
+
+    return max(1, int(torch.get_num_threads()))
+
+
+class ExportInfo:
+    """What an exported detector knows about its source checkpoint.
+
+    Attributes
+    ----------
+    folder : pathlib.Path
+        Export folder.
+    meta : dict
+        Its ``meta.json`` (class names, stride, source path, the checkpoint's settings).
+    ckpt : dict
+        ``{"yolocell": settings}`` when the checkpoint carried settings, as on an ultralytics
+        ``YOLO`` object, so :mod:`napari_yolocell.models` applies them the same way.
+    """
+
+    def __init__(self, folder: Path, meta: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.meta = meta
+        settings = meta.get("yolocell")
+        self.ckpt = {"yolocell": settings} if isinstance(settings, dict) else {}
+        self.names = {int(k): v for k, v in (meta.get("names") or {}).items()}
+
+
+class _ExportedDetector(Detector):
+    """Shared pre/post-processing of the exported backends; subclasses run the network."""
+
+    fmt = "onnx"
+
+    def __init__(self, spec: ModelSpec, folder: str | Path, device: str | None = None,
+                 threads: int | None = None, keep: Any = None) -> None:
+        from napari_yolocell.export_cache import read_meta
+
+        self.spec = spec
+        self.folder = Path(folder)
+        self.device = device or "cpu"
+        self.threads = threads or _num_threads()
+        self.model = ExportInfo(self.folder, read_meta(self.folder))
+        self._keep = keep  # a TemporaryDirectory to keep alive (untrained YAML exports)
+
+    @property
+    def model_path(self) -> Path:
+        """The file the runtime loaded."""
+        from napari_yolocell.export_cache import model_file
+
+        return model_file(self.folder, self.fmt)
+
+    @abc.abstractmethod
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Raw network output ``(N, 4 + nc, anchors)`` for an NCHW float32 batch in [0, 1]."""
+
+    def predict(
+        self, tiles: list[np.ndarray], conf: float, iou: float, max_det: int
+    ) -> list[np.ndarray]:
+        """Batched forward pass; see :meth:`Detector.predict`."""
+        if not tiles:
+            return []
+        return postprocess(self.forward(preprocess(tiles)), tiles, conf, iou, max_det)
+
+
+class OnnxRuntimeDetector(_ExportedDetector):
+    """Runs an ONNX export (dynamic batch and tile size) with ONNX Runtime.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        The model's description.
+    folder : str or Path
+        Export folder holding ``model.onnx`` (see :mod:`napari_yolocell.export_cache`).
+    device : str, optional
+        ``"cpu"`` (default) or ``"cuda[:N]"`` (needs the ``onnxruntime-gpu`` build).
+    threads : int, optional
+        CPU threads per forward pass; default torch's setting (all physical cores).
+    """
+
+    fmt = "onnx"
+
+    def __init__(self, spec: ModelSpec, folder: str | Path, device: str | None = None,
+                 threads: int | None = None, keep: Any = None) -> None:
+        super().__init__(spec, folder, device, threads, keep)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: shape-inference notes would flood the log
+        providers: list = ["CPUExecutionProvider"]
+        if self.device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ValueError("this onnxruntime build has no CUDA support: install "
+                                 "onnxruntime-gpu, or use backend 'torch' on a GPU")
+            index = int(self.device.split(":")[1]) if ":" in self.device else 0
+            providers = [("CUDAExecutionProvider", {"device_id": index}), *providers]
+        self.session = ort.InferenceSession(str(self.model_path), options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Raw network output; see :meth:`_ExportedDetector.forward`."""
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+class OpenVinoDetector(_ExportedDetector):
+    """Runs an OpenVINO IR export, compiled once per input shape (batch, height, width).
+
+    A static shape lets OpenVINO pick its fastest kernels; compiling takes well under a second
+    and the last few shapes are kept (full batches and the plane's last partial batch).
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        The model's description.
+    folder : str or Path
+        Export folder holding ``model.xml`` / ``model.bin``.
+    device : str, optional
+        OpenVINO device: ``"cpu"`` (default), ``"gpu"`` (Intel GPU), ``"npu"``...
+    threads : int, optional
+        CPU threads per forward pass; default torch's setting (all physical cores).
+    """
+
+    fmt = "openvino"
+    max_compiled = 4
+
+    def __init__(self, spec: ModelSpec, folder: str | Path, device: str | None = None,
+                 threads: int | None = None, keep: Any = None) -> None:
+        super().__init__(spec, folder, device, threads, keep)
+        if self.device.startswith("cuda"):
+            raise ValueError("OpenVINO does not run on CUDA GPUs: use backend 'torch' there")
+        import openvino as ov
+
+        self.ov_device = self.device.split(":")[0].upper()
+        self.core = ov.Core()
+        self.network = self.core.read_model(str(self.model_path))
+        self._compiled: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def _compiled_for(self, shape: tuple[int, ...]):
+        if shape in self._compiled:
+            self._compiled.move_to_end(shape)
+            return self._compiled[shape]
+        self.network.reshape({0: list(shape)})
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if self.ov_device == "CPU":
+            # f32: recent CPUs otherwise default to bf16 inference, which changes the answers.
+            config.update(INFERENCE_NUM_THREADS=self.threads, INFERENCE_PRECISION_HINT="f32")
+        compiled = self.core.compile_model(self.network, self.ov_device, config)
+        self._compiled[shape] = compiled
+        while len(self._compiled) > self.max_compiled:
+            self._compiled.popitem(last=False)
+        return compiled
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Raw network output; see :meth:`_ExportedDetector.forward`."""
+        with self._lock:  # one request at a time; its output buffer is reused by the next
+            compiled = self._compiled_for(tuple(batch.shape))
+            return np.array(compiled(batch)[0], dtype=np.float32, copy=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing a backend
+
+
+def available_backends() -> list[str]:
+    """Backends whose runtime package is installed, fastest on a CPU first."""
+    found = [b for b in _AUTO_CPU_ORDER if importlib.util.find_spec(_BACKEND_MODULE[b])]
+    return [*found, "torch"]
+
+
+def resolve_backend(backend: str = "auto", device: str | None = None) -> str:
+    """The concrete backend for ``backend`` on ``device``.
+
+    ``"auto"``: PyTorch on a GPU; on a CPU the fastest installed runtime, OpenVINO, then ONNX
+    Runtime, then PyTorch.
+
+    Raises
+    ------
+    ValueError
+        Unknown backend name.
+    ImportError
+        The named backend's package is not installed (the message says what to install).
+    """
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"unknown backend {backend!r}; use one of {BACKEND_CHOICES}")
+    if backend == "auto":
+        if not (device or default_device()).lower().startswith("cpu"):
+            return "torch"
+        return available_backends()[0]
+    if importlib.util.find_spec(_BACKEND_MODULE[backend]) is None:
+        raise ImportError(f"backend {backend!r} needs the {_BACKEND_MODULE[backend]!r} package: "
+                          f"pip install {_BACKEND_MODULE[backend]}")
+    return backend
+
+
+def _is_architecture(spec: ModelSpec) -> bool:
+    return spec.path is not None and Path(spec.path).suffix.lower() in (".yaml", ".yml")
+
+
+def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = None) -> Detector:
     """Build a detector for ``spec`` with the chosen backend.
 
     Parameters
     ----------
     spec : ModelSpec
         Resolved model (see :func:`napari_yolocell.models.resolve_model`).
-    backend : {"torch"}
-        Forward-pass implementation. ONNX Runtime / OpenVINO will slot in here.
+    backend : {"auto", "torch", "onnxruntime", "openvino"}
+        Forward-pass runtime; see :func:`resolve_backend`. The classical detector ignores it.
+        ONNX Runtime / OpenVINO run a cached export of the weights, made on first use (a few
+        seconds). Untrained architectures (``"yolov5n.yaml"``) get random weights at every load,
+        so they are exported to a temporary folder instead of the cache. With ``"auto"``, a
+        model that cannot be exported falls back to PyTorch with a warning.
     device : str, optional
-        Device for the backend.
+        Device for the backend (default: CUDA if available for PyTorch, else the CPU).
+
+    Raises
+    ------
+    ValueError
+        Unknown backend, or unreadable weights (names the file).
+    ImportError
+        The named backend is not installed.
+    RuntimeError
+        The model could not be exported for the named backend.
     """
     if spec.family == "classical":
         from napari_yolocell.classical import ClassicalDetector
 
         return ClassicalDetector(spec=spec)
-    if backend != "torch":
-        raise ValueError(f"unknown backend {backend!r}; available: {BACKENDS}")
-    return TorchDetector(load_ultralytics(spec.path), spec, device=device)
+    requested = backend
+    backend = resolve_backend(backend, device)
+    if backend == "torch":
+        return TorchDetector(load_ultralytics(spec.path), spec, device=device)
+    from napari_yolocell import export_cache
+
+    fmt, cls = {"onnxruntime": ("onnx", OnnxRuntimeDetector),
+                "openvino": ("openvino", OpenVinoDetector)}[backend]
+    model = None
+    try:
+        if _is_architecture(spec):
+            model = load_ultralytics(spec.path)
+            keep = export_cache.temporary_export(model, fmt)
+            return cls(spec, keep.name, device=device, keep=keep)
+        return cls(spec, export_cache.cached_export(spec, fmt), device=device)
+    except WeightsError:
+        raise
+    except Exception as err:  # exporters and runtimes fail in many ways: report them as one
+        if requested != "auto":
+            raise RuntimeError(f"cannot run model {str(spec.path)!r} with {backend}: "
+                               f"{type(err).__name__}: {err}") from err
+        warnings.warn(f"{backend} backend unavailable for {str(spec.path)!r} ({err}); "
+                      "using PyTorch", RuntimeWarning, stacklevel=2)
+    return TorchDetector(model or load_ultralytics(spec.path), spec, device=device)

@@ -181,14 +181,18 @@ def _read_table(path: str) -> pd.DataFrame:
 
 
 def _points_from_csv(path: str) -> np.ndarray:
-    """Points as napari saves them (``axis-0, axis-1``) or as ``y, x`` columns."""
+    """Points as napari saves them (``axis-0, axis-1``) or as ``y, x`` columns.
+
+    Coordinates are napari's (pixel centres on whole numbers); +0.5 turns them into the
+    pixel-edge convention of boxes and detections (pixel ``i`` spans ``[i, i+1)``).
+    """
     df = _read_table(path)
     for cols in (["y", "x"], ["axis-0", "axis-1"]):
         if set(cols) <= set(df.columns):
-            return df[cols].to_numpy(float)
+            return df[cols].to_numpy(float) + 0.5
     axes = [c for c in df.columns if c.startswith("axis-")]
     if len(axes) >= 2:  # nD points: the last two axes are y, x
-        return df[axes[-2:]].to_numpy(float)
+        return df[axes[-2:]].to_numpy(float) + 0.5
     raise CliError(f"{path}: points CSV needs columns y,x (or napari's axis-0,axis-1)")
 
 

@@ -57,7 +57,8 @@ def cache_root() -> Path:
         if not os.access(root, os.W_OK):
             raise PermissionError(root)
     except OSError:  # read-only home on some clusters: exports then live for this machine's boot
-        root = Path(tempfile.gettempdir()) / f"napari-yolocell-exports-{os.getuid()}"
+        user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+        root = Path(tempfile.gettempdir()) / f"napari-yolocell-exports-{user}"
         root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -256,6 +257,8 @@ def _meta(model, spec) -> dict[str, Any]:
 def _build_atomically(final: Path, build, meta: dict[str, Any]) -> Path:
     """Run ``build(tmp_folder)`` in a temp folder next to ``final``, then rename it into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_dir():  # an export damaged by hand (model file deleted): rebuild it
+        shutil.rmtree(final, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         build(tmp)

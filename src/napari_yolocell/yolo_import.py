@@ -233,6 +233,16 @@ def read_yolo_dataset(
                     f"exists near {root}"))
             continue
         samples += _read_split(split, image_files, names, match_roboflow_names, problems)
+    # A split may reuse another's folder (e.g. `val: images/train` when there is no val set):
+    # each image counts once, in the first split that lists it.
+    seen: set[Path] = set()
+    unique = []
+    for s in samples:
+        key = Path(s.image_path).resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(s)
+    samples = unique
     if not samples and not problems:
         raise FileNotFoundError(f"no YOLO images found under {root}")
     if not names:
@@ -638,12 +648,12 @@ def _class_name(cls: int, names: Sequence[str]) -> str:
 def boxes_to_rectangles(boxes: np.ndarray) -> list[np.ndarray]:
     """``(N, 4)`` y0, x0, y1, x1 -> napari rectangle vertices ``(4, 2)`` (row, col) each.
 
-    Vertices are the box coordinates as they are (no half-pixel shift), the same convention
-    :func:`napari_yolocell.annotations.boxes_from_shapes` reads back, so reviewed and edited
-    rectangles round-trip to identical boxes.
+    Boxes are by pixel edges (pixel ``i`` spans ``[i, i+1)``); napari puts pixel centres on
+    whole numbers, so vertices are shifted by -0.5 to sit on the pixel edges on screen. Reading
+    shapes back (the Train widget, ``layers_to_samples``) adds the 0.5 again: boxes round-trip.
     """
     out = []
-    for y0, x0, y1, x1 in np.asarray(boxes, float).reshape(-1, 4):
+    for y0, x0, y1, x1 in np.asarray(boxes, float).reshape(-1, 4) - 0.5:
         out.append(np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]]))
     return out
 
