@@ -226,8 +226,7 @@ def layers_to_samples(
             coords = transform_coords(items, ann_scale, ann_translate, image_scale,
                                       image_translate)
             planes, yx = to_table_coords(coords, plane_shape)
-            # a click on a pixel centre (napari) is that pixel's centre by edges (+0.5)
-            boxes = boxes_from_points(yx + 0.5, diameter)
+            boxes = boxes_from_points(yx, diameter)  # to_table_coords added the +0.5
         per_plane = {int(p): boxes[planes == p] for p in np.unique(planes)}
     h, w = shape[-2:]
     inside = sum(int(np.sum((b[:, 2] > 0) & (b[:, 3] > 0) & (b[:, 0] < h) & (b[:, 1] < w)))
