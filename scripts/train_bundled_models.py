@@ -129,11 +129,14 @@ def cmd_train(args) -> None:
     work = Path(args.work).absolute()
     run = work / "runs" / args.family
     last = run / "weights" / "last.pt"
-    if last.exists() and not args.fresh:
+    if last.exists() and not args.fresh and not args.init:
         print(f"resuming {last}", flush=True)
         YOLO(str(last)).train(resume=True)
         return
-    YOLO(f"{args.family}.yaml").train(
+    # --init: continue from earlier weights (e.g. the bundled fp16 model when last.pt of an
+    # earlier session is gone) with a new schedule; optimizer state starts afresh.
+    source = args.init or f"{args.family}.yaml"
+    YOLO(source).train(
         data=str(work / "dataset" / "data.yaml"),
         epochs=args.epochs, imgsz=IMGSZ, batch=args.batch, workers=1, device="cpu",
         pretrained=False, plots=False, amp=False, seed=SEED, deterministic=False,
@@ -142,7 +145,7 @@ def cmd_train(args) -> None:
         # microscopy: flips both ways, grey images (no hue/saturation), brightness jitter,
         # scale jitter so nuclei of 0.5-1.5x the training size are seen.
         fliplr=0.5, flipud=0.5, hsv_h=0.0, hsv_s=0.0, hsv_v=0.5, scale=0.5, degrees=0.0,
-        translate=0.1, mosaic=1.0, mixup=0.0,
+        translate=0.1, mosaic=1.0, mixup=0.0, lr0=args.lr0,
     )
 
 
@@ -259,6 +262,9 @@ def main(argv=None) -> int:
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--fresh", action="store_true", help="ignore an existing last.pt")
+    t.add_argument("--init", default=None,
+                   help="start from these weights (e.g. src/napari_yolocell/models/nucleus_v5n.pt)")
+    t.add_argument("--lr0", type=float, default=0.01, help="initial learning rate")
     c = sub.add_parser("bundle")
     c.add_argument("--work", required=True)
     c.add_argument("--family", default="yolov5n")

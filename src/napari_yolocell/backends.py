@@ -150,7 +150,7 @@ class TorchDetector(Detector):
         # One call for the whole batch; tiles are grey x3, so RGB vs BGR order is moot.
         results = self.model.predict(
             padded, imgsz=list(imgsz), conf=conf, iou=iou, max_det=max_det, verbose=False,
-            device=self.device, agnostic_nms=True, half=False,
+            device=self.device, agnostic_nms=True,
         )
         out = []
         for tile, result in zip(tiles, results, strict=True):

@@ -18,6 +18,10 @@ numbered in C order (``plane`` column; ``df.attrs["plane_shape"]`` unravels it).
 
 NaN pixels are treated as background (0 after normalisation), with a warning. A constant image
 gives no detections.
+
+Empty tiles (``DetectParams.skip_empty``): on slides that are mostly background, tiles in which
+no pixel is brighter than the background are skipped without running the detector (nor, for
+pyramidal files, reading their full-resolution pixels); see :func:`empty_threshold`.
 """
 
 from __future__ import annotations
@@ -50,6 +54,14 @@ COLUMNS = ["plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "class"]
 STATS_MAX_PIXELS = 2_000_000
 # Pyramid levels smaller than this are too coarse for reliable percentiles.
 STATS_MIN_PIXELS = 250_000
+# Empty-tile skipping is only trusted when the overview is mostly background and its nuclei
+# stand clearly above it (see empty_threshold).
+SKIP_MIN_BACKGROUND = 0.5
+SKIP_MIN_CONTRAST = 10.0
+# A coarser pyramid level may decide emptiness only if the smallest expected nucleus (half the
+# typical diameter) still spans >= 2 of its pixels, so no nucleus vanishes by downsampling.
+SKIP_PIXELS_PER_DIAMETER = 4.0
+SKIP_MARGIN = 2
 
 Cancel = Callable[[], bool] | threading.Event | None
 
@@ -94,6 +106,10 @@ class DetectParams:
         Intersection-over-smaller clean-up threshold; None skips it.
     margin : float
         A box within this many model-input pixels of a shared tile side is dropped.
+    skip_empty : bool
+        Skip tiles in which no pixel is brighter than the background (whole-slide images are
+        often mostly empty). Only applied when the plane clearly has a background mode (see
+        :func:`empty_threshold`); skipped tiles are counted in ``df.attrs["skipped_tiles"]``.
     """
 
     tile: int = 640
@@ -109,6 +125,7 @@ class DetectParams:
     level: int = 0
     ios: float | None = 0.7
     margin: float = 2.0
+    skip_empty: bool = True
 
 
 def derive_overlap(diameter: float, tile: int) -> int:
@@ -279,22 +296,96 @@ def _stats_level(layout: _Layout, level: int) -> int:
 
 
 def _normalizer(view: PlaneView, stats_view: PlaneView, params: DetectParams,
-                detector: Detector) -> Callable[[np.ndarray], np.ndarray]:
-    """Plane-wide intensity mapping to uint8; also primes detectors that need an overview."""
+                detector: Detector) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray | None]:
+    """Plane-wide intensity mapping to uint8 and the normalised overview (if one was read).
+
+    Also primes detectors that need an overview.
+    """
     needs_overview = getattr(detector, "needs_overview", False)
     if params.normalize == "none":
         def norm(tile):
             return clip_uint8(tile)
-        sample = strided_sample(stats_view, STATS_MAX_PIXELS) if needs_overview else None
+        # The sample is not needed for this mapping: read it for skipping only when it is cheap
+        # (a pyramid level), never as an extra pass over a full-resolution plane.
+        wanted = needs_overview or (params.skip_empty and stats_view.array is not view.array)
+        sample = strided_sample(stats_view, STATS_MAX_PIXELS) if wanted else None
     else:
         sample = strided_sample(stats_view, STATS_MAX_PIXELS)
         lo, hi = percentile_range(sample, *params.percentiles, max_pixels=sample.size + 1)
 
         def norm(tile):
             return to_uint8(tile, lo, hi)
+    overview = None if sample is None else norm(sample)
     if needs_overview:
-        detector.prepare(norm(sample))
-    return norm
+        detector.prepare(overview)
+    return norm, overview
+
+
+def empty_threshold(overview: np.ndarray | None) -> float | None:
+    """Grey level at or below which a tile is background only, or None if unsafe to skip.
+
+    Otsu's threshold of the normalised overview splits background from nuclei. Skipping is
+    only trusted when at least half the overview is background and the threshold lies at
+    least ``SKIP_MIN_CONTRAST`` grey levels above the background's median (a clear background
+    mode); a constant or dense image skips nothing. The returned level is halfway between the
+    background median and Otsu's threshold, so a nucleus dimmer than Otsu's threshold still
+    keeps its tile.
+    """
+    if overview is None or overview.size == 0:
+        return None
+    values = np.asarray(overview).ravel()
+    if values.min() == values.max():
+        return None
+    from skimage.filters import threshold_otsu
+
+    otsu = float(threshold_otsu(values))
+    background = values[values <= otsu]
+    if background.size < SKIP_MIN_BACKGROUND * values.size:
+        return None
+    level = float(np.median(background))
+    if otsu - level < SKIP_MIN_CONTRAST:
+        return None
+    return (level + otsu) / 2
+
+
+def _gate_level(layout: _Layout, level: int, diameter: float) -> int:
+    """Coarsest level at or below ``level`` fine enough to see the smallest nucleus."""
+    best = level
+    ref = layout.levels[level].shape
+    for index in range(level + 1, len(layout.levels)):
+        arr = layout.levels[index]
+        if not all(arr.shape[a] == ref[a] for a in layout.plane_axes):
+            continue
+        factor = min(ref[layout.y_axis] / arr.shape[layout.y_axis],
+                     ref[layout.x_axis] / arr.shape[layout.x_axis])
+        if factor * SKIP_PIXELS_PER_DIAMETER <= diameter:
+            best = index
+    return best
+
+
+def _empty_tiles(overview: PlaneView, shape: tuple[int, int], tiles: list[Tile], norm,
+                 threshold: float) -> np.ndarray:
+    """Which tiles have no pixel above ``threshold`` in a coarser level (plus a margin).
+
+    The level is read once, one band of tile rows at a time (memory stays small), and each band
+    is reduced to a per-column "anything bright" profile.
+    """
+    fy, fx = shape[0] / overview.shape[0], shape[1] / overview.shape[1]
+    empty = np.zeros(len(tiles), dtype=bool)
+    rows: dict[tuple[int, int], list[int]] = {}
+    for i, tile in enumerate(tiles):
+        rows.setdefault((tile.slices[0].start, tile.slices[0].stop), []).append(i)
+    for (y0, y1), members in rows.items():
+        oy0 = max(0, math.floor(y0 / fy) - SKIP_MARGIN)
+        oy1 = min(overview.shape[0], math.ceil(y1 / fy) + SKIP_MARGIN)
+        band = norm(overview[oy0:oy1, 0:overview.shape[1]])
+        bright = (band > threshold).any(axis=0)
+        for i in members:
+            xs = tiles[i].slices[1]
+            ox0 = max(0, math.floor(xs.start / fx) - SKIP_MARGIN)
+            ox1 = min(overview.shape[1], math.ceil(xs.stop / fx) + SKIP_MARGIN)
+            empty[i] = not bright[ox0:ox1].any()
+    return empty
 
 
 def _resize(grey: np.ndarray, scale: float) -> np.ndarray:
@@ -314,13 +405,18 @@ def _resize(grey: np.ndarray, scale: float) -> np.ndarray:
         return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def _read_tile(view: PlaneView, tile: Tile, norm, scale: float, state: dict) -> np.ndarray:
+def _read_tile(view: PlaneView, tile: Tile, norm, scale: float, state: dict,
+               threshold: float | None = None) -> np.ndarray | None:
+    """The tile as the model's (H, W, 3) uint8 input; None if it is empty (``threshold``)."""
     raw = view[tile.slices]
     if raw.dtype.kind == "f" and not state["nan_warned"] and np.isnan(raw).any():
         warnings.warn("image contains NaN pixels: treated as background (0)", RuntimeWarning,
                       stacklevel=4)
         state["nan_warned"] = True
-    grey = _resize(norm(raw), scale)
+    grey = norm(raw)
+    if threshold is not None and grey.max() <= threshold:
+        return None
+    grey = _resize(grey, scale)
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
@@ -346,19 +442,44 @@ def _batches(items: list, size: int):
         yield items[start: start + size]
 
 
-def _detect_plane(view, norm, tiles, detector, params, scale, cancel, state):
-    """Generator over batches of one plane: yields tile counts, returns merged boxes."""
+def _detect_plane(view, norm, tiles, detector, params, scale, cancel, state,
+                  empty=None, threshold=None):
+    """Generator over batches of one plane: yields tile counts, returns merged boxes.
+
+    Tiles flagged in ``empty`` are skipped unread; with ``threshold``, a tile whose normalised
+    pixels are all at or below it is skipped after reading. Skipped tiles count as done and
+    never occupy a batch slot, so every forward pass stays full.
+    """
     tile_boxes = []
     margin = params.margin * max(1.0, 1.0 / scale)
-    for batch in _batches(tiles, params.batch):
-        if _is_cancelled(cancel):
-            raise DetectionCancelled("detection cancelled")
-        inputs = [_read_tile(view, t, norm, scale, state) for t in batch]
-        outputs = detector.predict(inputs, conf=params.conf, iou=params.iou,
-                                   max_det=params.max_det)
-        for tile, arr, boxes in zip(batch, inputs, outputs, strict=True):
+    pending: list[tuple[Tile, np.ndarray]] = []
+    consumed = 0
+
+    def flush():
+        outputs = detector.predict([arr for _, arr in pending], conf=params.conf,
+                                   iou=params.iou, max_det=params.max_det)
+        for (tile, arr), boxes in zip(pending, outputs, strict=True):
             tile_boxes.append((tile, _to_tile_coords(boxes, tile, arr.shape[:2])))
-        yield len(batch)
+        pending.clear()
+
+    for index, tile in enumerate(tiles):
+        if index % params.batch == 0 and _is_cancelled(cancel):
+            raise DetectionCancelled("detection cancelled")
+        arr = None if empty is not None and empty[index] else _read_tile(
+            view, tile, norm, scale, state, threshold)
+        consumed += 1
+        if arr is None:
+            state["skipped"] += 1
+        else:
+            pending.append((tile, arr))
+        if len(pending) == params.batch:
+            flush()
+            yield consumed
+            consumed = 0
+    if pending:
+        flush()
+    if consumed:
+        yield consumed
     return merge_tiles(tile_boxes, iou=params.iou, ios=params.ios, margin=margin)
 
 
@@ -413,7 +534,12 @@ def iter_detect(
     plane_index = list(itertools.product(*(range(n) for n in layout.plane_shape)))
     shape_yx = (int(array.shape[layout.y_axis]), int(array.shape[layout.x_axis]))
     tiles = tile_grid(shape_yx, params.tile, params.overlap)
-    total, done, state = len(tiles) * len(plane_ids), 0, {"nan_warned": False}
+    total, done, state = len(tiles) * len(plane_ids), 0, {"nan_warned": False, "skipped": 0}
+    if params.diameter is not None:
+        expected = params.diameter / float(np.mean(factor))
+    else:
+        expected = float(detector.spec.diameter_px)
+    gate_array = layout.levels[_gate_level(layout, params.level, expected)]
     frames = []
     yield done, total
     for plane in plane_ids:
@@ -421,8 +547,15 @@ def iter_detect(
             raise ValueError(f"plane {plane} out of range (the image has {len(plane_index)})")
         view = PlaneView(array, layout, plane_index[plane], params.channel)
         stats_view = PlaneView(stats_array, layout, plane_index[plane], params.channel)
-        norm = _normalizer(view, stats_view, params, detector)
-        runner = _detect_plane(view, norm, tiles, detector, params, scale, cancel, state)
+        norm, overview = _normalizer(view, stats_view, params, detector)
+        threshold = empty_threshold(overview) if params.skip_empty else None
+        empty = None
+        if threshold is not None and gate_array is not array:
+            gate_view = PlaneView(gate_array, layout, plane_index[plane], params.channel)
+            empty = _empty_tiles(gate_view, shape_yx, tiles, norm, threshold)
+            threshold = None  # decided on the coarser level: read no pixel of empty tiles
+        runner = _detect_plane(view, norm, tiles, detector, params, scale, cancel, state,
+                               empty, threshold)
         while True:
             try:
                 done += next(runner)
@@ -433,7 +566,8 @@ def iter_detect(
     df = pd.concat(frames, ignore_index=True) if frames else _frame(0, np.zeros((0, 6)), factor)
     df.attrs.update(n_planes=len(plane_index), plane_shape=layout.plane_shape,
                     plane_axes=layout.plane_axes, level=params.level, tile=params.tile,
-                    overlap=params.overlap, scale=scale, conf=params.conf)
+                    overlap=params.overlap, scale=scale, conf=params.conf,
+                    skipped_tiles=state["skipped"])
     return df
 
 
