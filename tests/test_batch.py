@@ -91,3 +91,22 @@ def test_local_dask_cluster_matches_plain_run(folder):
     np.testing.assert_allclose(
         dist[0].detections[["y", "x"]].to_numpy(), plain[0].detections[["y", "x"]].to_numpy()
     )
+
+
+def test_cancel_stops_and_keeps_finished_parts(folder, tmp_path):
+    import threading
+
+    from napari_yolocell.batch import BatchCancelled
+
+    paths = _paths(folder)
+    stop = threading.Event()
+
+    def cancel_after_two(i, res):
+        if i == 1:
+            stop.set()
+
+    with pytest.raises(BatchCancelled):
+        run_batch(paths, "classical", PARAMS, out=tmp_path / "d.csv", on_result=cancel_after_two,
+                  cancel=stop)
+    assert len(list((tmp_path / "d.csv.parts").glob("*.json"))) == 2
+    assert not (tmp_path / "d.csv").exists()

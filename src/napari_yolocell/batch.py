@@ -28,6 +28,7 @@ __all__ = [
     "COUNT_COLUMNS",
     "DETECTION_COLUMNS",
     "ERROR_COLUMNS",
+    "BatchCancelled",
     "ImageResult",
     "detect_file",
     "run_batch",
@@ -54,13 +55,14 @@ class ImageResult:
 
 def detect_file(path: str, model: str, params: Any, device: str | None = None,
                 backend: str = "torch",
-                progress: Callable[[int, int], None] | None = None) -> ImageResult:
+                progress: Callable[[int, int], None] | None = None,
+                cancel: Any = None) -> ImageResult:
     """Open one image, detect, return an :class:`ImageResult` (never raises for bad images).
 
     Runs in worker processes and on dask workers, so it takes plain, picklable arguments and
     reads the pixels itself.
     """
-    from .detect import count_per_plane, detect_image
+    from .detect import DetectionCancelled, count_per_plane, detect_image
     from .images import open_image
     from .models import load_detector
 
@@ -70,9 +72,11 @@ def detect_file(path: str, model: str, params: Any, device: str | None = None,
         try:
             data = img.levels if len(img.levels) > 1 else img.data
             df = detect_image(data, detector, params, channel_axis=img.channel_axis, rgb=img.rgb,
-                              progress=progress)
+                              progress=progress, cancel=cancel)
         finally:
             img.close()
+    except DetectionCancelled as exc:
+        raise BatchCancelled(str(exc)) from exc
     except (OSError, ValueError, RuntimeError, MemoryError) as exc:
         msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
         return ImageResult(image=str(path), error=msg.splitlines()[0] if msg else repr(exc))
@@ -142,14 +146,16 @@ class _Parts:
 def _local_results(todo: list[tuple[int, str]], model: str, params: Any, workers: int,
                    device: str | None, backend: str,
                    tile_progress: Callable[[str, int, int], None] | None = None,
-                   ) -> Iterator[tuple[int, ImageResult]]:
+                   cancel: Any = None) -> Iterator[tuple[int, ImageResult]]:
     if workers <= 1:
         for i, path in todo:
+            if _cancelled(cancel):
+                raise BatchCancelled("batch cancelled")
             prog = None
             if tile_progress is not None:
                 def prog(done, total, _p=path):
                     tile_progress(_p, done, total)
-            yield i, detect_file(path, model, params, device, backend, prog)
+            yield i, detect_file(path, model, params, device, backend, prog, cancel)
         return
     # Each process gets an equal share of the cores; torch would otherwise oversubscribe.
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -160,9 +166,24 @@ def _local_results(todo: list[tuple[int, str]], model: str, params: Any, workers
         pending = {pool.submit(detect_file, p, model, params, device, backend): i
                    for i, p in todo}
         while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            if _cancelled(cancel):
+                for fut in pending:
+                    fut.cancel()
+                raise BatchCancelled("batch cancelled")
+            done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             for fut in done:
                 yield pending.pop(fut), fut.result()
+
+
+class BatchCancelled(RuntimeError):
+    """Raised when ``cancel`` asks a batch to stop; finished images stay in the part files."""
+
+
+def _cancelled(cancel: Any) -> bool:
+    if cancel is None:
+        return False
+    is_set = getattr(cancel, "is_set", None)
+    return bool(is_set() if is_set is not None else cancel())
 
 
 def _init_worker(threads: int) -> None:
@@ -200,6 +221,7 @@ def run_batch(
     backend: str = "torch",
     on_result: Callable[[int, ImageResult], None] | None = None,
     tile_progress: Callable[[str, int, int], None] | None = None,
+    cancel: Any = None,
     keep_parts: bool = False,
 ) -> list[ImageResult]:
     """Detect nuclei in many images; resumable when ``out`` or ``counts`` is given.
@@ -223,6 +245,9 @@ def run_batch(
         Called as ``on_result(index, result)`` as each image finishes (any order).
     tile_progress : callable, optional
         ``tile_progress(path, done_tiles, total_tiles)``, for in-process runs (workers=1).
+    cancel : threading.Event or callable, optional
+        Stops the run (:class:`BatchCancelled`); images already finished stay in the part
+        files, so the same call later resumes where it stopped.
 
     Returns
     -------
@@ -245,8 +270,11 @@ def run_batch(
     if scheduler is not None:
         stream = _dask_results(todo, model, params, scheduler, device, backend)
     else:
-        stream = _local_results(todo, model, params, workers, device, backend, tile_progress)
+        stream = _local_results(todo, model, params, workers, device, backend, tile_progress,
+                                cancel)
     for i, res in stream:
+        if _cancelled(cancel):
+            raise BatchCancelled("batch cancelled")
         if parts:
             parts.save(keys[i], res)
             res = parts.load(keys[i])  # what a resumed run would read: identical CSVs
