@@ -12,6 +12,9 @@ import pytest
 from napari_yolocell.layers import (
     COUNT_COLUMNS,
     CSV_COLUMNS,
+    LARGE_RESULT,
+    MAX_BOXES_IN_VIEW,
+    boxes_in_view,
     counts_table,
     detections_csv_table,
     detections_to_layers,
@@ -149,3 +152,43 @@ def test_ellipse_and_shapes_polygons():
 def test_layers_module_does_not_import_napari():
     code = "import sys, napari_yolocell.layers; sys.exit('napari' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def grid_table(n: int, columns: int = 200, pitch: float = 20.0, side: float = 10.0):
+    """``n`` boxes of ``side`` px on a regular grid (row-major), confidences 0..1."""
+    i = np.arange(n)
+    y0, x0 = (i // columns) * pitch, (i % columns) * pitch
+    rows = np.stack([np.zeros(n), y0, x0, y0 + side, x0 + side, (i % 100) / 100], axis=1)
+    return table(rows, plane_shape=(), n_planes=1)
+
+
+def test_large_result_draws_points_for_all_and_boxes_in_view():
+    big = grid_table(50_000)  # 250 rows x 200 columns, 5000 x 4000 px
+    view = (95.0, 195.0, 405.0, 605.0)  # table coordinates (y0, x0, y1, x1)
+    (rects, skw, _), (pts, pkw, _) = detections_to_layers(big, "big", view=view)
+    assert pts.shape == (50_000, 2) and len(pkw["features"]) == 50_000
+    # boxes overlapping the view: y0 in (85, 405) -> rows 5..20, x0 in (185, 605) -> cols 10..30
+    assert len(rects) == 16 * 21 == len(skw["features"])
+    corners = np.asarray(rects)
+    assert corners[..., 0].max() > view[0] and corners[..., 0].min() < view[2]
+    assert skw["metadata"]["boxes"] == "view" and len(skw["metadata"]["detections"]) == 50_000
+    assert skw["name"] == "big boxes (336 of 50000 in view)"
+    assert pkw["name"] == "big nuclei (50000)"  # the count always covers every detection
+    # the confidence filter applies first (half the rows, still large): columns 40..60 are in
+    # view, of which 50..60 have a confidence >= 0.5
+    view = (95.0, 795.0, 405.0, 1205.0)
+    (rects, _, _), (pts, _, _) = detections_to_layers(big, "big", conf=0.5, view=view)
+    assert len(pts) == 25_000 and len(rects) == 16 * 11
+    # no view known (3-D display...) or zoomed out past MAX_BOXES_IN_VIEW: no boxes
+    for v in (None, (0.0, 0.0, 5000.0, 4000.0)):
+        (rects, skw, _), (pts, _, _) = detections_to_layers(big, "big", view=v)
+        assert rects == [] and len(pts) == 50_000 and skw["edge_color"] == "yellow"
+
+
+def test_boxes_in_view_small_results_draw_everything():
+    small = grid_table(LARGE_RESULT)
+    drawn, mode = boxes_in_view(small, (0.0, 0.0, 1.0, 1.0))
+    assert mode == "all" and len(drawn) == LARGE_RESULT
+    drawn, mode = boxes_in_view(grid_table(LARGE_RESULT + 1), (0.0, 0.0, 1e9, 1e9))
+    assert mode == "view" and len(drawn) == 0  # more than MAX_BOXES_IN_VIEW in view
+    assert MAX_BOXES_IN_VIEW < LARGE_RESULT

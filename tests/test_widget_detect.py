@@ -237,3 +237,44 @@ def test_session_models_reach_the_combo(setup, tmp_path):
             widget.add_model(tmp_path / "missing.pt")
     finally:
         wd._SESSION_MODELS.remove(key)
+
+
+def test_large_result_boxes_only_in_view(make_napari_viewer):
+    """50,000 detections (no model run): every point, boxes only for the visible region."""
+    from napari_yolocell.layers import MAX_BOXES_IN_VIEW
+
+    viewer = make_napari_viewer()
+    widget = DetectWidget(viewer)
+    i = np.arange(50_000)
+    y0, x0 = (i // 200) * 20.0, (i % 200) * 20.0  # 250 x 200 grid of 10 px boxes
+    df = pd.DataFrame({"plane": 0, "y": y0 + 5, "x": x0 + 5, "y0": y0, "x0": x0,
+                       "y1": y0 + 10, "x1": x0 + 10, "confidence": 0.9, "class": 0})
+    widget._results["big"] = wd._Result(source="big", df=df, model="classical", run_conf=0.0,
+                                        scale=[1.0, 1.0], translate=[0.0, 0.0],
+                                        plane_shape=())
+    widget._active = "big"
+    viewer.camera.center = (1000.0, 1000.0)
+    viewer.camera.zoom = 4.0  # the viewbox spans a few hundred pixels of the image
+    y_lo, x_lo, y_hi, x_hi = widget.view_region()
+    assert y_lo < 1000 < y_hi and x_lo < 1000 < x_hi and y_hi - y_lo < 500
+
+    widget._replace_layers("big", widget.results_to_layers())
+    widget._refresh_counts()
+    layers = results(viewer, "big")
+    expected = int(((df.y1 > y_lo) & (df.y0 < y_hi) & (df.x1 > x_lo) & (df.x0 < x_hi)).sum())
+    assert len(layers["nuclei"].data) == 50_000
+    assert 0 < layers["boxes"].nshapes == expected <= MAX_BOXES_IN_VIEW
+    assert "50000 nuclei" in widget.count_label.value  # the full count, always
+    assert f"boxes drawn for the {expected:,} in view" in widget.count_label.value
+    assert not widget.boxes_button.native.isHidden()
+
+    # pan elsewhere: nothing changes until the button is pressed, then the new view's boxes
+    viewer.camera.center = (3000.0, 2000.0)
+    assert layers["boxes"].nshapes == expected
+    assert widget.show_boxes_in_view() == layers["boxes"].nshapes > 0
+    assert layers["boxes"].data[0][:, 0].min() > 2500
+    assert len(layers["nuclei"].data) == 50_000
+
+    viewer.camera.zoom = 0.01  # everything in view: too many boxes, only points
+    assert widget.show_boxes_in_view() == 0
+    assert "zoom in" in widget.count_label.value

@@ -41,12 +41,19 @@ from magicgui.widgets import (
     Table,
 )
 
+from napari_yolocell._widget_batch import BatchPanel, add_tabs
 from napari_yolocell.calibrate import Calibration, calibrate_by_count, calibrate_by_points
 from napari_yolocell.detect import DetectionCancelled, DetectParams, iter_detect
 from napari_yolocell.layers import (
+    BOXES_KEY,
     KIND_KEY,
+    LARGE_RESULT,
+    MAX_BOXES_IN_VIEW,
+    PIXEL_CENTER,
     SOURCE_KEY,
     LayerDataTuple,
+    boxes_in_view,
+    boxes_name,
     counts_table,
     detections_csv_table,
     detections_to_layers,
@@ -205,7 +212,9 @@ class DetectWidget(Container):
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__(scrollable=True)
+        # labels=False: the two tabs' containers hold the labelled controls. Not scrollable
+        # here: each tab scrolls (see add_tabs), so the tab bar stays in sight.
+        super().__init__(labels=False)
         self.viewer = napari_viewer
         self._results: dict[str, _Result] = {}
         self._active: str | None = None
@@ -247,6 +256,10 @@ class DetectWidget(Container):
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.count_label = Label(value="no detections yet")
+        self.boxes_button = PushButton(
+            text="Show boxes in view", visible=False,
+            tooltip=f"results above {LARGE_RESULT:,} nuclei draw boxes only for the visible "
+                    f"region (at most {MAX_BOXES_IN_VIEW:,}); press after panning or zooming")
         self.roi_table = Table(value={"plane": [], "roi": [], "count": []}, visible=False)
         self.export_detections_button = PushButton(text="Export detections CSV...")
         self.export_counts_button = PushButton(text="Export counts CSV...")
@@ -259,7 +272,7 @@ class DetectWidget(Container):
         self.calibrate_button = PushButton(text="Calibrate confidence")
         self.calibration_label = Label(value="")
 
-        self.extend([
+        self.single = Container(widgets=[
             self.image, self.level, self.current_plane, self.channel,
             self.model, self.model_file,
             self.conf, self.iou, self.tile, self.overlap, self.diameter, self.normalize,
@@ -268,12 +281,14 @@ class DetectWidget(Container):
             Container(labels=False, widgets=[
                 Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                           labels=False),
-                self.count_label, self.roi_table,
+                self.count_label, self.boxes_button, self.roi_table,
                 Container(widgets=[self.export_detections_button, self.export_counts_button],
                           layout="horizontal", labels=False)]),
             self.known_count, self.clicked,
             Container(labels=False, widgets=[self.calibrate_button, self.calibration_label]),
         ])
+        self.batch = BatchPanel(self)
+        self.tabs = add_tabs(self, [("Image", self.single), ("Batch", self.batch)])
         self.roi_table.native.setMaximumHeight(140)
 
         _wrap(self.count_label, self.calibration_label)
@@ -284,6 +299,7 @@ class DetectWidget(Container):
         self.roi.changed.connect(self._refresh_counts)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
+        self.boxes_button.changed.connect(self.show_boxes_in_view)
         self.export_detections_button.changed.connect(
             partial(self._export_dialog, self.export_detections, "detections"))
         self.export_counts_button.changed.connect(
@@ -549,7 +565,54 @@ class DetectWidget(Container):
             return []
         return detections_to_layers(res.df, res.source, scale=res.scale,
                                     translate=res.translate, conf=float(self.conf.value),
-                                    plane_shape=res.plane_shape)
+                                    plane_shape=res.plane_shape, view=self.view_region(res))
+
+    def view_region(self, res: _Result | None = None) -> tuple[float, float, float, float] | None:
+        """Visible (y0, x0, y1, x1) of ``res``'s image in table coordinates, or None.
+
+        From the public camera (centre, zoom) and canvas (viewbox size) models, so it is right
+        before the canvas has drawn; None in a 3-D view or when Y/X are not the displayed axes.
+        """
+        res = res if res is not None else self.result()
+        dims = self.viewer.dims
+        if res is None or dims.ndisplay != 2:
+            return None
+        ndim = dims.ndim
+        displayed = list(dims.displayed)
+        if sorted(displayed) != [ndim - 2, ndim - 1]:
+            return None
+        centre = np.asarray(self.viewer.camera.center, float)[-2:]
+        size = np.asarray(self.viewer.canvas.viewbox_size(self.viewer.layers), float)
+        half = size / max(float(self.viewer.camera.zoom), 1e-12) / 2
+        if displayed != [ndim - 2, ndim - 1]:  # transposed view: put (y, x) back in order
+            centre, half = centre[::-1], half[::-1]
+        scale = np.asarray(res.scale if res.scale is not None else [1.0, 1.0], float)[-2:]
+        shift = np.asarray(res.translate if res.translate is not None else [0.0, 0.0],
+                           float)[-2:]
+        a = (centre - half - shift) / scale + PIXEL_CENTER
+        b = (centre + half - shift) / scale + PIXEL_CENTER
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+
+    def show_boxes_in_view(self, _value=None) -> int:
+        """Redraw the boxes of a large result for the visible region; returns how many.
+
+        Results up to :data:`~napari_yolocell.layers.LARGE_RESULT` nuclei always have every
+        box drawn, so this only matters above it (see docs/widgets.md, "Large results").
+        """
+        res = self.result()
+        if res is None:
+            return 0
+        layers = self.result_layers(res.source)
+        if set(layers) != {"boxes", "nuclei"}:
+            self._replace_layers(res.source, self.results_to_layers(res.source))
+            layers = self.result_layers(res.source)
+        else:
+            _update_result_layers(layers["boxes"], layers["nuclei"], self.filtered(res.source),
+                                  res, float(self.conf.value), view=self.view_region(res),
+                                  points=False)
+        self._refresh_counts()
+        return len(layers["boxes"].data)
 
     def result_layers(self, source: str | None = None) -> dict[str, Any]:
         """``{"boxes": layer, "nuclei": layer}`` currently in the viewer for ``source``."""
@@ -582,7 +645,7 @@ class DetectWidget(Container):
         else:
             shown = filter_detections(res.df, float(self.conf.value))
             _update_result_layers(layers["boxes"], layers["nuclei"], shown, res,
-                                  float(self.conf.value))
+                                  float(self.conf.value), view=self.view_region(res))
         self._refresh_counts()
 
     # ------------------------------------------------------------------ counting
@@ -623,6 +686,15 @@ class DetectWidget(Container):
             text += f" ({planes} of {res.n_planes} planes with nuclei)"
         if self.conf.value < res.run_conf - 1e-9:
             text += f"; run used {res.run_conf:.2f}, re-run to see lower ones"
+        large = len(shown) > LARGE_RESULT
+        self.boxes_button.visible = large
+        boxes = self.result_layers(res.source).get("boxes") if large else None
+        if boxes is not None and boxes.metadata.get(BOXES_KEY) == "view":
+            if len(boxes.data):
+                text += f"; boxes drawn for the {len(boxes.data):,} in view"
+            else:
+                text += (f"; boxes drawn only when at most {MAX_BOXES_IN_VIEW:,} are in view: "
+                         "zoom in and press 'Show boxes in view'")
         self.count_label.value = text
         polys, _ = self._roi_polygons(res)
         if polys:
@@ -757,33 +829,43 @@ def _separate_planes(df: pd.DataFrame, planes: np.ndarray, yx: np.ndarray):
     return shifted, pts
 
 
-def _update_result_layers(boxes, nuclei, shown: pd.DataFrame, res: _Result, conf: float) -> None:
-    """Show ``shown`` in the existing result layers (keeps user styling and layer order)."""
+def _update_result_layers(boxes, nuclei, shown: pd.DataFrame, res: _Result, conf: float,
+                          view: tuple[float, float, float, float] | None = None,
+                          points: bool = True) -> None:
+    """Show ``shown`` in the existing result layers (keeps user styling and layer order).
+
+    Above :data:`LARGE_RESULT` rows only the boxes in ``view`` are drawn; ``points=False``
+    leaves the points layer alone (only the visible region changed).
+    """
     from napari_yolocell.layers import COLORMAP
 
-    centres, rects = to_layer_coords(shown, res.plane_shape)
-    features = pd.DataFrame({"confidence": shown["confidence"].to_numpy(float),
-                             "class": shown["class"].to_numpy(np.int64)})
-    box_name, point_name = result_names(res.source, len(shown))
-    boxes.data = list(rects)
-    boxes.features = features
-    nuclei.data = centres
-    nuclei.features = features
-    if len(shown):
-        # A layer created empty has a constant colour; switch it to the confidence colormap.
+    drawn, mode = boxes_in_view(shown, view)
+    boxes.data = list(to_layer_coords(drawn, res.plane_shape)[1])
+    boxes.features = pd.DataFrame({"confidence": drawn["confidence"].to_numpy(float),
+                                   "class": drawn["class"].to_numpy(np.int64)})
+    boxes.metadata[BOXES_KEY] = mode
+    # A layer created empty has a constant colour; switch it to the confidence colormap.
+    if len(drawn):
         if boxes.edge_color_mode != "colormap":
             boxes.edge_color = "confidence"
             boxes.edge_colormap = COLORMAP
             boxes.edge_contrast_limits = (0.0, 1.0)
+        boxes.refresh_colors()
+    boxes.name = boxes_name(res.source, len(drawn), len(shown), mode)
+    boxes.metadata["conf"] = conf
+    if not points:
+        return
+    nuclei.data = to_layer_coords(shown, res.plane_shape)[0]
+    nuclei.features = pd.DataFrame({"confidence": shown["confidence"].to_numpy(float),
+                                    "class": shown["class"].to_numpy(np.int64)})
+    if len(shown):
         if nuclei.face_color_mode != "colormap":
             nuclei.face_color = "confidence"
             nuclei.face_colormap = COLORMAP
             nuclei.face_contrast_limits = (0.0, 1.0)
-        boxes.refresh_colors()
         nuclei.refresh_colors()
-    for layer in (boxes, nuclei):
-        layer.metadata["conf"] = conf
-    boxes.name, nuclei.name = box_name, point_name
+    nuclei.metadata["conf"] = conf
+    nuclei.name = result_names(res.source, len(shown))[1]
 
 
 def _wrap(*labels: Label) -> None:

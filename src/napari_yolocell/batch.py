@@ -54,7 +54,7 @@ class ImageResult:
 
 
 def detect_file(path: str, model: str, params: Any, device: str | None = None,
-                backend: str = "torch",
+                backend: str = "auto",
                 progress: Callable[[int, int], None] | None = None,
                 cancel: Any = None) -> ImageResult:
     """Open one image, detect, return an :class:`ImageResult` (never raises for bad images).
@@ -218,7 +218,7 @@ def run_batch(
     workers: int = 1,
     scheduler: Any = None,
     device: str | None = None,
-    backend: str = "torch",
+    backend: str = "auto",
     on_result: Callable[[int, ImageResult], None] | None = None,
     tile_progress: Callable[[str, int, int], None] | None = None,
     cancel: Any = None,

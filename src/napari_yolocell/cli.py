@@ -61,12 +61,12 @@ def _detect_params(args):
     )
 
 
-def _load_detector(model: str | None, device: str | None = None, backend: str = "torch"):
+def _load_detector(model: str | None, device: str | None = None, backend: str = "auto"):
     from .models import load_detector
 
     try:
         return load_detector(model or "default", device=device, backend=backend)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise CliError(str(exc)) from exc
 
 
@@ -381,7 +381,7 @@ def _add_detect_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
     p.add_argument("--level", type=int, default=0, help="pyramid level (0 = full resolution)")
     p.add_argument("--device", default=None, help="cpu, cuda:0... (default: CUDA if available)")
-    p.add_argument("--backend", default="torch",
+    p.add_argument("--backend", default="auto",
                    choices=["auto", "torch", "onnxruntime", "openvino"],
                    help="forward-pass runtime; auto = the fastest installed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

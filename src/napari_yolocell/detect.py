@@ -57,11 +57,13 @@ STATS_MIN_PIXELS = 250_000
 # Empty-tile skipping is only trusted when the overview is mostly background and its nuclei
 # stand clearly above it (see empty_threshold).
 SKIP_MIN_BACKGROUND = 0.5
-SKIP_MIN_CONTRAST = 10.0
+SKIP_MIN_CONTRAST = 20.0
 # A coarser pyramid level may decide emptiness only if the smallest expected nucleus (half the
 # typical diameter) still spans >= 2 of its pixels, so no nucleus vanishes by downsampling.
 SKIP_PIXELS_PER_DIAMETER = 4.0
 SKIP_MARGIN = 2
+# Skip level: this fraction of the way from the background median up to the nuclei's mean.
+SKIP_THRESHOLD_FRACTION = 0.25
 
 Cancel = Callable[[], bool] | threading.Event | None
 
@@ -324,12 +326,13 @@ def _normalizer(view: PlaneView, stats_view: PlaneView, params: DetectParams,
 def empty_threshold(overview: np.ndarray | None) -> float | None:
     """Grey level at or below which a tile is background only, or None if unsafe to skip.
 
-    Otsu's threshold of the normalised overview splits background from nuclei. Skipping is
-    only trusted when at least half the overview is background and the threshold lies at
-    least ``SKIP_MIN_CONTRAST`` grey levels above the background's median (a clear background
-    mode); a constant or dense image skips nothing. The returned level is halfway between the
-    background median and Otsu's threshold, so a nucleus dimmer than Otsu's threshold still
-    keeps its tile.
+    Otsu's threshold splits the normalised overview into background and nuclei. Skipping is
+    only trusted when at least half the overview is background and the nuclei's mean stands
+    at least ``SKIP_MIN_CONTRAST`` grey levels above the background's median (a clear
+    background mode); a constant, noise-only or dense image skips nothing. The returned level
+    lies only ``SKIP_THRESHOLD_FRACTION`` (a quarter) of the way from the background median
+    to the nuclei's mean, so a nucleus several times dimmer than the typical one still keeps
+    its tile (bright noise may keep an empty tile: the safe side).
     """
     if overview is None or overview.size == 0:
         return None
@@ -339,13 +342,16 @@ def empty_threshold(overview: np.ndarray | None) -> float | None:
     from skimage.filters import threshold_otsu
 
     otsu = float(threshold_otsu(values))
-    background = values[values <= otsu]
-    if background.size < SKIP_MIN_BACKGROUND * values.size:
+    below = values <= otsu
+    if below.sum() < SKIP_MIN_BACKGROUND * values.size or below.all():
         return None
-    level = float(np.median(background))
-    if otsu - level < SKIP_MIN_CONTRAST:
+    level = float(np.median(values[below]))
+    # The class mean, not Otsu's threshold itself: with well separated modes Otsu returns the
+    # lowest grey level of the gap, right above the background noise.
+    nuclei = float(values[~below].mean())
+    if nuclei - level < SKIP_MIN_CONTRAST:
         return None
-    return (level + otsu) / 2
+    return level + SKIP_THRESHOLD_FRACTION * (nuclei - level)
 
 
 def _gate_level(layout: _Layout, level: int, diameter: float) -> int:
@@ -610,7 +616,8 @@ def detect_image(
     pandas.DataFrame
         Columns ``plane, y, x, y0, x0, y1, x1, confidence, class``: centres and boxes in
         full-resolution pixels (y0/x0 inclusive, y1/x1 exclusive). ``df.attrs`` holds
-        ``n_planes``, ``plane_shape`` and the effective tile/overlap/scale/conf.
+        ``n_planes``, ``plane_shape``, the effective tile/overlap/scale/conf and
+        ``skipped_tiles`` (empty tiles not analysed, see ``DetectParams.skip_empty``).
 
     Raises
     ------

@@ -228,7 +228,9 @@ def _export_params(func) -> set[str]:
 def _onnx_to_openvino(onnx_path: Path, folder: Path) -> Path:
     import openvino as ov
 
-    ov_model = ov.convert_model(str(onnx_path))
+    # Core.read_model, not ov.convert_model: the converter (ovc) sends usage telemetry by
+    # default, and nothing here may reach the network.
+    ov_model = ov.Core().read_model(str(onnx_path))
     xml = model_file(folder, "openvino")
     # FP32 on disk: ov.save_model compresses weights to FP16 by default, which changes answers.
     ov.save_model(ov_model, str(xml), compress_to_fp16=False)
@@ -261,6 +263,7 @@ def _build_atomically(final: Path, build, meta: dict[str, Any]) -> Path:
         shutil.rmtree(final, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable by all
         build(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         try:

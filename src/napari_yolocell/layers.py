@@ -7,7 +7,11 @@ Everything here is plain numpy / pandas so it can be tested without Qt and reuse
 - :func:`to_layer_coords` / :func:`to_table_coords` convert between the table's pixel-edge
   convention and napari's pixel-centre convention, including the leading (Z, T...) axes;
 - :func:`detections_csv_table`, :func:`counts_table` and :func:`write_csv_atomic` make the CSV
-  exports of the widget.
+  exports of the widget;
+- :func:`boxes_in_view` picks the boxes drawn for large results (more than
+  :data:`LARGE_RESULT` detections): napari needs about a millisecond per rectangle, so only the
+  boxes in the visible region (at most :data:`MAX_BOXES_IN_VIEW`) become shapes, while the
+  Points layer always holds every detection.
 
 Coordinates: the engine reports boxes by pixel *edges* (a one-pixel nucleus at row 3 spans
 ``y0 = 3`` to ``y1 = 4``), while napari puts pixel *centres* on integer coordinates (row 3 spans
@@ -30,8 +34,13 @@ import pandas as pd
 __all__ = [
     "COUNT_COLUMNS",
     "CSV_COLUMNS",
+    "BOXES_KEY",
+    "LARGE_RESULT",
+    "MAX_BOXES_IN_VIEW",
     "LayerDataTuple",
     "PIXEL_CENTER",
+    "boxes_in_view",
+    "boxes_name",
     "counts_table",
     "detections_csv_table",
     "detections_to_layers",
@@ -56,6 +65,14 @@ COLORMAP = "turbo"
 # Metadata keys that mark a layer as a detection result of a given source image.
 SOURCE_KEY = "yolocell_source"
 KIND_KEY = "yolocell_kind"
+#: Above this many (shown) detections the boxes layer holds only the boxes in view; the points
+#: layer still holds all. napari builds a Shapes layer at roughly 1 ms per rectangle.
+LARGE_RESULT = 20_000
+#: Most boxes drawn for one view of a large result; zoomed out further, none are drawn (the
+#: points show every nucleus) so a button press never freezes the viewer for long.
+MAX_BOXES_IN_VIEW = 5_000
+#: ``metadata["boxes"]`` of a boxes layer: "all", or "view" when it holds the in-view subset.
+BOXES_KEY = "boxes"
 
 
 def filter_detections(df: pd.DataFrame, conf: float | None) -> pd.DataFrame:
@@ -193,6 +210,55 @@ def _features(df: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def boxes_in_view(
+    shown: pd.DataFrame,
+    view: Sequence[float] | None,
+    large: int = LARGE_RESULT,
+    max_boxes: int = MAX_BOXES_IN_VIEW,
+) -> tuple[pd.DataFrame, str]:
+    """The detections to draw as boxes, and whether that is ``"all"`` or the ``"view"`` subset.
+
+    Parameters
+    ----------
+    shown : pandas.DataFrame
+        Detections after the confidence filter.
+    view : (y0, x0, y1, x1), optional
+        Visible region in table (pixel-edge) coordinates of the image, every plane; None when
+        unknown (e.g. a 3-D view).
+    large : int
+        Up to this many detections, all boxes are drawn.
+    max_boxes : int
+        Above ``large``: boxes overlapping ``view`` are drawn if there are at most this many,
+        otherwise none (zoom in).
+
+    Returns
+    -------
+    boxes : pandas.DataFrame
+        A subset of ``shown`` (same columns, ``attrs`` kept).
+    mode : {"all", "view"}
+    """
+    if len(shown) <= large:
+        return shown, "all"
+    if view is None:
+        keep = np.zeros(len(shown), bool)
+    else:
+        y0, x0, y1, x1 = (float(v) for v in view)
+        keep = ((shown["y1"].to_numpy(float) > y0) & (shown["y0"].to_numpy(float) < y1)
+                & (shown["x1"].to_numpy(float) > x0) & (shown["x0"].to_numpy(float) < x1))
+        if keep.sum() > max_boxes:
+            keep[:] = False
+    out = shown[keep]
+    out.attrs = dict(shown.attrs)
+    return out, "view"
+
+
+def boxes_name(source_name: str, n_boxes: int, n_total: int, mode: str) -> str:
+    """Name of the boxes layer; large results say how many of the boxes are drawn."""
+    if mode == "all":
+        return result_names(source_name, n_total)[0]
+    return f"{source_name} boxes ({n_boxes} of {n_total} in view)"
+
+
 def detections_to_layers(
     df: pd.DataFrame,
     source_name: str,
@@ -200,6 +266,7 @@ def detections_to_layers(
     translate: Sequence[float] | None = None,
     conf: float | None = None,
     plane_shape: Sequence[int] | None = None,
+    view: Sequence[float] | None = None,
 ) -> list[LayerDataTuple]:
     """Shapes (boxes) and Points (centres) layer data for one image's detections.
 
@@ -218,6 +285,11 @@ def detections_to_layers(
     plane_shape : sequence of int, optional
         Shape of the leading axes (default ``df.attrs["plane_shape"]``): detections of plane
         ``p`` of a (Z, Y, X) stack get coordinates ``(z, y, x)``.
+    view : (y0, x0, y1, x1), optional
+        Visible region in table coordinates. Used only when more than :data:`LARGE_RESULT`
+        detections are shown: then the boxes layer holds only those in view (see
+        :func:`boxes_in_view`; none without a view) and ``metadata["boxes"] == "view"``.
+        The points layer always holds every shown detection.
 
     Returns
     -------
@@ -228,41 +300,49 @@ def detections_to_layers(
     """
     shape = plane_shape_of(df, plane_shape)
     shown = filter_detections(df, conf)
+    boxes, mode = boxes_in_view(shown, view)
     centres, rects = to_layer_coords(shown, shape)
+    if mode == "view":
+        rects = to_layer_coords(boxes, shape)[1]
     ndim = len(shape) + 2
     n = len(shown)
     sides = (shown[["y1", "x1"]].to_numpy(float) - shown[["y0", "x0"]].to_numpy(float)).ravel()
     side = float(np.median(sides)) if n else 10.0
-    common: dict[str, Any] = {"ndim": ndim, "features": _features(shown)}
+    common: dict[str, Any] = {"ndim": ndim}
     if scale is not None:
         common["scale"] = list(scale)
     if translate is not None:
         common["translate"] = list(translate)
-    box_name, point_name = result_names(source_name, n)
+    point_name = result_names(source_name, n)[1]
     meta = {SOURCE_KEY: source_name, "detections": df, "conf": conf,
             "plane_shape": list(shape)}
     shapes_kwargs = {
         **common,
-        "name": box_name,
+        "features": _features(boxes),
+        "name": boxes_name(source_name, len(boxes), n, mode),
         "shape_type": "rectangle",
         "face_color": "transparent",
         "edge_width": max(1.0, side / 12),
-        "metadata": {**meta, KIND_KEY: "boxes"},
+        "metadata": {**meta, KIND_KEY: "boxes", BOXES_KEY: mode},
     }
     points_kwargs = {
         **common,
+        "features": _features(shown),
         "name": point_name,
         "size": max(2.0, side / 4),
         "border_width": 0,
         "metadata": {**meta, KIND_KEY: "nuclei"},
     }
-    if n:  # a colour *property* on an empty layer has no values to map
+    # a colour *property* on an empty layer has no values to map
+    if len(boxes):
         shapes_kwargs.update(edge_color="confidence", edge_colormap=COLORMAP,
                              edge_contrast_limits=(0.0, 1.0))
+    else:
+        shapes_kwargs["edge_color"] = "yellow"
+    if n:
         points_kwargs.update(face_color="confidence", face_colormap=COLORMAP,
                              face_contrast_limits=(0.0, 1.0))
     else:
-        shapes_kwargs["edge_color"] = "yellow"
         points_kwargs["face_color"] = "yellow"
     return [(list(rects), shapes_kwargs, "shapes"), (centres, points_kwargs, "points")]
 

@@ -1,0 +1,164 @@
+"""Batch tab of the Detect widget in a real (headless) viewer, with the classical detector.
+
+Three small synthetic TIFFs and one corrupt file: the classical detector counts the synthetic
+blobs exactly, so the table and CSVs can be compared with the truth.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import tifffile
+
+import napari_yolocell._widget_batch as wb
+from napari_yolocell._widget_batch import BatchPanel, batch_paths
+from napari_yolocell._widget_detect import DetectWidget
+from napari_yolocell.batch import BatchCancelled
+from napari_yolocell.synthetic import make_nuclei_image
+
+TIMEOUT = 30_000
+COUNTS = {"a.tif": 4, "b.tif": 7, "sub/c.tif": 5}
+
+
+@pytest.fixture(scope="module")
+def plate(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plate")
+    (root / "sub").mkdir()
+    for seed, (name, n) in enumerate(COUNTS.items()):
+        tifffile.imwrite(root / name, make_nuclei_image((200, 220), n_nuclei=n, seed=seed).image)
+    (root / "bad.tif").write_bytes(b"II*\x00not a tiff")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture
+def panel(make_napari_viewer, plate, tmp_path, monkeypatch) -> BatchPanel:
+    monkeypatch.setattr(wb, "_show_error", lambda message: None)
+    viewer = make_napari_viewer()
+    widget = DetectWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.model.value = "classical"
+    widget.tile.value = 256
+    batch = widget.batch
+    batch.folder.value = plate
+    batch.pattern.value = "**/*.tif"
+    batch.output.value = tmp_path / "out"
+    return batch
+
+
+def column(panel, name):
+    """A table column as shown (blank cells read back as None)."""
+    return list(panel.table[name])
+
+
+def wait(qtbot, panel):
+    qtbot.waitUntil(lambda: not panel.running, timeout=TIMEOUT)
+
+
+def test_batch_paths_pattern_and_errors(plate):
+    names = [p.relative_to(plate).as_posix() for p in batch_paths(plate, "**/*.tif")]
+    assert names == ["a.tif", "b.tif", "bad.tif", "sub/c.tif"]
+    assert [p.name for p in batch_paths(plate, "*.tif")] == ["a.tif", "b.tif", "bad.tif"]
+    assert batch_paths(plate, "*") == batch_paths(plate, "*.tif")  # notes.txt skipped
+    with pytest.raises(FileNotFoundError, match="no image file"):
+        batch_paths(plate, "*.png")
+    with pytest.raises(ValueError, match="input folder"):
+        batch_paths("")
+
+
+def test_batch_tab_table_and_csvs(qtbot, panel, tmp_path):
+    detect = panel.detect
+    assert detect.tabs.count() == 2 and detect.tabs.tabText(1) == "Batch"
+    assert panel.run() is not None
+    assert panel.cancel_button.enabled and not panel.run_button.enabled
+    wait(qtbot, panel)
+    assert panel.run_button.enabled and not panel.cancel_button.enabled
+
+    assert column(panel, "image") == ["a.tif", "b.tif", "bad.tif", "sub/c.tif"]
+    assert column(panel, "count") == [4, 7, None, 5]
+    errors = column(panel, "error")
+    assert errors[:2] == [None, None] and errors[3] is None and "bad.tif" in errors[2]
+    res = panel.results_table()
+    assert res["count"].tolist()[:2] == [4, 7] and res["error"].notna().sum() == 1
+    assert panel.total_label.value.startswith("4 of 4 images: 16 nuclei, 1 unreadable")
+    assert "Done" in panel.status.value
+
+    out = tmp_path / "out"
+    counts = pd.read_csv(out / "counts.csv")
+    assert counts["count"].tolist() == [4, 7, 5]
+    assert len(pd.read_csv(out / "detections.csv")) == 16
+    errors = pd.read_csv(out / "errors.csv")
+    assert errors["image"].str.endswith("bad.tif").tolist() == [True]
+    assert not (out / "detections.csv.parts").exists()  # merged and cleaned up
+
+    # the settings come from the Image tab: the confidence shown, not the low run threshold
+    detect.conf.value = 0.5
+    assert panel.params().conf == 0.5 and panel.params().level == 0
+
+
+def test_invalid_settings_do_not_start(panel, tmp_path):
+    panel.output.line_edit.value = ""  # nothing chosen (FileEdit reads it as ".")
+    assert panel.run() is None and "output folder" in panel.status.value
+    (tmp_path / "file").write_text("")
+    panel.output.value = tmp_path / "file"
+    assert panel.run() is None and "is a file" in panel.status.value
+    panel.output.value = tmp_path / "out"
+    panel.pattern.value = "*.png"
+    assert panel.run() is None and "no image file" in panel.status.value
+    assert not panel.running and panel.run_button.enabled
+
+
+def test_cancel_then_resume(qtbot, panel, tmp_path, monkeypatch):
+    """Cancel after the first image; Run again resumes (the first image is not re-detected)."""
+    import napari_yolocell.batch as batch_module
+
+    real_detect, real_run = batch_module.detect_file, wb.run_batch
+    detected: list[str] = []
+
+    def recording_detect(path, *args, **kwargs):
+        detected.append(path)
+        return real_detect(path, *args, **kwargs)
+
+    def cancel_after_first(paths, model, params, *, on_result=None, cancel=None, **kwargs):
+        def hook(index, res):
+            on_result(index, res)
+            cancel.set()  # as if Cancel were pressed while the first image finished
+
+        return real_run(paths, model, params, on_result=hook, cancel=cancel, **kwargs)
+
+    monkeypatch.setattr(batch_module, "detect_file", recording_detect)
+    monkeypatch.setattr(wb, "run_batch", cancel_after_first)
+    panel.run()
+    wait(qtbot, panel)
+    assert "Cancelled with 1 of 4" in panel.status.value and "resume" in panel.status.value
+    out = tmp_path / "out"
+    assert (out / "detections.csv.parts").is_dir() and not (out / "counts.csv").exists()
+    assert column(panel, "count") == [4, None, None, None]
+    assert len(detected) == 1
+
+    monkeypatch.setattr(wb, "run_batch", real_run)
+    panel.run()
+    wait(qtbot, panel)
+    assert "Done" in panel.status.value
+    assert [p.rsplit("/", 1)[-1] for p in detected[1:]] == ["b.tif", "bad.tif", "c.tif"]
+    assert column(panel, "count") == [4, 7, None, 5]
+    assert pd.read_csv(out / "counts.csv")["count"].tolist() == [4, 7, 5]
+    assert len(pd.read_csv(out / "detections.csv")) == 16
+
+
+def test_cancel_button_stops_the_worker(qtbot, panel):
+    assert panel.run() is not None
+    panel.cancel()
+    assert panel.status.value == "cancelling..."
+    wait(qtbot, panel)
+    assert "Cancelled" in panel.status.value or "Done" in panel.status.value
+    assert panel.run_button.enabled
+
+
+def test_run_batch_job_returns_cancellation(monkeypatch, tmp_path):
+    def cancelled(*args, **kwargs):
+        raise BatchCancelled("batch cancelled")
+
+    monkeypatch.setattr(wb, "run_batch", cancelled)
+    job = wb.BatchJob(paths=[], model="classical", params=None, output=tmp_path)
+    assert wb.run_batch_job(job).cancelled
