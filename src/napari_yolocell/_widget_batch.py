@@ -71,6 +71,7 @@ def add_tabs(container: Container, pages: Sequence[tuple[str, Container]]) -> QT
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        page.native.layout().addStretch()  # rows stay together at the top of a tall tab
         scroll.setWidget(page.native)  # re-parenting takes it out of the container's layout
         # as wide as the page needs: no horizontal scrolling, nothing cut off on the right
         scroll.setMinimumWidth(page.native.minimumSizeHint().width()
@@ -183,7 +184,7 @@ class BatchPanel(Container):
     """
 
     def __init__(self, detect: Any) -> None:
-        super().__init__()
+        super().__init__(labels=False)  # the settings sub-container has the labels
         self.detect = detect
         self.job: BatchJob | None = None
         self.results: list[ImageResult | None] = []
@@ -210,14 +211,14 @@ class BatchPanel(Container):
         self.table = Table(value={c: [] for c in TABLE_COLUMNS})
         self.total_label = Label(value="")
         self.extend([
-            self.folder, self.pattern, self.output, self.workers,
-            Container(labels=False, widgets=[
-                self.settings_label,
-                Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
-                          labels=False),
-                self.status, self.table, self.total_label]),
+            Container(widgets=[self.folder, self.pattern, self.output, self.workers]),
+            self.settings_label,
+            Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
+                      labels=False),
+            self.status, self.table, self.total_label,
         ])
         self.table.native.setMinimumHeight(160)
+        self.table.native.horizontalHeader().setStretchLastSection(True)  # room for errors
         for label in (self.settings_label, self.status, self.total_label):
             label.native.setWordWrap(True)
         self.run_button.changed.connect(self.run)
