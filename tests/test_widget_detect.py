@@ -149,7 +149,7 @@ def test_error_is_shown_and_run_reenabled(qtbot, setup, monkeypatch):
     errors = []
     monkeypatch.setattr(wd, "_show_error", errors.append)
 
-    def broken(name):
+    def broken(name, **_):
         raise ValueError(f"unknown model {name!r}")
 
     monkeypatch.setattr(wd, "load_detector", broken)

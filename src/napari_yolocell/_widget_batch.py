@@ -122,6 +122,7 @@ class BatchJob:
     output: Path
     workers: int = 1
     root: Path | None = None
+    backend: str = "auto"
 
     @property
     def csvs(self) -> dict[str, Path]:
@@ -150,7 +151,8 @@ def run_batch_job(job: BatchJob, cancel: threading.Event | None = None,
     try:
         csvs = job.csvs
         results = run_batch([str(p) for p in job.paths], job.model, job.params, **csvs,
-                            workers=job.workers, on_result=on_result, cancel=cancel)
+                            workers=job.workers, backend=job.backend, on_result=on_result,
+                            cancel=cancel)
         if not csvs["errors"].exists():
             write_csv_atomic(pd.DataFrame(columns=ERROR_COLUMNS), csvs["errors"])
     except BatchCancelled:
@@ -255,6 +257,7 @@ class BatchPanel(Container):
         if model is None:
             raise ValueError("no model selected (Image tab)")
         return BatchJob(paths=paths, model=str(model), params=self.params(), output=output,
+                        backend=str(self.detect.backend.value),
                         workers=int(self.workers.value),
                         root=Path(self.folder.value).expanduser())
 

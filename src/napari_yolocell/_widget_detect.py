@@ -8,7 +8,11 @@ The widget only gathers parameters, starts a worker and turns results into layer
 - :meth:`DetectWidget.results_to_layers` returns LayerDataTuples built by
   :func:`~napari_yolocell.layers.detections_to_layers` (testable without a viewer);
 - counting, ROI counts, CSV export and calibration reuse the table kept from the last run, so
-  moving the confidence slider or calibrating never re-runs the model.
+  moving the confidence slider or calibrating never re-runs the model;
+- results above :data:`~napari_yolocell.layers.LARGE_RESULT` nuclei draw boxes only for the
+  visible region (:meth:`DetectWidget.show_boxes_in_view`); the points always hold all;
+- the widget has two tabs: *Image* (this module) and *Batch*
+  (:class:`~napari_yolocell._widget_batch.BatchPanel`, a folder of files -> CSVs).
 
 Models trained in this session are shared through a module-level registry
 (:func:`register_session_model`): the Train widget pushes ``best.pt`` there and every open
@@ -143,6 +147,7 @@ def run_detection(
     rgb: bool | None = None,
     planes: Sequence[int] | None = None,
     cancel: threading.Event | None = None,
+    backend: str = "auto",
 ) -> Generator[tuple[int, int], None, DetectOutcome]:
     """Load ``model`` and detect; yields ``(done_tiles, total_tiles)``, returns the outcome.
 
@@ -151,7 +156,7 @@ def run_detection(
     would report any other error a second time.
     """
     try:
-        detector = load_detector(model)
+        detector = load_detector(model, backend=backend)
         if cancel is not None and cancel.is_set():
             return DetectOutcome(cancelled=True)
         df = yield from iter_detect(image, detector, params, rgb=rgb, planes=planes,
@@ -184,6 +189,7 @@ class _Job:
     source: str
     image: Any
     model: str
+    backend: str
     params: DetectParams
     rgb: bool
     planes: list[int] | None
@@ -238,6 +244,10 @@ class DetectWidget(Container):
         self.model = ComboBox(label="model", choices=self._model_choices)
         self.model_file = FileEdit(label="add .pt", mode="r", filter="*.pt",
                                    tooltip="add a trained ultralytics checkpoint to the list")
+        self.backend = ComboBox(label="runtime", value="auto",
+                                choices=["auto", "openvino", "onnxruntime", "torch"],
+                                tooltip="forward-pass runtime; auto = the fastest installed "
+                                        "(OpenVINO on CPU, PyTorch on a CUDA GPU)")
         # --- parameters
         self.conf = FloatSlider(label="confidence", value=0.25, min=0.0, max=1.0, step=0.01,
                                 tooltip="filters the detections shown; moving it after a run "
@@ -274,7 +284,7 @@ class DetectWidget(Container):
 
         self.single = Container(widgets=[
             self.image, self.level, self.current_plane, self.channel,
-            self.model, self.model_file,
+            self.model, self.model_file, self.backend,
             self.conf, self.iou, self.tile, self.overlap, self.diameter, self.normalize,
             self.roi,
             # results span the full width (no label column)
@@ -441,6 +451,7 @@ class DetectWidget(Container):
             source=layer.name,
             image=list(layer.data) if layer.multiscale else layer.data,
             model=self.model.value,
+            backend=self.backend.value,
             params=self.detect_params(),
             rgb=bool(layer.rgb),
             planes=planes,
@@ -476,7 +487,8 @@ class DetectWidget(Container):
             return None
         self._cancel = threading.Event()
         worker = create_worker(run_detection, job.image, job.model, job.params, rgb=job.rgb,
-                               planes=job.planes, cancel=self._cancel, _start_thread=False)
+                               planes=job.planes, cancel=self._cancel, backend=job.backend,
+                               _start_thread=False)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(partial(self._on_returned, job))
         worker.finished.connect(self._on_finished)
