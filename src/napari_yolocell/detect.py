@@ -26,12 +26,14 @@ pyramidal files, reading their full-resolution pixels); see :func:`empty_thresho
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import math
 import threading
 import warnings
 from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -448,6 +450,25 @@ def _batches(items: list, size: int):
         yield items[start: start + size]
 
 
+def _read_ahead(read, items: list, depth: int):
+    """``read(item)`` for each item, in order, computed up to ``depth`` items ahead in one
+    background thread: decompressing the next tiles overlaps the model's forward pass
+    (tifffile's codecs and numpy release the GIL)."""
+    it = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="yolocell-read") as pool:
+        queue = collections.deque(pool.submit(read, item) for item in itertools.islice(it, depth))
+        try:
+            while queue:
+                result = queue.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    queue.append(pool.submit(read, nxt))
+                yield result
+        finally:  # cancelled or failed: drop what was queued, don't read it
+            for fut in queue:
+                fut.cancel()
+
+
 def _detect_plane(view, norm, tiles, detector, params, scale, cancel, state,
                   empty=None, threshold=None):
     """Generator over batches of one plane: yields tile counts, returns merged boxes.
@@ -468,11 +489,16 @@ def _detect_plane(view, norm, tiles, detector, params, scale, cancel, state,
             tile_boxes.append((tile, _to_tile_coords(boxes, tile, arr.shape[:2])))
         pending.clear()
 
-    for index, tile in enumerate(tiles):
+    def read(index_tile):
+        index, tile = index_tile
+        if empty is not None and empty[index]:
+            return None
+        return _read_tile(view, tile, norm, scale, state, threshold)
+
+    arrays = _read_ahead(read, list(enumerate(tiles)), depth=params.batch + 1)
+    for index, (tile, arr) in enumerate(zip(tiles, arrays, strict=True)):
         if index % params.batch == 0 and _is_cancelled(cancel):
             raise DetectionCancelled("detection cancelled")
-        arr = None if empty is not None and empty[index] else _read_tile(
-            view, tile, norm, scale, state, threshold)
         consumed += 1
         if arr is None:
             state["skipped"] += 1
