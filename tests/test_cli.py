@@ -107,3 +107,10 @@ def test_console_script_runs():
     r = subprocess.run([sys.executable, "-m", "napari_yolocell.cli", "--version"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "yolocell" in r.stdout
+
+
+def test_detect_prints_paths_as_given(two_images, capsys, monkeypatch):
+    paths, truth = two_images
+    monkeypatch.chdir(paths[0].parent)
+    assert main(["detect", f"./{paths[0].name}", "--model", "classical", "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"./{paths[0].name}\t{truth[0]}"

@@ -103,7 +103,7 @@ def batch_paths(folder: str | os.PathLike, pattern: str = "*.tif") -> list[Path]
     pattern = pattern.strip() or "*.tif"
     # escape the folder: brackets in a folder name are not a pattern
     try:
-        found = expand_inputs([os.path.join(glob.escape(str(root)), pattern)])
+        found = [Path(p) for p in expand_inputs([os.path.join(glob.escape(str(root)), pattern)])]
     except FileNotFoundError:
         found = []
     images = [p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]

@@ -96,13 +96,14 @@ def _is_grey(arr: np.ndarray) -> bool:
     return bool(np.array_equal(r, g) and np.array_equal(r, b))
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
+def expand_inputs(inputs: list[str]) -> list[str]:
     """Files as given; folders -> their image files (recursively); globs (``plate/**/*.tif``).
 
-    Order is kept (sorted within a folder or glob) and duplicates are removed. A pattern or
+    Order is kept (sorted within a folder or glob) and duplicates are removed. A file named
+    explicitly keeps the spelling the user gave (it is what the CLI prints back). A pattern or
     folder that matches nothing raises ``FileNotFoundError``.
     """
-    out: list[Path] = []
+    out: list[Path | str] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
@@ -119,12 +120,12 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
                 raise FileNotFoundError(f"{item}: pattern matches no files")
             out.extend(found)
         else:
-            out.append(p)
+            out.append(item)
     seen: set[Path] = set()
     uniq = []
     for f in out:
-        key = f.resolve()
+        key = Path(f).resolve()
         if key not in seen:
             seen.add(key)
-            uniq.append(f)
+            uniq.append(str(f))
     return uniq
