@@ -80,6 +80,8 @@ def open_image(path: str | os.PathLike) -> OpenedImage:
                 arr = np.asarray(im)
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"{p}: cannot read image: {exc}") from exc
+        if arr.ndim == 3 and arr.shape[-1] == 2:  # grey + alpha (PNG "LA"): keep the grey
+            arr = arr[..., 0]
         rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4)
         if rgb and _is_grey(arr):
             arr, rgb = arr[..., 0], False
