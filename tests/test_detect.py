@@ -183,8 +183,8 @@ def test_constant_and_nan_images(syn):
 def test_derived_overlap():
     spec = ModelSpec(name="m", diameter_px=20)
     params, scale = resolve_params(DetectParams(), spec)
-    assert params.overlap == 40 and scale == 1.0 and params.conf == spec.default_conf
+    assert params.overlap == 60 and scale == 1.0 and params.conf == spec.default_conf
     assert derive_overlap(10, 640) == 32 and derive_overlap(400, 640) == 320
     # A diameter given in full-res pixels, analysed on a 4x downsampled level.
     params, scale = resolve_params(DetectParams(diameter=80), spec, level_factor=4)
-    assert params.overlap == 40 and scale == pytest.approx(1.0)
+    assert params.overlap == 60 and scale == pytest.approx(1.0)

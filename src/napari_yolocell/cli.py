@@ -369,7 +369,7 @@ def _add_detect_options(p: argparse.ArgumentParser, model: bool = True) -> None:
                        help="bundled model name (v5, v6, default), a shipped YAML or a .pt path")
     p.add_argument("--tile", type=int, default=640, help="tile side in pixels (default 640)")
     p.add_argument("--overlap", type=int, default=None,
-                   help="tile overlap in px; default 2x the expected nucleus diameter")
+                   help="tile overlap in px; default 3x the typical nucleus diameter")
     p.add_argument("--conf", type=float, default=None,
                    help="confidence threshold; default: the model's calibrated one")
     p.add_argument("--iou", type=float, default=0.5, help="NMS IoU threshold (default 0.5)")

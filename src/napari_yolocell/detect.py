@@ -84,7 +84,7 @@ class DetectParams:
         Tile side, in pixels of the analysed image level.
     overlap : int or None
         Overlap of neighbouring tiles in pixels; must exceed the largest nucleus. None:
-        ``max(32, ceil(2 * d))`` with ``d`` the expected nucleus diameter at the analysed level
+        ``max(32, ceil(3 * d))`` with ``d`` the typical nucleus diameter at the analysed level
         (``diameter`` if given, else the model's ``diameter_px``), at most ``tile // 2``.
     conf : float or None
         Minimum confidence; None = the model's ``default_conf``.
@@ -133,8 +133,10 @@ class DetectParams:
 
 
 def derive_overlap(diameter: float, tile: int) -> int:
-    """Default overlap: twice the expected diameter, at least 32 px, at most half a tile."""
-    return int(min(max(32, math.ceil(2 * diameter)), tile // 2))
+    """Default overlap: 3x the typical diameter (so nuclei up to ~2.5x the typical size are
+    seen whole by a neighbour tile and the border merge stays exact), at least 32 px, at most
+    half a tile."""
+    return int(min(max(32, math.ceil(3 * diameter)), tile // 2))
 
 
 def resolve_params(
