@@ -13,6 +13,8 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import onnxruntime  # noqa: F401  (the backends under test)
+import openvino  # noqa: F401  (the backends under test)
 import pytest
 
 from napari_yolocell import backends, export_cache
@@ -28,9 +30,6 @@ from napari_yolocell.detect import DetectParams, detect_image
 from napari_yolocell.models import ModelSpec, clear_cache, load_detector
 from napari_yolocell.normalize import percentile_range, to_uint8
 from napari_yolocell.synthetic import make_nuclei_image
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("openvino")
 
 EXPORTED = ("onnxruntime", "openvino")
 

@@ -79,7 +79,7 @@ def test_two_worker_processes_match_plain_run(folder, tmp_path):
 
 
 def test_local_dask_cluster_matches_plain_run(folder):
-    distributed = pytest.importorskip("distributed")
+    import distributed as distributed
     paths = _paths(folder)
     plain = run_batch(paths, "classical", PARAMS)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,

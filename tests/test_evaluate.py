@@ -134,7 +134,7 @@ def test_no_truth_no_predictions():
 
 @pytest.fixture(scope="module")
 def synthetic_items():
-    synthetic = pytest.importorskip("napari_yolocell.synthetic")
+    from napari_yolocell import synthetic as synthetic
     items = []
     for seed in range(2):
         im = synthetic.make_nuclei_image((192, 192), seed=seed)
@@ -143,7 +143,7 @@ def synthetic_items():
 
 
 def test_evaluate_model_and_compare(synthetic_items):
-    classical = pytest.importorskip("napari_yolocell.classical")
+    from napari_yolocell import classical as classical
     result = evaluate_model(classical.ClassicalDetector(), synthetic_items, name="classical")
     assert result["n_images"] == 2 and result["n_true"] == sum(len(b) for _, b, _ in
                                                                synthetic_items)

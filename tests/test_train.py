@@ -92,7 +92,7 @@ def test_sidecar_and_load_detector(one_epoch):
     assert data["diameter_px"] == pytest.approx(12.0, abs=0.01)  # all boxes are 12 px
     assert result.last.with_name("last.yolocell.json").is_file()
 
-    models = pytest.importorskip("napari_yolocell.models")
+    from napari_yolocell import models as models
     detector = models.load_detector(result.best, device="cpu")
     assert detector.spec.family == "yolov5" and detector.spec.diameter_px == pytest.approx(12.0)
 

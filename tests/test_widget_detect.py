@@ -205,7 +205,6 @@ def test_multiscale_level_boxes_in_full_resolution(qtbot, make_napari_viewer, nu
 
 
 def test_untrained_yolo_runs(qtbot, make_napari_viewer):
-    pytest.importorskip("ultralytics")
     viewer = make_napari_viewer()
     viewer.add_image(make_nuclei_image((128, 128), n_nuclei=5, seed=3).image, name="small")
     widget = DetectWidget(viewer)

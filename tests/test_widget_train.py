@@ -146,7 +146,6 @@ def test_pump_forwards_callbacks_and_errors():
 
 
 def test_training_cancel_keeps_last_and_resume_is_offered(qtbot, setup, tmp_path):
-    pytest.importorskip("ultralytics")
     viewer, widget, errors = setup
     out = tmp_path / "ds"
     export(qtbot, widget, out)
