@@ -275,8 +275,8 @@ def _check_channel(layout: _Layout, channel: int | None) -> None:
         if channel is None:
             if n == 1:
                 return
-            raise ValueError(f"image has {n} channels (axis {layout.channel_axis}): choose one "
-                             "with DetectParams.channel")
+            raise ValueError(f"image has {n} channels (axis {layout.channel_axis}): choose the "
+                             "nuclear stain's (--channel C; widget: channel)")
         if not 0 <= channel < n:
             raise ValueError(f"channel {channel} out of range: the image has {n} channels")
     elif layout.rgb and channel is not None and not 0 <= channel < 3:
