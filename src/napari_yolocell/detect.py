@@ -239,6 +239,16 @@ def _layout(image, channel_axis: int | None, rgb: bool | None) -> _Layout:
     return _Layout(levels, y_axis, x_axis, rgb, channel_axis, plane_axes, plane_shape)
 
 
+def _materialise(window) -> np.ndarray:
+    """A window of a (lazy) array as numpy. Dask windows are computed in this thread: the
+    default scheduler may be a dask.distributed cluster (inside `--scheduler` tasks), whose
+    workers are busy running this very detection, so submitting reads there deadlocks."""
+    compute = getattr(window, "compute", None)
+    if compute is not None and hasattr(window, "dask"):
+        return np.asarray(compute(scheduler="synchronous"))
+    return np.asarray(window)
+
+
 class PlaneView:
     """Lazy 2-D (Y, X) view of one plane / channel of an nD array.
 
@@ -262,7 +272,7 @@ class PlaneView:
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         index = list(self.template)
         index[self.layout.y_axis], index[self.layout.x_axis] = key
-        data = np.asarray(self.array[tuple(index)])
+        data = _materialise(self.array[tuple(index)])
         if self.layout.rgb:
             data = data[..., self.channel] if self.channel is not None else data[..., :3].max(-1)
         return data
