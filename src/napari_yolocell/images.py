@@ -78,8 +78,11 @@ def open_image(path: str | os.PathLike) -> OpenedImage:
         try:
             with Image.open(p) as im:
                 arr = np.asarray(im)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"{p}: cannot read image: {exc}") from exc
+        # Exception, not just PIL's errors: ultralytics patches Image.open to retry unknown
+        # files with optional HEIF plugins, which raises ImportError when they are absent.
+        except (UnidentifiedImageError, OSError, ImportError, ValueError) as exc:
+            why = "unknown or corrupt image format" if isinstance(exc, ImportError) else exc
+            raise ValueError(f"{p}: cannot read image: {why}") from exc
         if arr.ndim == 3 and arr.shape[-1] == 2:  # grey + alpha (PNG "LA"): keep the grey
             arr = arr[..., 0]
         rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4)
