@@ -29,3 +29,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"shared data folder {SHARED_DATA} not found: set YOLOCELL_SHARED_DATA")
     return SHARED_DATA
+
+
+class RecordingArray:
+    """Array stand-in that records every window requested from it."""
+
+    def __init__(self, data):
+        self.data = data
+        self.shape = data.shape
+        self.dtype = data.dtype
+        self.ndim = data.ndim
+        self.keys = []
+
+    def __getitem__(self, key):
+        self.keys.append(key)
+        return self.data[key]

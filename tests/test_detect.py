@@ -5,6 +5,7 @@ import threading
 import dask.array as da
 import numpy as np
 import pytest
+from conftest import RecordingArray
 from skimage.transform import downscale_local_mean
 
 from napari_yolocell.backends import Detector
@@ -22,21 +23,6 @@ from napari_yolocell.detect import (
 from napari_yolocell.models import ModelSpec
 from napari_yolocell.synthetic import make_nuclei_image
 from napari_yolocell.tiling import tile_grid
-
-
-class RecordingArray:
-    """Array stand-in that records every window requested from it."""
-
-    def __init__(self, data):
-        self.data = data
-        self.shape = data.shape
-        self.dtype = data.dtype
-        self.ndim = data.ndim
-        self.keys = []
-
-    def __getitem__(self, key):
-        self.keys.append(key)
-        return self.data[key]
 
 
 class CentreDetector(Detector):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import RecordingArray
 
 from napari_yolocell.normalize import (
     normalize_image,
@@ -9,21 +10,6 @@ from napari_yolocell.normalize import (
     sample_stride,
     to_uint8,
 )
-
-
-class RecordingArray:
-    """Array stand-in that records every window requested from it."""
-
-    def __init__(self, data):
-        self.data = data
-        self.shape = data.shape
-        self.dtype = data.dtype
-        self.ndim = data.ndim
-        self.keys = []
-
-    def __getitem__(self, key):
-        self.keys.append(key)
-        return self.data[key]
 
 
 def test_percentile_range_and_mapping():
