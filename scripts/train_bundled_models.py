@@ -211,6 +211,27 @@ def _calibrate(weights: Path, spec_kwargs: dict, data: Path) -> tuple[float, dic
     return conf, metrics
 
 
+PACK_LIMIT = 7 * 2**20  # repository and wheel files stay well under 8 MiB
+
+
+def _pack(pt: Path, mode: str) -> tuple[Path, str | None]:
+    """xz-compress ``pt`` (mode "xz", or "auto" above PACK_LIMIT); returns (file, sha of .pt)."""
+    import lzma
+
+    xz = pt.with_name(pt.name + ".xz")
+    if mode == "none" or (mode == "auto" and pt.stat().st_size <= PACK_LIMIT):
+        xz.unlink(missing_ok=True)
+        return pt, None
+    digest = sha256(pt)
+    tmp = xz.with_suffix(".tmp")
+    with open(pt, "rb") as src, lzma.open(tmp, "wb", preset=9 | lzma.PRESET_EXTREME) as dst:
+        dst.write(src.read())
+    os.replace(tmp, xz)
+    pt.unlink()
+    print(f"packed {pt.name}: {xz.stat().st_size / 2**20:.2f} MiB")
+    return xz, digest
+
+
 def cmd_bundle(args) -> None:
     """fp16 weights into the package, default confidence calibrated on validation data,
     registry entry with SHA-256 and metrics."""
@@ -226,15 +247,18 @@ def cmd_bundle(args) -> None:
                      "fluorescence and Kromp 2020 (see docs/models.md)"),
     )
     conf, metrics = _calibrate(dst, spec_kwargs, Path(args.data))
+    packed, unpacked_sha = _pack(dst, args.pack)
     reg_path = pkg / "registry.json"
     reg = json.loads(reg_path.read_text()) if reg_path.exists() else {"models": []}
     entries = [e for e in reg["models"] if e["name"] != name]
     entry = {
-        "name": name, "file": dst.name, "sha256": sha256(dst), "family": family,
+        "name": name, "file": packed.name, "sha256": sha256(packed), "family": family,
         "aliases": aliases, "normalize": "percentile", "percentiles": [1.0, 99.8],
         "diameter_px": args.diameter, "imgsz": IMGSZ, "default_conf": conf,
         "metrics": metrics, "description": spec_kwargs["description"], "default": False,
     }
+    if unpacked_sha:
+        entry["unpacked_sha256"] = unpacked_sha
     entries.append(entry)
     entries.sort(key=lambda e: e["name"])
     if args.default:
@@ -273,6 +297,8 @@ def main(argv=None) -> int:
     c.add_argument("--diameter", type=float, default=23.0,
                    help="median nucleus diameter of the training data (px)")
     c.add_argument("--default", action="store_true", help="make this the default model")
+    c.add_argument("--pack", choices=("auto", "xz", "none"), default="auto",
+                   help="xz-compress the fp16 weights (auto: when over 7 MiB)")
     args = p.parse_args(argv)
     {"build": cmd_build, "train": cmd_train, "bundle": cmd_bundle}[args.cmd](args)
     return 0

@@ -108,3 +108,49 @@ def test_torch_detector_end_to_end_on_small_image():
                       DetectParams(conf=0.001, max_det=10))
     assert list(df.columns) == COLUMNS
     assert (df["x1"] <= 90).all() and (df["y1"] <= 70).all()
+
+
+@pytest.fixture
+def packed_registry(tmp_path, monkeypatch):
+    """The bundled v5n weights shipped xz-compressed, as large bundled models are."""
+    import lzma
+
+    source = resolve_model("nucleus-v5n").path
+    packed = tmp_path / "pkg" / "nucleus_v5n.pt.xz"
+    packed.parent.mkdir()
+    packed.write_bytes(lzma.compress(source.read_bytes()))
+    entry = {"name": "packed-v5n", "family": "yolov5", "file": packed.name,
+             "sha256": file_sha256(packed), "unpacked_sha256": file_sha256(source),
+             "diameter_px": 23, "default": True}
+    (packed.parent / "registry.json").write_text(json.dumps({"models": [entry]}))
+    monkeypatch.setattr(models, "REGISTRY_FILE", packed.parent / "registry.json")
+    monkeypatch.setenv("YOLOCELL_CACHE_DIR", str(tmp_path / "cache"))
+    models.clear_cache()
+    yield source, packed
+    models.clear_cache()
+
+
+def test_packed_weights_unpack_to_the_cache_and_match_the_original(packed_registry):
+    source, packed = packed_registry
+    detector = load_detector("packed-v5n", device="cpu")
+    unpacked = detector.spec.path
+    assert unpacked.suffix == ".pt" and unpacked.parent.parent == packed.parent.parent / "cache"
+    assert file_sha256(unpacked) == file_sha256(source)
+    tile = [np.asarray(np.random.default_rng(1).integers(0, 255, (96, 96, 3)), np.uint8)]
+    reference = load_detector(source, device="cpu").predict(tile, conf=0.01, iou=0.5, max_det=50)
+    np.testing.assert_array_equal(detector.predict(tile, conf=0.01, iou=0.5, max_det=50)[0],
+                                  reference[0])
+
+    # A damaged cache file is replaced, not loaded.
+    models.clear_cache()
+    unpacked.write_bytes(b"damaged")
+    assert file_sha256(load_detector("packed-v5n", device="cpu").spec.path) == file_sha256(source)
+
+
+def test_packed_weights_with_wrong_hash_are_refused(packed_registry):
+    _, packed = packed_registry
+    data = bytearray(packed.read_bytes())
+    data[-100] ^= 0xFF
+    packed.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256 mismatch.*nucleus_v5n.pt.xz"):
+        load_detector("packed-v5n", device="cpu")

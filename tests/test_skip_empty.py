@@ -141,3 +141,27 @@ def test_pyramid_with_diameter_and_normalisation(normalize):
         counts[skip] = (len(df), df.attrs["skipped_tiles"])
     assert counts[True][0] == counts[False][0] > 100
     assert counts[True][1] > 0
+
+
+def test_slide_like_synthetic_tiff_skips_background_and_counts_every_nucleus(tmp_path):
+    from napari_yolocell.synthetic import tissue_mask_at, write_synthetic_tiff
+    from napari_yolocell.tiff_io import open_tiff
+
+    shape = (3072, 3072)
+    truth = write_synthetic_tiff(tmp_path / "slide.tif", shape=shape, tile=256, levels=3,
+                                 tissue=0.4, seed=3)
+    ys, xs = np.mgrid[0:shape[0]:64, 0:shape[1]:64]
+    grid = np.stack([ys.ravel(), xs.ravel()], axis=1)
+    covered = tissue_mask_at(grid, shape, 0.4, seed=3).mean()
+    assert 0.3 < covered < 0.5  # about the requested fraction of the slide is tissue
+    assert tissue_mask_at(truth[["y", "x"]].to_numpy(), shape, 0.4, seed=3).all()
+
+    image = open_tiff(tmp_path / "slide.tif")
+    df = detect_image(image.levels, ClassicalDetector(), DetectParams(tile=512, batch=4))
+    bare = 0  # tiles with no nucleus within 16 px: the ones a slide user expects skipped
+    for tile in tile_grid(shape, 512, df.attrs["overlap"]):
+        (ys, xs), m = tile.slices, 16
+        bare += not ((truth.y1 > ys.start - m) & (truth.y0 < ys.stop + m)
+                     & (truth.x1 > xs.start - m) & (truth.x0 < xs.stop + m)).any()
+    assert bare >= 5 and df.attrs["skipped_tiles"] >= 0.75 * bare
+    assert abs(len(df) - len(truth)) <= 0.01 * len(truth)

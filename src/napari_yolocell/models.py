@@ -21,6 +21,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import lzma
+import os
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +51,10 @@ class ModelSpec:
     path : pathlib.Path or None
         Weights file or architecture YAML; None for the classical detector.
     sha256 : str or None
-        Expected SHA-256 of the weights (bundled models).
+        Expected SHA-256 of the weights file (bundled models).
+    unpacked_sha256 : str or None
+        For weights shipped xz-compressed (``.pt.xz``, to keep the wheel small): the SHA-256
+        of the unpacked ``.pt``, checked again before each load from the cache.
     normalize : str
         ``"percentile"`` or ``"none"``; must match how the training images were made.
     percentiles : tuple of float
@@ -74,6 +80,7 @@ class ModelSpec:
     family: str = "yolo"
     path: Path | None = None
     sha256: str | None = None
+    unpacked_sha256: str | None = None
     normalize: str = "percentile"
     percentiles: tuple[float, float] = (1.0, 99.8)
     diameter_px: float = 20.0
@@ -327,4 +334,41 @@ def load_detector(
         return make_detector(spec, backend=backend, device=device)
     if spec.sha256:
         verify_sha256(spec.path, spec.sha256)
+    spec = unpack_weights(spec)
     return _cached_detector(spec, device, backend)
+
+
+def unpack_weights(spec: ModelSpec, root: Path | None = None) -> ModelSpec:
+    """For ``.xz`` weights: the same spec pointing at the unpacked ``.pt`` in the user cache.
+
+    Unpacks once (to a temporary name, then renamed into place) and verifies
+    ``spec.unpacked_sha256`` before every use, so a damaged cache file is replaced, never loaded.
+    Other specs are returned unchanged.
+    """
+    if spec.path is None or Path(spec.path).suffix.lower() != ".xz":
+        return spec
+    from napari_yolocell.export_cache import cache_root
+
+    folder = (root or cache_root()) / "unpacked-weights"
+    folder.mkdir(parents=True, exist_ok=True)
+    key = spec.unpacked_sha256 or spec.sha256 or file_sha256(spec.path)
+    target = folder / f"{Path(spec.path).stem.removesuffix('.pt')}-{key[:16]}.pt"
+    if target.is_file() and spec.unpacked_sha256:
+        if file_sha256(target) != spec.unpacked_sha256.lower():
+            target.unlink()
+    if not target.is_file():
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with lzma.open(spec.path, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (lzma.LZMAError, EOFError) as err:
+            tmp.unlink(missing_ok=True)
+            raise ValueError(f"cannot unpack model weights {str(spec.path)!r}: {err}") from err
+        if spec.unpacked_sha256:
+            try:
+                verify_sha256(tmp, spec.unpacked_sha256)
+            except ValueError:
+                tmp.unlink(missing_ok=True)
+                raise
+        os.replace(tmp, target)
+    return dataclasses.replace(spec, path=target)

@@ -285,6 +285,7 @@ def place_nuclei(
     noise: float = 30.0,
     seed: int = 0,
     centers: np.ndarray | None = None,
+    tissue: float = 1.0,
 ) -> NucleusField:
     """Draw non-overlapping nucleus positions and shapes.
 
@@ -313,6 +314,9 @@ def place_nuclei(
         Random seed.
     centers : numpy.ndarray, optional
         (N, 2) explicit centres ``y, x`` (not checked for overlap).
+    tissue : float
+        Fraction of the image covered by "tissue": below 1, nuclei are kept only inside smooth
+        random blobs covering about this fraction, the rest is bare background, as on a slide.
 
     Returns
     -------
@@ -329,6 +333,8 @@ def place_nuclei(
         pts = _rsa_exact(h, w, int(n_nuclei), float(min_distance), rng)
     else:
         pts = _rsa_density(h, w, 400.0 if density is None else float(density), min_distance, rng)
+    if tissue < 1.0:
+        pts = pts[tissue_mask_at(pts, (h, w), tissue, seed)]
     n = len(pts)
     d = rng.uniform(d_lo, d_hi, n)
     ratio = rng.uniform(0.7, 1.0, n)
@@ -336,6 +342,31 @@ def place_nuclei(
     angles = rng.uniform(0, np.pi, n)
     peaks = rng.uniform(float(intensity[0]), float(intensity[1]), n)
     return NucleusField((h, w), pts, semi, angles, peaks, background, noise)
+
+
+TISSUE_CELL = 256  # px per cell of the tissue mask: blobs are many cells across
+
+
+def tissue_mask_at(points: np.ndarray, shape: tuple[int, int], fraction: float,
+                   seed: int = 0) -> np.ndarray:
+    """Whether each (y, x) point lies in the tissue of a slide-like random layout.
+
+    The layout is a smoothed random field on a grid of ``TISSUE_CELL``-px cells, thresholded so
+    that about ``fraction`` of the cells are tissue; it depends only on ``shape``, ``fraction``
+    and ``seed``.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    if not 0 < fraction <= 1:
+        raise ValueError(f"tissue fraction must be in (0, 1], got {fraction}")
+    gh, gw = -(-int(shape[0]) // TISSUE_CELL), -(-int(shape[1]) // TISSUE_CELL)
+    field = np.random.default_rng([int(seed), 11]).standard_normal((gh, gw))
+    field = gaussian_filter(field, sigma=max(1.0, min(gh, gw) / 10), mode="reflect")
+    mask = field >= np.quantile(field, 1.0 - fraction)
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    iy = np.clip((pts[:, 0] // TISSUE_CELL).astype(int), 0, gh - 1)
+    ix = np.clip((pts[:, 1] // TISSUE_CELL).astype(int), 0, gw - 1)
+    return mask[iy, ix]
 
 
 def make_nuclei_image(
