@@ -33,10 +33,15 @@ def run(data: Path, split: str, models: list[str], tile: int = 640) -> list[dict
         det = load_detector(name)
         t0 = time.perf_counter()
         # at the model's default confidence: what `yolocell detect` does out of the box
-        res = evaluate_model(det, items, split=None, params=DetectParams(tile=tile),
-                             conf=det.spec.default_conf,
-                             low_conf=0.01 if det.spec.family != "classical" else 0.0,
-                             name=det.spec.name)
+        res = evaluate_model(
+            det,
+            items,
+            split=None,
+            params=DetectParams(tile=tile),
+            conf=det.spec.default_conf,
+            low_conf=0.01 if det.spec.family != "classical" else 0.0,
+            name=det.spec.name,
+        )
         res["seconds"] = time.perf_counter() - t0
         results.append(res)
         print(f"{name}: done in {res['seconds']:.0f} s", file=sys.stderr)
@@ -44,8 +49,10 @@ def run(data: Path, split: str, models: list[str], tile: int = 640) -> list[dict
 
 
 def markdown(results: list[dict]) -> str:
-    head = ("| model | conf | P | R | F1@0.5 | mAP50 | mAP50-95 | count error | bias "
-            "| best-F1 conf | min-count-error conf | s/image |")
+    head = (
+        "| model | conf | P | R | F1@0.5 | mAP50 | mAP50-95 | count error | bias "
+        "| best-F1 conf | min-count-error conf | s/image |"
+    )
     lines = [head, "|" + "---|" * 12]
     for r in results:
         lines.append(
@@ -90,28 +97,51 @@ def main(argv=None) -> int:
     p.add_argument("--tile", type=int, default=640)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plots", type=Path, default=None)
-    p.add_argument("--write-docs", type=Path, default=None,
-                   help="update the accuracy section of this markdown file (docs/benchmarks.md)")
+    p.add_argument(
+        "--write-docs",
+        type=Path,
+        default=None,
+        help="update the accuracy section of this markdown file (docs/benchmarks.md)",
+    )
     args = p.parse_args(argv)
     results = run(args.data, args.split, args.models, args.tile)
-    title = (f"## Accuracy on BBBC039 {args.split} (bench_accuracy.py)\n\n"
-             f"{results[0]['n_images']} images, {results[0]['n_true']} nuclei (objects >= 25 px); "
-             "our tiled detection at default settings (tile 640, the model's calibrated "
-             "confidence), one-to-one matching at IoU >= 0.5. Count error = mean |pred - true| / "
-             "true per image; bias = mean signed error.\n")
+    title = (
+        f"## Accuracy on BBBC039 {args.split} (bench_accuracy.py)\n\n"
+        f"{results[0]['n_images']} images, {results[0]['n_true']} nuclei (objects >= 25 px); "
+        "our tiled detection at default settings (tile 640, the model's calibrated "
+        "confidence), one-to-one matching at IoU >= 0.5. Count error = mean |pred - true| / "
+        "true per image; bias = mean signed error.\n"
+    )
     table = markdown(results)
     print(title)
     print(table)
     if args.write_docs:
-        cmd = (f"Command: `python benchmarks/bench_accuracy.py --split {args.split} "
-               f"--models {' '.join(args.models)}`\n")
+        cmd = (
+            f"Command: `python benchmarks/bench_accuracy.py --split {args.split} "
+            f"--models {' '.join(args.models)}`\n"
+        )
         write_docs(f"{title}\n{table}\n\n{cmd}\n{PEERS}", args.write_docs)
     if args.json:
-        keep = ("name", "conf", "precision", "recall", "f1", "mAP50", "mAP50-95", "count_error",
-                "count_bias", "conf_best_f1", "conf_min_count_error", "n_images", "n_true",
-                "n_pred", "seconds_per_image")
-        args.json.write_text(json.dumps([{k: r.get(k) for k in keep} for r in results],
-                                        indent=2, default=float))
+        keep = (
+            "name",
+            "conf",
+            "precision",
+            "recall",
+            "f1",
+            "mAP50",
+            "mAP50-95",
+            "count_error",
+            "count_bias",
+            "conf_best_f1",
+            "conf_min_count_error",
+            "n_images",
+            "n_true",
+            "n_pred",
+            "seconds_per_image",
+        )
+        args.json.write_text(
+            json.dumps([{k: r.get(k) for k in keep} for r in results], indent=2, default=float)
+        )
     if args.plots:
         from napari_yolocell.plots import save_plots
 

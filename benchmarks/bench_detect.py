@@ -58,8 +58,9 @@ def _setup(args):
     image = open_tiff(args.tiff)
     detector = load_detector(args.model, device=args.device)
     params, _ = resolve_params(DetectParams(tile=args.tile, batch=args.batch), detector.spec)
-    detector.predict([np.zeros((args.tile, args.tile, 3), np.uint8)], params.conf, params.iou,
-                     params.max_det)  # warm-up: predictor setup is not part of the timing
+    detector.predict(
+        [np.zeros((args.tile, args.tile, 3), np.uint8)], params.conf, params.iou, params.max_det
+    )  # warm-up: predictor setup is not part of the timing
     return image, detector, params
 
 
@@ -78,16 +79,19 @@ def run_bare(args) -> dict:
     lo, hi = _value_range(image, params)
     plane = image.levels[0]
     tiles = tile_grid(plane.shape[-2:], params.tile, params.overlap)
-    inputs = [np.repeat(to_uint8(np.asarray(plane[t.slices]), lo, hi)[..., None], 3, axis=2)
-              for t in tiles]
+    inputs = [
+        np.repeat(to_uint8(np.asarray(plane[t.slices]), lo, hi)[..., None], 3, axis=2)
+        for t in tiles
+    ]
     if getattr(detector, "needs_overview", False):  # classical: plane-wide threshold
         detector.prepare(to_uint8(np.asarray(image.levels[-1]), lo, hi))
 
     def forward() -> int:
         count = 0
         for i in range(0, len(inputs), params.batch):
-            out = detector.predict(inputs[i: i + params.batch], params.conf, params.iou,
-                                   params.max_det)
+            out = detector.predict(
+                inputs[i : i + params.batch], params.conf, params.iou, params.max_det
+            )
             count += sum(len(b) for b in out)
         return count
 
@@ -115,8 +119,11 @@ def run_sahi(args) -> dict:
 
     image, detector, params = _setup(args)
     model = AutoDetectionModel.from_pretrained(
-        model_type="ultralytics", model=detector.model, confidence_threshold=params.conf,
-        device=detector.device, image_size=params.tile,
+        model_type="ultralytics",
+        model=detector.model,
+        confidence_threshold=params.conf,
+        device=detector.device,
+        image_size=params.tile,
     )
 
     def sliced():
@@ -125,10 +132,16 @@ def run_sahi(args) -> dict:
         grey = to_uint8(np.asarray(image.levels[0]), lo, hi)
         rgb = np.repeat(grey[..., None], 3, axis=2)
         return get_sliced_prediction(
-            rgb, model, slice_height=params.tile, slice_width=params.tile,
+            rgb,
+            model,
+            slice_height=params.tile,
+            slice_width=params.tile,
             overlap_height_ratio=params.overlap / params.tile,
-            overlap_width_ratio=params.overlap / params.tile, perform_standard_pred=False,
-            postprocess_class_agnostic=True, verbose=0, batch_size=params.batch,
+            overlap_width_ratio=params.overlap / params.tile,
+            perform_standard_pred=False,
+            postprocess_class_agnostic=True,
+            verbose=0,
+            batch_size=params.batch,
         )
 
     seconds, result = _best_of(sliced, args.repeat)
@@ -142,9 +155,22 @@ def _run_variant(args) -> None:
 
 
 def _spawn(args, variant: str, tiff: Path) -> dict:
-    cmd = [sys.executable, __file__, "--variant", variant, "--tiff", str(tiff),
-           "--model", args.model, "--tile", str(args.tile), "--batch", str(args.batch),
-           "--repeat", str(args.repeat)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--tiff",
+        str(tiff),
+        "--model",
+        args.model,
+        "--tile",
+        str(args.tile),
+        "--batch",
+        str(args.batch),
+        "--repeat",
+        str(args.repeat),
+    ]
     if args.device:
         cmd += ["--device", args.device]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -153,22 +179,28 @@ def _spawn(args, variant: str, tiff: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-LABELS = {"bare": "(a) bare batched forward, pre-cut tiles",
-          "engine": "(b) napari-yolocell detect_image, lazy BigTIFF",
-          "sahi": "(c) SAHI get_sliced_prediction"}
+LABELS = {
+    "bare": "(a) bare batched forward, pre-cut tiles",
+    "engine": "(b) napari-yolocell detect_image, lazy BigTIFF",
+    "sahi": "(c) SAHI get_sliced_prediction",
+}
 
 
 def format_table(results: dict, size: int) -> str:
     """Markdown table of the variants with throughput and ratios."""
     mpix = size * size / 1e6
-    lines = ["| variant | seconds | MPix/s | peak RSS (MB) | count |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| variant | seconds | MPix/s | peak RSS (MB) | count |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for name, res in results.items():
         if "skipped" in res:
             lines.append(f"| {LABELS[name]} | skipped ({res['skipped']}) | | | |")
             continue
-        lines.append(f"| {LABELS[name]} | {res['seconds']:.1f} | {mpix / res['seconds']:.2f} | "
-                     f"{res['peak_rss_mb']:.0f} | {res['count']} |")
+        lines.append(
+            f"| {LABELS[name]} | {res['seconds']:.1f} | {mpix / res['seconds']:.2f} | "
+            f"{res['peak_rss_mb']:.0f} | {res['count']} |"
+        )
     secs = {k: v.get("seconds") for k, v in results.items()}
     if secs.get("bare") and secs.get("engine"):
         lines.append(f"\nratio b/a (engine overhead): {secs['engine'] / secs['bare']:.2f}")
@@ -202,11 +234,14 @@ def main(argv=None) -> None:
         if not args.tiff:
             from napari_yolocell.synthetic import write_synthetic_tiff
 
-            truth = len(write_synthetic_tiff(tiff, shape=(args.size, args.size), tile=512,
-                                             levels=3))
+            truth = len(
+                write_synthetic_tiff(tiff, shape=(args.size, args.size), tile=512, levels=3)
+            )
         results = {v: _spawn(args, v, tiff) for v in args.variants.split(",")}
-    print(f"\nsize {args.size}x{args.size}, model {args.model}, tile {args.tile}, "
-          f"batch {args.batch}, true nuclei {truth}\n")
+    print(
+        f"\nsize {args.size}x{args.size}, model {args.model}, tile {args.tile}, "
+        f"batch {args.batch}, true nuclei {truth}\n"
+    )
     print(format_table(results, args.size))
 
 

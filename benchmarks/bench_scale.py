@@ -75,8 +75,13 @@ def _variant(args) -> dict:
     if args.variant == "engine":
         start = time.perf_counter()
         df = detect_image(image.levels, detector, DetectParams(tile=args.tile, batch=args.batch))
-        return {"seconds": time.perf_counter() - start, "count": len(df), "tiles": len(tiles),
-                "skipped": int(df.attrs.get("skipped_tiles", 0)), "rss_mb": peak_rss_mb()}
+        return {
+            "seconds": time.perf_counter() - start,
+            "count": len(df),
+            "tiles": len(tiles),
+            "skipped": int(df.attrs.get("skipped_tiles", 0)),
+            "rss_mb": peak_rss_mb(),
+        }
     # bare: forward passes (Detector.predict) alone, timed on an even sample of the tiles that
     # hold nuclei (the ones the engine runs); tiles read and normalised untimed.
     import pandas as pd
@@ -91,20 +96,41 @@ def _variant(args) -> dict:
     lo, hi = percentile_range(stats, *params.percentiles)
     seconds = 0.0
     for i in range(0, len(sample), params.batch):
-        batch = [np.repeat(to_uint8(np.asarray(plane[t.slices]), lo, hi)[..., None], 3, axis=2)
-                 for t in sample[i: i + params.batch]]
+        batch = [
+            np.repeat(to_uint8(np.asarray(plane[t.slices]), lo, hi)[..., None], 3, axis=2)
+            for t in sample[i : i + params.batch]
+        ]
         start = time.perf_counter()
         detector.predict(batch, params.conf, params.iou, params.max_det)
         seconds += time.perf_counter() - start
-    return {"per_tile_s": seconds / max(1, len(sample)), "sampled": len(sample),
-            "rss_mb": peak_rss_mb()}
+    return {
+        "per_tile_s": seconds / max(1, len(sample)),
+        "sampled": len(sample),
+        "rss_mb": peak_rss_mb(),
+    }
 
 
 def _spawn_variant(args, variant: str, backend: str, tiff: Path) -> dict:
-    cmd = [sys.executable, __file__, "--variant", variant, "--backend", backend,
-           "--tiff", str(tiff), "--model", args.model, "--tile", str(args.tile),
-           "--batch", str(args.batch), "--truth", str(tiff.with_suffix(".truth.csv")),
-           "--bare-sample", str(args.bare_sample)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--backend",
+        backend,
+        "--tiff",
+        str(tiff),
+        "--model",
+        args.model,
+        "--tile",
+        str(args.tile),
+        "--batch",
+        str(args.batch),
+        "--truth",
+        str(tiff.with_suffix(".truth.csv")),
+        "--bare-sample",
+        str(args.bare_sample),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
@@ -117,37 +143,46 @@ def part_a(args, work: Path) -> tuple[str, dict]:
     tiff = work / "slide.tif"
     levels = max(1, int(np.log2(args.size / 1024)) + 1)
     start = time.perf_counter()
-    table = write_synthetic_tiff(tiff, shape=(args.size, args.size), tile=512, levels=levels,
-                                 tissue=args.tissue)
+    table = write_synthetic_tiff(
+        tiff, shape=(args.size, args.size), tile=512, levels=levels, tissue=args.tissue
+    )
     table.to_csv(tiff.with_suffix(".truth.csv"), index=False)
     truth = len(table)
-    print(f"(a) wrote {tiff.stat().st_size / 1e6:.0f} MB TIFF, {truth} nuclei, "
-          f"tissue {args.tissue:.0%} of the slide, in {time.perf_counter() - start:.0f} s",
-          file=sys.stderr)
+    print(
+        f"(a) wrote {tiff.stat().st_size / 1e6:.0f} MB TIFF, {truth} nuclei, "
+        f"tissue {args.tissue:.0%} of the slide, in {time.perf_counter() - start:.0f} s",
+        file=sys.stderr,
+    )
     mpx = args.size * args.size / 1e6
-    rows = [f"Slide: {args.size} x {args.size} uint16, tiled 512, {levels} levels, zlib; nuclei "
-            f"on ~{args.tissue:.0%} of it (slide-like tissue blobs), tile {args.tile}, batch "
-            f"{args.batch}. Bare forward = `Detector.predict` time per tile, measured on "
-            f"{args.bare_sample} tiles sampled evenly among those holding nuclei, times the "
-            "tiles the engine ran.", "",
-            "| backend | seconds | Mpx/s | peak RSS (MB) | count (truth) | tiles run / skipped | "
-            "bare forward (s) | end-to-end / bare |", "| --- | ---: | ---: | ---: | ---: | ---: | "
-            "---: | ---: |"]
+    rows = [
+        f"Slide: {args.size} x {args.size} uint16, tiled 512, {levels} levels, zlib; nuclei "
+        f"on ~{args.tissue:.0%} of it (slide-like tissue blobs), tile {args.tile}, batch "
+        f"{args.batch}. Bare forward = `Detector.predict` time per tile, measured on "
+        f"{args.bare_sample} tiles sampled evenly among those holding nuclei, times the "
+        "tiles the engine ran.",
+        "",
+        "| backend | seconds | Mpx/s | peak RSS (MB) | count (truth) | tiles run / skipped | "
+        "bare forward (s) | end-to-end / bare |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     results = {}
     for backend in args.backends:
         engine = _spawn_variant(args, "engine", backend, tiff)
         bare = _spawn_variant(args, "bare", backend, tiff)
         results[backend] = {"engine": engine, "bare": bare}
         if "error" in engine or "error" in bare:
-            rows.append(f"| {backend} | failed: {engine.get('error') or bare.get('error')} "
-                        "| | | | | | |")
+            rows.append(
+                f"| {backend} | failed: {engine.get('error') or bare.get('error')} | | | | | | |"
+            )
             continue
         run = engine["tiles"] - engine["skipped"]
         bare_s = bare["per_tile_s"] * run
         ratio = engine["seconds"] / bare_s
-        rows.append(f"| {backend} | {engine['seconds']:.1f} | {mpx / engine['seconds']:.2f} | "
-                    f"{engine['rss_mb']:.0f} | {engine['count']} ({truth}) | {run} / "
-                    f"{engine['skipped']} | {bare_s:.1f} | {ratio:.2f} |")
+        rows.append(
+            f"| {backend} | {engine['seconds']:.1f} | {mpx / engine['seconds']:.2f} | "
+            f"{engine['rss_mb']:.0f} | {engine['count']} ({truth}) | {run} / "
+            f"{engine['skipped']} | {bare_s:.1f} | {ratio:.2f} |"
+        )
         print(rows[-1], file=sys.stderr)
     tiff.unlink(missing_ok=True)
     tiff.with_suffix(".truth.csv").unlink(missing_ok=True)
@@ -165,15 +200,32 @@ def _write_images(folder: Path, n: int) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        tifffile.imwrite(folder / f"img{i:04d}.tif",
-                         make_nuclei_image((1024, 1024), seed=i).image)
+        tifffile.imwrite(folder / f"img{i:04d}.tif", make_nuclei_image((1024, 1024), seed=i).image)
 
 
 def _detect_cmd(args, folder: Path, out: Path, workers: int) -> list[str]:
-    return [sys.executable, "-m", "napari_yolocell.cli", "detect", str(folder), "--out",
-            str(out), "--counts", str(out.with_suffix(".counts.csv")), "--model", args.model,
-            "--backend", args.batch_backend, "--workers", str(workers), "--quiet",
-            "--tile", str(args.tile), "--batch", str(args.batch)]
+    return [
+        sys.executable,
+        "-m",
+        "napari_yolocell.cli",
+        "detect",
+        str(folder),
+        "--out",
+        str(out),
+        "--counts",
+        str(out.with_suffix(".counts.csv")),
+        "--model",
+        args.model,
+        "--backend",
+        args.batch_backend,
+        "--workers",
+        str(workers),
+        "--quiet",
+        "--tile",
+        str(args.tile),
+        "--batch",
+        str(args.batch),
+    ]
 
 
 def _timed(cmd: list[str]) -> float:
@@ -191,8 +243,10 @@ def part_b(args, work: Path) -> tuple[str, dict]:
         out = work / f"b_w{workers}.csv"
         seconds = _timed(_detect_cmd(args, folder, out, workers))
         info[workers] = seconds
-        rows.append(f"| `yolocell detect` --workers {workers} ({args.batch_backend}) | "
-                    f"{seconds:.1f} | {args.n_images / seconds:.2f} |")
+        rows.append(
+            f"| `yolocell detect` --workers {workers} ({args.batch_backend}) | "
+            f"{seconds:.1f} | {args.n_images / seconds:.2f} |"
+        )
         print(rows[-1], file=sys.stderr)
     return "\n".join(rows), info
 
@@ -204,8 +258,9 @@ def part_c(args, work: Path) -> tuple[str, dict]:
         raise SystemExit("part c needs part b's uninterrupted single-process run")
     out = work / "c.csv"
     parts = Path(f"{out}.parts")
-    proc = subprocess.Popen(_detect_cmd(args, folder, out, 1), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _detect_cmd(args, folder, out, 1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     half = args.n_images // 2
     while proc.poll() is None and (len(list(parts.glob("*.json"))) if parts.exists() else 0) < half:
         time.sleep(0.05)
@@ -214,11 +269,18 @@ def part_c(args, work: Path) -> tuple[str, dict]:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     seconds = _timed(_detect_cmd(args, folder, out, 1))
-    same = all((a.read_bytes() == b.read_bytes()) for a, b in [
-        (reference, out), (reference.with_suffix(".counts.csv"), out.with_suffix(".counts.csv"))])
-    row = (f"killed (SIGKILL) after {killed_at}/{args.n_images} images, resumed in "
-           f"{seconds:.1f} s: detections and counts CSVs "
-           f"{'identical' if same else 'DIFFERENT'} to the uninterrupted run")
+    same = all(
+        (a.read_bytes() == b.read_bytes())
+        for a, b in [
+            (reference, out),
+            (reference.with_suffix(".counts.csv"), out.with_suffix(".counts.csv")),
+        ]
+    )
+    row = (
+        f"killed (SIGKILL) after {killed_at}/{args.n_images} images, resumed in "
+        f"{seconds:.1f} s: detections and counts CSVs "
+        f"{'identical' if same else 'DIFFERENT'} to the uninterrupted run"
+    )
     print(row, file=sys.stderr)
     return row, {"killed_at": killed_at, "identical": same, "resume_s": seconds}
 
@@ -231,8 +293,9 @@ def update_docs(section: str, path: Path = DOCS) -> None:
     block = f"{START}\n{section.strip()}\n{END}"
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     if START in text and END in text:
-        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text,
-                      flags=re.DOTALL)
+        text = re.sub(
+            re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.DOTALL
+        )
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")
@@ -259,10 +322,15 @@ def parse_args(argv=None):
     parser.add_argument("--fallback", default=None, help=".pt used if --model is unavailable")
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--batch-backend", default="auto", help="backend of parts b and c")
-    parser.add_argument("--tissue", type=float, default=0.5,
-                        help="fraction of the slide covered by nuclei (1 = dense everywhere)")
-    parser.add_argument("--bare-sample", type=int, default=240,
-                        help="tiles timed for the bare forward pass")
+    parser.add_argument(
+        "--tissue",
+        type=float,
+        default=0.5,
+        help="fraction of the slide covered by nuclei (1 = dense everywhere)",
+    )
+    parser.add_argument(
+        "--bare-sample", type=int, default=240, help="tiles timed for the bare forward pass"
+    )
     parser.add_argument("--truth", help=argparse.SUPPRESS)
     parser.add_argument("--tile", type=int, default=640)
     parser.add_argument("--batch", type=int, default=8)
@@ -286,16 +354,20 @@ def main(argv=None) -> None:
     parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
-        sections = [f"Machine: {platform.processor() or platform.machine()}, "
-                    f"{os.cpu_count()} CPUs; model `{Path(args.model).name}`, tile {args.tile}, "
-                    f"batch {args.batch}. Targets: end-to-end <= {TARGETS['overhead']}x bare "
-                    f"forward, 1 gigapixel <= {TARGETS['gigapixel_s']:.0f} s with the fastest "
-                    f"backend, peak RSS < {TARGETS['rss_mb']:.0f} MB."]
+        sections = [
+            f"Machine: {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs; model `{Path(args.model).name}`, tile {args.tile}, "
+            f"batch {args.batch}. Targets: end-to-end <= {TARGETS['overhead']}x bare "
+            f"forward, 1 gigapixel <= {TARGETS['gigapixel_s']:.0f} s with the fastest "
+            f"backend, peak RSS < {TARGETS['rss_mb']:.0f} MB."
+        ]
         if "a" in parts:
             table, _ = part_a(args, work)
-            sections.append(f"**(a) {args.size} x {args.size} synthetic BigTIFF** "
-                            f"({args.size ** 2 / 1e9:.2f} gigapixel, zlib, 512 px tiles, "
-                            f"pyramid):\n\n{table}")
+            sections.append(
+                f"**(a) {args.size} x {args.size} synthetic BigTIFF** "
+                f"({args.size**2 / 1e9:.2f} gigapixel, zlib, 512 px tiles, "
+                f"pyramid):\n\n{table}"
+            )
         if "b" in parts or "c" in parts:
             table, _ = part_b(args, work)
             sections.append(f"**(b) {args.n_images} images of 1024 x 1024:**\n\n{table}")
@@ -303,8 +375,10 @@ def main(argv=None) -> None:
             row, _ = part_c(args, work)
             sections.append(f"**(c) resume:** {row}.")
     text = "## Scale (bench_scale.py)\n\n" + "\n\n".join(sections)
-    text += (f"\n\nCommand: `python benchmarks/bench_scale.py --size {args.size} --n-images "
-             f"{args.n_images} --tissue {args.tissue} --parts {args.parts}`")
+    text += (
+        f"\n\nCommand: `python benchmarks/bench_scale.py --size {args.size} --n-images "
+        f"{args.n_images} --tissue {args.tissue} --parts {args.parts}`"
+    )
     print(text)
     if not args.no_docs:
         update_docs(text)

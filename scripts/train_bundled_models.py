@@ -111,8 +111,13 @@ def cmd_build(args) -> None:
     samples = list(build_samples(Path(args.data), max_diameter=args.max_diameter))
     diam = [_median_diameter(s.boxes) for s in samples if len(s.boxes)]
     rep = export_dataset(
-        samples, Path(args.work) / "dataset", tile=IMGSZ, overlap=64, seed=SEED,
-        overwrite=args.overwrite, min_fraction=0.4,
+        samples,
+        Path(args.work) / "dataset",
+        tile=IMGSZ,
+        overlap=64,
+        seed=SEED,
+        overwrite=args.overwrite,
+        min_fraction=0.4,
     )
     print(rep.summary())
     print(f"median nucleus diameter over images: {np.median(diam):.1f} px")
@@ -138,14 +143,35 @@ def cmd_train(args) -> None:
     source = args.init or f"{args.family}.yaml"
     YOLO(source).train(
         data=str(work / "dataset" / "data.yaml"),
-        epochs=args.epochs, imgsz=IMGSZ, batch=args.batch, workers=1, device="cpu",
-        pretrained=False, plots=False, amp=False, seed=SEED, deterministic=False,
-        project=str(work / "runs"), name=args.family, exist_ok=True, patience=100,
-        cache="ram", close_mosaic=5,
+        epochs=args.epochs,
+        imgsz=IMGSZ,
+        batch=args.batch,
+        workers=1,
+        device="cpu",
+        pretrained=False,
+        plots=False,
+        amp=False,
+        seed=SEED,
+        deterministic=False,
+        project=str(work / "runs"),
+        name=args.family,
+        exist_ok=True,
+        patience=100,
+        cache="ram",
+        close_mosaic=5,
         # microscopy: flips both ways, grey images (no hue/saturation), brightness jitter,
         # scale jitter so nuclei of 0.5-1.5x the training size are seen.
-        fliplr=0.5, flipud=0.5, hsv_h=0.0, hsv_s=0.0, hsv_v=0.5, scale=0.5, degrees=0.0,
-        translate=0.1, mosaic=1.0, mixup=0.0, lr0=args.lr0,
+        fliplr=0.5,
+        flipud=0.5,
+        hsv_h=0.0,
+        hsv_s=0.0,
+        hsv_v=0.5,
+        scale=0.5,
+        degrees=0.0,
+        translate=0.1,
+        mosaic=1.0,
+        mixup=0.0,
+        lr0=args.lr0,
     )
 
 
@@ -172,9 +198,15 @@ def _strip(src: Path, dst: Path, family: str) -> None:
     for p in model.parameters():
         p.requires_grad = False
     slim = {
-        "model": model, "ema": None, "optimizer": None, "epoch": -1, "updates": None,
-        "train_args": ckpt.get("train_args", {}), "date": ckpt.get("date"),
-        "version": ckpt.get("version"), "license": "AGPL-3.0",
+        "model": model,
+        "ema": None,
+        "optimizer": None,
+        "epoch": -1,
+        "updates": None,
+        "train_args": ckpt.get("train_args", {}),
+        "date": ckpt.get("date"),
+        "version": ckpt.get("version"),
+        "license": "AGPL-3.0",
         "yolocell": {"family": family, "trained_epochs": int(ckpt.get("epoch", -1)) + 1},
     }
     tmp = dst.with_suffix(".tmp")
@@ -202,11 +234,14 @@ def _calibrate(weights: Path, spec_kwargs: dict, data: Path) -> tuple[float, dic
     conf = float(grid[best])
     metrics = {
         "data": "BBBC039 validation (50 images), tiled detection at default settings",
-        "f1": round(float(f1[best]), 4), "count_error": round(float(err[best]), 4),
+        "f1": round(float(f1[best]), 4),
+        "count_error": round(float(err[best]), 4),
         "precision": round(float(np.asarray(c["precision"])[best]), 4),
         "recall": round(float(np.asarray(c["recall"])[best]), 4),
-        "mAP50": round(res["mAP50"], 4), "mAP50-95": round(res["mAP50-95"], 4),
-        "f1_best": round(res["f1_best"], 4), "conf_best_f1": res["conf_best_f1"],
+        "mAP50": round(res["mAP50"], 4),
+        "mAP50-95": round(res["mAP50-95"], 4),
+        "f1_best": round(res["f1_best"], 4),
+        "conf_best_f1": res["conf_best_f1"],
     }
     return conf, metrics
 
@@ -241,10 +276,16 @@ def cmd_bundle(args) -> None:
     dst = pkg / f"{name.replace('-', '_')}.pt"
     _strip(src, dst, family)
     spec_kwargs = dict(
-        name=name, family=family, normalize="percentile", percentiles=(1.0, 99.8),
-        diameter_px=args.diameter, imgsz=IMGSZ,
-        description=(f"{args.family} trained from scratch on BBBC039 train+val, DSB2018 "
-                     "fluorescence and Kromp 2020 (see docs/models.md)"),
+        name=name,
+        family=family,
+        normalize="percentile",
+        percentiles=(1.0, 99.8),
+        diameter_px=args.diameter,
+        imgsz=IMGSZ,
+        description=(
+            f"{args.family} trained from scratch on BBBC039 train+val, DSB2018 "
+            "fluorescence and Kromp 2020 (see docs/models.md)"
+        ),
     )
     conf, metrics = _calibrate(dst, spec_kwargs, Path(args.data))
     packed, unpacked_sha = _pack(dst, args.pack)
@@ -252,10 +293,19 @@ def cmd_bundle(args) -> None:
     reg = json.loads(reg_path.read_text()) if reg_path.exists() else {"models": []}
     entries = [e for e in reg["models"] if e["name"] != name]
     entry = {
-        "name": name, "file": packed.name, "sha256": sha256(packed), "family": family,
-        "aliases": aliases, "normalize": "percentile", "percentiles": [1.0, 99.8],
-        "diameter_px": args.diameter, "imgsz": IMGSZ, "default_conf": conf,
-        "metrics": metrics, "description": spec_kwargs["description"], "default": False,
+        "name": name,
+        "file": packed.name,
+        "sha256": sha256(packed),
+        "family": family,
+        "aliases": aliases,
+        "normalize": "percentile",
+        "percentiles": [1.0, 99.8],
+        "diameter_px": args.diameter,
+        "imgsz": IMGSZ,
+        "default_conf": conf,
+        "metrics": metrics,
+        "description": spec_kwargs["description"],
+        "default": False,
     }
     if unpacked_sha:
         entry["unpacked_sha256"] = unpacked_sha
@@ -286,19 +336,30 @@ def main(argv=None) -> int:
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--fresh", action="store_true", help="ignore an existing last.pt")
-    t.add_argument("--init", default=None,
-                   help="start from these weights (e.g. src/napari_yolocell/models/nucleus_v5n.pt)")
+    t.add_argument(
+        "--init",
+        default=None,
+        help="start from these weights (e.g. src/napari_yolocell/models/nucleus_v5n.pt)",
+    )
     t.add_argument("--lr0", type=float, default=0.01, help="initial learning rate")
     c = sub.add_parser("bundle")
     c.add_argument("--work", required=True)
     c.add_argument("--family", default="yolov5n")
     c.add_argument("--weights", default="best.pt")
     c.add_argument("--data", required=True, help="the shared data folder (for calibration)")
-    c.add_argument("--diameter", type=float, default=23.0,
-                   help="median nucleus diameter of the training data (px)")
+    c.add_argument(
+        "--diameter",
+        type=float,
+        default=23.0,
+        help="median nucleus diameter of the training data (px)",
+    )
     c.add_argument("--default", action="store_true", help="make this the default model")
-    c.add_argument("--pack", choices=("auto", "xz", "none"), default="auto",
-                   help="xz-compress the fp16 weights (auto: when over 7 MiB)")
+    c.add_argument(
+        "--pack",
+        choices=("auto", "xz", "none"),
+        default="auto",
+        help="xz-compress the fp16 weights (auto: when over 7 MiB)",
+    )
     args = p.parse_args(argv)
     {"build": cmd_build, "train": cmd_train, "bundle": cmd_bundle}[args.cmd](args)
     return 0

@@ -107,8 +107,11 @@ def _match(ref: np.ndarray, other: np.ndarray) -> float:
         x1 = np.minimum(box[2], other[:, 2])
         y1 = np.minimum(box[3], other[:, 3])
         inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-        union = ((box[2] - box[0]) * (box[3] - box[1])
-                 + (other[:, 2] - other[:, 0]) * (other[:, 3] - other[:, 1]) - inter)
+        union = (
+            (box[2] - box[0]) * (box[3] - box[1])
+            + (other[:, 2] - other[:, 0]) * (other[:, 3] - other[:, 1])
+            - inter
+        )
         iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0)
         iou[np.abs(other[:, :4] - box[:4]).max(axis=1) < 0.05] = 1.0
         iou[list(used)] = 0

@@ -58,14 +58,26 @@ def test_killed_run_resumes_to_identical_csvs(folder, tmp_path):
             raise KeyboardInterrupt  # as if the job were killed here
 
     with pytest.raises(KeyboardInterrupt):
-        run_batch(paths, "classical", PARAMS, out=run / "d.csv", counts=run / "c.csv",
-                  on_result=die_after_three)
+        run_batch(
+            paths,
+            "classical",
+            PARAMS,
+            out=run / "d.csv",
+            counts=run / "c.csv",
+            on_result=die_after_three,
+        )
     assert not (run / "d.csv").exists()  # nothing half-written
     assert len(list((run / "d.csv.parts").glob("*.json"))) == 3
 
     redone = []
-    run_batch(paths, "classical", PARAMS, out=run / "d.csv", counts=run / "c.csv",
-              on_result=lambda i, r: redone.append(i))
+    run_batch(
+        paths,
+        "classical",
+        PARAMS,
+        out=run / "d.csv",
+        counts=run / "c.csv",
+        on_result=lambda i, r: redone.append(i),
+    )
     assert sorted(redone) == list(range(len(paths)))  # all reported, 3 from parts
     for name in ("d.csv", "c.csv"):
         assert (run / name).read_bytes() == (ref / name).read_bytes()
@@ -80,10 +92,12 @@ def test_two_worker_processes_match_plain_run(folder, tmp_path):
 
 def test_local_dask_cluster_matches_plain_run(folder):
     import distributed as distributed
+
     paths = _paths(folder)
     plain = run_batch(paths, "classical", PARAMS)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster:
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
         with distributed.Client(cluster) as client:
             dist = run_batch(paths, "classical", PARAMS, scheduler=client)
     assert [r.count for r in dist] == [r.count for r in plain]
@@ -106,7 +120,13 @@ def test_cancel_stops_and_keeps_finished_parts(folder, tmp_path):
             stop.set()
 
     with pytest.raises(BatchCancelled):
-        run_batch(paths, "classical", PARAMS, out=tmp_path / "d.csv", on_result=cancel_after_two,
-                  cancel=stop)
+        run_batch(
+            paths,
+            "classical",
+            PARAMS,
+            out=tmp_path / "d.csv",
+            on_result=cancel_after_two,
+            cancel=stop,
+        )
     assert len(list((tmp_path / "d.csv.parts").glob("*.json"))) == 2
     assert not (tmp_path / "d.csv").exists()

@@ -25,14 +25,36 @@ def two_images(tmp_path):
 def test_detect_prints_counts_and_writes_csvs(two_images, tmp_path, capsys):
     paths, truth = two_images
     out, counts = tmp_path / "d.csv", tmp_path / "c.csv"
-    rc = main(["detect", *map(str, paths), "--model", "classical", "--tile", "256",
-               "--out", str(out), "--counts", str(counts)])
+    rc = main(
+        [
+            "detect",
+            *map(str, paths),
+            "--model",
+            "classical",
+            "--tile",
+            "256",
+            "--out",
+            str(out),
+            "--counts",
+            str(counts),
+        ]
+    )
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [f"{paths[0]}\t{truth[0]}", f"{paths[1]}\t{truth[1]}", f"total\t{sum(truth)}"]
     det = pd.read_csv(out)
-    assert list(det.columns) == ["image", "plane", "y", "x", "y0", "x0", "y1", "x1",
-                                 "confidence", "class"]
+    assert list(det.columns) == [
+        "image",
+        "plane",
+        "y",
+        "x",
+        "y0",
+        "x0",
+        "y1",
+        "x1",
+        "confidence",
+        "class",
+    ]
     assert len(det) == sum(truth)
     assert (det["x1"] > det["x0"]).all() and det["x1"].max() <= 340
     cnt = pd.read_csv(counts)
@@ -45,8 +67,10 @@ def test_detect_folder_and_glob(two_images, capsys):
     assert main(["detect", str(paths[0].parent), "--model", "classical", "--quiet"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"total\t{sum(truth)}"
     assert main(["detect", str(paths[0].parent / "img1*.tif"), "--model", "classical"]) == 0
-    assert capsys.readouterr().out.strip().splitlines() == [f"{paths[1]}\t{truth[1]}",
-                                                            f"total\t{truth[1]}"]
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"{paths[1]}\t{truth[1]}",
+        f"total\t{truth[1]}",
+    ]
 
 
 def test_bad_inputs_exit_nonzero_with_one_line(tmp_path, two_images, capsys):
@@ -70,15 +94,47 @@ def test_export_points_then_train_data_yaml(tmp_path, capsys):
     pts = tmp_path / "pts.csv"
     pd.DataFrame({"axis-0": syn.centers[:, 0], "axis-1": syn.centers[:, 1]}).to_csv(pts)
     out = tmp_path / "ds"
-    assert main(["export", "--image", str(img), "--points", str(pts), "--diameter", "18",
-                 "--out", str(out), "--tile", "128", "--overlap", "24"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--image",
+                str(img),
+                "--points",
+                str(pts),
+                "--diameter",
+                "18",
+                "--out",
+                str(out),
+                "--tile",
+                "128",
+                "--overlap",
+                "24",
+            ]
+        )
+        == 0
+    )
     assert (out / "data.yaml").exists()
     labels = list((out / "labels").rglob("*.txt"))
     assert labels and sum(len(p.read_text().splitlines()) for p in labels) >= 30
     # a second export into the same folder is refused, nothing lost
     before = sorted(p.name for p in out.rglob("*"))
-    assert main(["export", "--image", str(img), "--points", str(pts), "--diameter", "18",
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--image",
+                str(img),
+                "--points",
+                str(pts),
+                "--diameter",
+                "18",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "not empty" in capsys.readouterr().err
     assert sorted(p.name for p in out.rglob("*")) == before
 
@@ -88,8 +144,22 @@ def test_export_empty_annotations_refused(tmp_path, capsys):
     tifffile.imwrite(img, np.zeros((64, 64), np.uint16))
     pts = tmp_path / "pts.csv"
     pd.DataFrame({"y": [], "x": []}).to_csv(pts, index=False)
-    assert main(["export", "--image", str(img), "--points", str(pts), "--diameter", "10",
-                 "--out", str(tmp_path / "ds")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--image",
+                str(img),
+                "--points",
+                str(pts),
+                "--diameter",
+                "10",
+                "--out",
+                str(tmp_path / "ds"),
+            ]
+        )
+        == 2
+    )
     assert "no objects" in capsys.readouterr().err
     assert not (tmp_path / "ds").exists()
 
@@ -104,8 +174,9 @@ def test_calibrate_by_count(tmp_path, capsys):
 
 
 def test_console_script_runs():
-    r = subprocess.run([sys.executable, "-m", "napari_yolocell.cli", "--version"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "napari_yolocell.cli", "--version"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "yolocell" in r.stdout
 
 

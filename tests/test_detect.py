@@ -116,8 +116,12 @@ def test_channel_axis_and_rgb(syn):
 
 def test_progress_cancel_and_generator(syn):
     calls = []
-    detect_image(syn.image, CentreDetector(), DetectParams(tile=128, overlap=32, batch=4),
-                 progress=lambda done, total: calls.append((done, total)))
+    detect_image(
+        syn.image,
+        CentreDetector(),
+        DetectParams(tile=128, overlap=32, batch=4),
+        progress=lambda done, total: calls.append((done, total)),
+    )
     total = len(tile_grid(syn.image.shape, 128, 32))
     assert calls[0] == (0, total) and calls[-1] == (total, total)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
@@ -142,9 +146,14 @@ def test_small_image_single_padded_tile():
     assert len(df) == 1 and df["x"].iloc[0] == pytest.approx(35)
 
 
-@pytest.mark.parametrize(("image", "message"), [
-    (np.zeros((0, 10)), "empty"), (np.zeros(10), "2 dimensions"),
-    (np.array([["a", "b"], ["c", "d"]]), "data type")])
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.zeros((0, 10)), "empty"),
+        (np.zeros(10), "2 dimensions"),
+        (np.array([["a", "b"], ["c", "d"]]), "data type"),
+    ],
+)
 def test_bad_inputs(image, message):
     with pytest.raises(ValueError, match=message):
         detect_image(image, ClassicalDetector())

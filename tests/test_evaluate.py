@@ -75,8 +75,8 @@ def test_count_error_and_bias_per_image():
     empty = np.zeros((0, 4))
     images = [
         (TRUTH[:2], [0.9, 0.9], np.vstack([TRUTH, TRUTH + 100]), "under"),  # 2 for 6 true
-        (TRUTH, [0.9, 0.9, 0.9], TRUTH[:2], "over"),                          # 3 for 2 true
-        (TRUTH[:1], [0.9], empty, "blank"),                                   # 1 for 0 true
+        (TRUTH, [0.9, 0.9, 0.9], TRUTH[:2], "over"),  # 3 for 2 true
+        (TRUTH[:1], [0.9], empty, "blank"),  # 1 for 0 true
     ]
     r = evaluate_predictions(images, conf=0.5)
     # relative errors -4/6 and +1/2 (the image without truth is left out of the ratios)
@@ -135,6 +135,7 @@ def test_no_truth_no_predictions():
 @pytest.fixture(scope="module")
 def synthetic_items():
     from napari_yolocell import synthetic as synthetic
+
     items = []
     for seed in range(2):
         im = synthetic.make_nuclei_image((192, 192), seed=seed)
@@ -144,20 +145,22 @@ def synthetic_items():
 
 def test_evaluate_model_and_compare(synthetic_items):
     from napari_yolocell import classical as classical
+
     result = evaluate_model(classical.ClassicalDetector(), synthetic_items, name="classical")
-    assert result["n_images"] == 2 and result["n_true"] == sum(len(b) for _, b, _ in
-                                                               synthetic_items)
+    assert result["n_images"] == 2 and result["n_true"] == sum(
+        len(b) for _, b, _ in synthetic_items
+    )
     assert result["recall"] > 0.9 and result["precision"] > 0.9  # well-separated blobs
     assert result["model"] == "classical" and result["seconds_per_image"] > 0
 
     half = evaluate_predictions(
-        [(b[::2], np.ones(len(b[::2])), b, n) for _, b, n in synthetic_items], name="half")
+        [(b[::2], np.ones(len(b[::2])), b, n) for _, b, n in synthetic_items], name="half"
+    )
     table = compare_models([result, half])
     assert list(table["model"]) == ["classical", "half"]
     assert table.loc[1, "R"] == pytest.approx(half["recall"]) and table.loc[1, "P"] == 1.0
     assert table.loc[1, "bias"] < -0.4
-    assert list(results_table([half]).columns[:6]) == ["model", "P", "R", "F1", "mAP50",
-                                                       "mAP50-95"]
+    assert list(results_table([half]).columns[:6]) == ["model", "P", "R", "F1", "mAP50", "mAP50-95"]
 
 
 def test_save_plots(tmp_path):
@@ -166,8 +169,12 @@ def test_save_plots(tmp_path):
     a = evaluate_predictions([(TRUTH, [0.9, 0.8, 0.7], TRUTH)], name="perfect")
     b = evaluate_predictions([(TRUTH[:2], [0.9, 0.4], TRUTH)], name="partial")
     paths = save_plots([a, b], tmp_path / "plots", prefix="cmp_")
-    assert [p.name for p in paths] == ["cmp_pr_curve.png", "cmp_f1_curve.png",
-                                       "cmp_count_error_curve.png", "cmp_count_scatter.png"]
+    assert [p.name for p in paths] == [
+        "cmp_pr_curve.png",
+        "cmp_f1_curve.png",
+        "cmp_count_error_curve.png",
+        "cmp_count_scatter.png",
+    ]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     fig = plot_pr_curve(a)

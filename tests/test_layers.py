@@ -31,12 +31,19 @@ from napari_yolocell.roi import in_roi
 def table(rows, plane_shape=None, n_planes=None) -> pd.DataFrame:
     """rows: (plane, y0, x0, y1, x1, confidence)."""
     arr = np.asarray(rows, dtype=float).reshape(-1, 6)
-    df = pd.DataFrame({
-        "plane": arr[:, 0].astype(np.int64),
-        "y": (arr[:, 1] + arr[:, 3]) / 2, "x": (arr[:, 2] + arr[:, 4]) / 2,
-        "y0": arr[:, 1], "x0": arr[:, 2], "y1": arr[:, 3], "x1": arr[:, 4],
-        "confidence": arr[:, 5], "class": np.zeros(len(arr), np.int64),
-    })
+    df = pd.DataFrame(
+        {
+            "plane": arr[:, 0].astype(np.int64),
+            "y": (arr[:, 1] + arr[:, 3]) / 2,
+            "x": (arr[:, 2] + arr[:, 4]) / 2,
+            "y0": arr[:, 1],
+            "x0": arr[:, 2],
+            "y1": arr[:, 3],
+            "x1": arr[:, 4],
+            "confidence": arr[:, 5],
+            "class": np.zeros(len(arr), np.int64),
+        }
+    )
     if plane_shape is not None:
         df.attrs["plane_shape"] = plane_shape
     if n_planes is not None:
@@ -44,13 +51,17 @@ def table(rows, plane_shape=None, n_planes=None) -> pd.DataFrame:
     return df
 
 
-DF2 = table([(0, 10, 20, 20, 40, 0.9), (0, 50, 50, 60, 60, 0.3), (0, 0, 0, 4, 4, 0.6)],
-            plane_shape=(), n_planes=1)
+DF2 = table(
+    [(0, 10, 20, 20, 40, 0.9), (0, 50, 50, 60, 60, 0.3), (0, 0, 0, 4, 4, 0.6)],
+    plane_shape=(),
+    n_planes=1,
+)
 
 
 def test_layers_2d_names_features_metadata_and_filter():
     (rects, skw, stype), (pts, pkw, ptype) = detections_to_layers(
-        DF2, "cells", scale=(0.5, 0.25), translate=(1.0, 2.0), conf=0.5)
+        DF2, "cells", scale=(0.5, 0.25), translate=(1.0, 2.0), conf=0.5
+    )
     assert (stype, ptype) == ("shapes", "points")
     assert skw["name"] == "cells boxes (2)" and pkw["name"] == "cells nuclei (2)"
     assert skw["shape_type"] == "rectangle"
@@ -70,8 +81,10 @@ def test_layers_2d_names_features_metadata_and_filter():
 
 
 def test_layers_nd_leading_coordinates():
-    df = table([(0, 0, 0, 2, 2, 0.5), (4, 10, 10, 12, 12, 0.5), (5, 20, 20, 22, 22, 0.7)],
-               plane_shape=(2, 3))
+    df = table(
+        [(0, 0, 0, 2, 2, 0.5), (4, 10, 10, 12, 12, 0.5), (5, 20, 20, 22, 22, 0.7)],
+        plane_shape=(2, 3),
+    )
     (rects, skw, _), (pts, pkw, _) = detections_to_layers(df, "zt")
     assert skw["ndim"] == pkw["ndim"] == 4
     # plane 4 of (2, 3) is (1, 1); plane 5 is (1, 2)
@@ -106,8 +119,9 @@ def test_empty_table_gives_empty_layers():
 
 def test_transform_coords_through_world():
     pts = np.array([[10.0, 20.0]])
-    out = transform_coords(pts, from_scale=(1, 1), from_translate=(0, 0),
-                           to_scale=(0.5, 0.5), to_translate=(1, 2))
+    out = transform_coords(
+        pts, from_scale=(1, 1), from_translate=(0, 0), to_scale=(0.5, 0.5), to_translate=(1, 2)
+    )
     np.testing.assert_allclose(out, [[18.0, 36.0]])
     # a 2-D ROI over a 3-D image: axes aligned on the right
     out = transform_coords(pts, (2, 2), None, (5.0, 1.0, 1.0), None)
@@ -116,8 +130,11 @@ def test_transform_coords_through_world():
 
 
 def test_counts_table_planes_and_rois():
-    df = table([(0, 0, 0, 10, 10, 0.9), (0, 100, 100, 110, 110, 0.9), (2, 0, 0, 10, 10, 0.9)],
-               plane_shape=(3,), n_planes=3)
+    df = table(
+        [(0, 0, 0, 10, 10, 0.9), (0, 100, 100, 110, 110, 0.9), (2, 0, 0, 10, 10, 0.9)],
+        plane_shape=(3,),
+        n_planes=3,
+    )
     square = np.array([[0, 0], [0, 50], [50, 50], [50, 0]], float)
     out = counts_table(df, "img", [square], ["corner"])
     assert list(out.columns) == COUNT_COLUMNS

@@ -61,15 +61,29 @@ def assert_one_to_one(df, syn):
 
 def test_drop_shared_edge_boxes():
     tile = Tile(0, 100, 200, 300, left=True, right=False, bottom=True)
-    boxes = np.array([box(0.5, 50, 20, 70), box(180, 50, 199.5, 70),  # left shared / right border
-                      box(50, 185, 70, 198.5), box(50, 0, 70, 10), box(50, 50, 70, 70)])
+    boxes = np.array(
+        [
+            box(0.5, 50, 20, 70),
+            box(180, 50, 199.5, 70),  # left shared / right border
+            box(50, 185, 70, 198.5),
+            box(50, 0, 70, 10),
+            box(50, 50, 70, 70),
+        ]
+    )
     kept = drop_shared_edge_boxes(boxes, tile, margin=2)
     assert kept[:, 0].tolist() == [180, 50, 50]
 
 
 def test_nms_and_ios():
-    boxes = np.array([box(0, 0, 10, 10, 0.8), box(1, 0, 11, 10, 0.9), box(30, 30, 40, 40, 0.5),
-                      box(31, 31, 35, 39, 0.6), box(100, 100, 110, 110, 0.1)])
+    boxes = np.array(
+        [
+            box(0, 0, 10, 10, 0.8),
+            box(1, 0, 11, 10, 0.9),
+            box(30, 30, 40, 40, 0.5),
+            box(31, 31, 35, 39, 0.6),
+            box(100, 100, 110, 110, 0.1),
+        ]
+    )
     keep = nms(boxes, 0.5)
     assert keep.tolist() == [1, 2, 3, 4]
     # Box 3 lies inside box 2 (IoU 0.32, survives NMS); IOS keeps the more confident (3).
@@ -90,8 +104,10 @@ def test_nms_matches_torchvision():
     assert ours.tolist() == sorted(ref.tolist())
 
 
-@pytest.mark.parametrize(("shape", "tile", "overlap"),
-                         [((560, 600), 256, 64), ((600, 560), 320, 48), ((700, 700), 512, 64)])
+@pytest.mark.parametrize(
+    ("shape", "tile", "overlap"),
+    [((560, 600), 256, 64), ((600, 560), 320, 48), ((700, 700), 512, 64)],
+)
 def test_border_merge_counts_exactly(shape, tile, overlap):
     syn = edge_image(shape, tile, overlap)
     df = detect_image(syn.image, ClassicalDetector(), DetectParams(tile=tile, overlap=overlap))

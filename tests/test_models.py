@@ -26,8 +26,15 @@ def registry(tmp_path, monkeypatch):
     """A temporary registry with one bundled model whose weights file is `fake.pt`."""
     weights = tmp_path / "fake.pt"
     weights.write_bytes(b"not really weights")
-    entry = {"name": "nuclei-v5", "family": "yolov5", "file": "fake.pt", "sha256": "0" * 64,
-             "default": True, "aliases": ["v5"], "diameter_px": 18}
+    entry = {
+        "name": "nuclei-v5",
+        "family": "yolov5",
+        "file": "fake.pt",
+        "sha256": "0" * 64,
+        "default": True,
+        "aliases": ["v5"],
+        "diameter_px": 18,
+    }
     path = tmp_path / "registry.json"
     path.write_text(json.dumps({"models": [entry]}))
     monkeypatch.setattr(models, "REGISTRY_FILE", path)
@@ -77,12 +84,23 @@ def test_unknown_name(tmp_path, monkeypatch):
 def test_sidecar_settings_are_read(tmp_path):
     weights = tmp_path / "best.pt"
     weights.write_bytes(b"x")
-    spec = ModelSpec(name="mine", family="yolov6", normalize="none", diameter_px=31.0,
-                     default_conf=0.4, percentiles=(2.0, 99.0))
+    spec = ModelSpec(
+        name="mine",
+        family="yolov6",
+        normalize="none",
+        diameter_px=31.0,
+        default_conf=0.4,
+        percentiles=(2.0, 99.0),
+    )
     assert write_sidecar(weights, spec) == sidecar_path(weights) == tmp_path / "best.yolocell.json"
     got = resolve_model(weights)
     assert (got.family, got.normalize, got.diameter_px, got.default_conf, got.percentiles) == (
-        "yolov6", "none", 31.0, 0.4, (2.0, 99.0))
+        "yolov6",
+        "none",
+        31.0,
+        0.4,
+        (2.0, 99.0),
+    )
     assert got.path == weights
     plain = tmp_path / "other.pt"
     plain.write_bytes(b"x")
@@ -104,8 +122,9 @@ def test_untrained_architectures_run(arch):
 
 def test_torch_detector_end_to_end_on_small_image():
     image = np.random.default_rng(0).integers(0, 4000, (70, 90), dtype=np.uint16)
-    df = detect_image(image, load_detector("yolov5n.yaml", device="cpu"),
-                      DetectParams(conf=0.001, max_det=10))
+    df = detect_image(
+        image, load_detector("yolov5n.yaml", device="cpu"), DetectParams(conf=0.001, max_det=10)
+    )
     assert list(df.columns) == COLUMNS
     assert (df["x1"] <= 90).all() and (df["y1"] <= 70).all()
 
@@ -119,9 +138,15 @@ def packed_registry(tmp_path, monkeypatch):
     packed = tmp_path / "pkg" / "nucleus_v5n.pt.xz"
     packed.parent.mkdir()
     packed.write_bytes(lzma.compress(source.read_bytes()))
-    entry = {"name": "packed-v5n", "family": "yolov5", "file": packed.name,
-             "sha256": file_sha256(packed), "unpacked_sha256": file_sha256(source),
-             "diameter_px": 23, "default": True}
+    entry = {
+        "name": "packed-v5n",
+        "family": "yolov5",
+        "file": packed.name,
+        "sha256": file_sha256(packed),
+        "unpacked_sha256": file_sha256(source),
+        "diameter_px": 23,
+        "default": True,
+    }
     (packed.parent / "registry.json").write_text(json.dumps({"models": [entry]}))
     monkeypatch.setattr(models, "REGISTRY_FILE", packed.parent / "registry.json")
     monkeypatch.setenv("YOLOCELL_CACHE_DIR", str(tmp_path / "cache"))
@@ -138,8 +163,9 @@ def test_packed_weights_unpack_to_the_cache_and_match_the_original(packed_regist
     assert file_sha256(unpacked) == file_sha256(source)
     tile = [np.asarray(np.random.default_rng(1).integers(0, 255, (96, 96, 3)), np.uint8)]
     reference = load_detector(source, device="cpu").predict(tile, conf=0.01, iou=0.5, max_det=50)
-    np.testing.assert_array_equal(detector.predict(tile, conf=0.01, iou=0.5, max_det=50)[0],
-                                  reference[0])
+    np.testing.assert_array_equal(
+        detector.predict(tile, conf=0.01, iou=0.5, max_det=50)[0], reference[0]
+    )
 
     # A damaged cache file is replaced, not loaded.
     models.clear_cache()

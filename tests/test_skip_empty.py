@@ -42,8 +42,11 @@ class SeenDetector(Detector):
         out = []
         for tile in tiles:
             labels = label(tile[:, :, 0] > self.level)
-            boxes = [(r.bbox[1], r.bbox[0], r.bbox[3], r.bbox[2], 1.0, 0)
-                     for r in regionprops(labels) if r.area >= 5]
+            boxes = [
+                (r.bbox[1], r.bbox[0], r.bbox[3], r.bbox[2], 1.0, 0)
+                for r in regionprops(labels)
+                if r.area >= 5
+            ]
             out.append(np.array(boxes, dtype=float).reshape(-1, 6))
         return out
 
@@ -58,8 +61,13 @@ def _sparse_slide(shape=(1600, 1600), seed=0):
     edge = np.array([[1152.0, 260.0]])
     centers = np.concatenate([island, far, edge])
     syn = make_nuclei_image(shape, centers=centers, seed=seed, min_distance=0)
-    dim = make_nuclei_image(shape, centers=np.array([[700.0, 1300.0], [760.0, 1360.0]]),
-                            intensity=(500, 600), seed=seed + 1, noise=0)
+    dim = make_nuclei_image(
+        shape,
+        centers=np.array([[700.0, 1300.0], [760.0, 1360.0]]),
+        intensity=(500, 600),
+        seed=seed + 1,
+        noise=0,
+    )
     image = np.maximum(syn.image, dim.image)  # two dim nuclei far from the others
     return image, len(centers) + 2
 
@@ -68,8 +76,9 @@ def _counts(image, detector_factory, **kw):
     out = {}
     for skip in (False, True):
         det = detector_factory()
-        df = detect_image(image, det, DetectParams(tile=TILE, overlap=OVERLAP, batch=4,
-                                                   skip_empty=skip, **kw))
+        df = detect_image(
+            image, det, DetectParams(tile=TILE, overlap=OVERLAP, batch=4, skip_empty=skip, **kw)
+        )
         out[skip] = (len(df), df.attrs["skipped_tiles"], det)
     return out
 
@@ -87,12 +96,19 @@ def test_sparse_slide_skips_tiles_and_keeps_every_nucleus():
 def test_pyramid_overview_skips_without_reading_full_resolution():
     image, truth = _sparse_slide()
     full = RecordingArray(image)
-    levels = [full, downscale_local_mean(image, 2).astype(image.dtype),
-              downscale_local_mean(image, 4).astype(image.dtype),
-              downscale_local_mean(image, 16).astype(image.dtype)]
+    levels = [
+        full,
+        downscale_local_mean(image, 2).astype(image.dtype),
+        downscale_local_mean(image, 4).astype(image.dtype),
+        downscale_local_mean(image, 16).astype(image.dtype),
+    ]
     calls = []
-    df = detect_image(levels, SeenDetector(), DetectParams(tile=TILE, overlap=OVERLAP, batch=4),
-                      progress=lambda done, total: calls.append((done, total)))
+    df = detect_image(
+        levels,
+        SeenDetector(),
+        DetectParams(tile=TILE, overlap=OVERLAP, batch=4),
+        progress=lambda done, total: calls.append((done, total)),
+    )
     total = len(tile_grid(image.shape, TILE, OVERLAP))
     skipped = df.attrs["skipped_tiles"]
     assert len(df) == truth and skipped > total // 3
@@ -135,8 +151,9 @@ def test_pyramid_with_diameter_and_normalisation(normalize):
     counts = {}
     for skip in (False, True):
         det = SeenDetector(level=40 if normalize == "none" else 15)
-        params = DetectParams(tile=TILE, overlap=OVERLAP, normalize=normalize, diameter=36.0,
-                              skip_empty=skip)
+        params = DetectParams(
+            tile=TILE, overlap=OVERLAP, normalize=normalize, diameter=36.0, skip_empty=skip
+        )
         df = detect_image([image8, image8[::2, ::2], image8[::8, ::8]], det, params)
         counts[skip] = (len(df), df.attrs["skipped_tiles"])
     assert counts[True][0] == counts[False][0] > 100
@@ -148,9 +165,10 @@ def test_slide_like_synthetic_tiff_skips_background_and_counts_every_nucleus(tmp
     from napari_yolocell.tiff_io import open_tiff
 
     shape = (3072, 3072)
-    truth = write_synthetic_tiff(tmp_path / "slide.tif", shape=shape, tile=256, levels=3,
-                                 tissue=0.4, seed=3)
-    ys, xs = np.mgrid[0:shape[0]:64, 0:shape[1]:64]
+    truth = write_synthetic_tiff(
+        tmp_path / "slide.tif", shape=shape, tile=256, levels=3, tissue=0.4, seed=3
+    )
+    ys, xs = np.mgrid[0 : shape[0] : 64, 0 : shape[1] : 64]
     grid = np.stack([ys.ravel(), xs.ravel()], axis=1)
     covered = tissue_mask_at(grid, shape, 0.4, seed=3).mean()
     assert 0.3 < covered < 0.5  # about the requested fraction of the slide is tissue
@@ -161,7 +179,11 @@ def test_slide_like_synthetic_tiff_skips_background_and_counts_every_nucleus(tmp
     bare = 0  # tiles with no nucleus within 16 px: the ones a slide user expects skipped
     for tile in tile_grid(shape, 512, df.attrs["overlap"]):
         (ys, xs), m = tile.slices, 16
-        bare += not ((truth.y1 > ys.start - m) & (truth.y0 < ys.stop + m)
-                     & (truth.x1 > xs.start - m) & (truth.x0 < xs.stop + m)).any()
+        bare += not (
+            (truth.y1 > ys.start - m)
+            & (truth.y0 < ys.stop + m)
+            & (truth.x1 > xs.start - m)
+            & (truth.x0 < xs.stop + m)
+        ).any()
     assert bare >= 5 and df.attrs["skipped_tiles"] >= 0.75 * bare
     assert abs(len(df) - len(truth)) <= 0.01 * len(truth)

@@ -28,7 +28,11 @@ def test_shared_sides_overlap_a_neighbour(shape, tile, overlap):
     tiles = tile_grid(shape, tile, overlap)
     for t in tiles:
         assert (t.top, t.left, t.bottom, t.right) == (
-            t.y0 > 0, t.x0 > 0, t.y1 < shape[0], t.x1 < shape[1])
+            t.y0 > 0,
+            t.x0 > 0,
+            t.y1 < shape[0],
+            t.x1 < shape[1],
+        )
         if t.right:  # the neighbour to the right starts at least `overlap` before our edge
             right = [u for u in tiles if u.y0 == t.y0 and u.x0 > t.x0]
             assert min(u.x0 for u in right) <= t.x1 - overlap
@@ -47,8 +51,10 @@ def test_last_tile_is_flush_with_the_edge():
     assert max(t.x1 for t in tiles) == 1000
 
 
-@pytest.mark.parametrize(("shape", "tile", "overlap"), [
-    ((0, 10), 64, 8), ((10, 10), 0, 0), ((10, 10), 64, 64), ((10, 10), 64, -1)])
+@pytest.mark.parametrize(
+    ("shape", "tile", "overlap"),
+    [((0, 10), 64, 8), ((10, 10), 0, 0), ((10, 10), 64, 64), ((10, 10), 64, -1)],
+)
 def test_invalid_arguments(shape, tile, overlap):
     with pytest.raises(ValueError):
         tile_grid(shape, tile, overlap)

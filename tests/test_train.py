@@ -53,7 +53,8 @@ def dataset(tmp_path_factory) -> Path:
     _write_split(root, "train", 6, rng)
     _write_split(root, "val", 2, rng)
     (root / "data.yaml").write_text(
-        "path: .\ntrain: images/train\nval: images/val\nnames:\n  0: nucleus\n")
+        "path: .\ntrain: images/train\nval: images/val\nnames:\n  0: nucleus\n"
+    )
     return root
 
 
@@ -62,8 +63,17 @@ def one_epoch(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     epochs: list[dict] = []
     batches: list[dict] = []
-    result = train(dataset, "yolov5n", epochs=1, imgsz=SIZE, batch=4, out=out, device="cpu",
-                   on_epoch=epochs.append, on_batch=batches.append)
+    result = train(
+        dataset,
+        "yolov5n",
+        epochs=1,
+        imgsz=SIZE,
+        batch=4,
+        out=out,
+        device="cpu",
+        on_epoch=epochs.append,
+        on_batch=batches.append,
+    )
     return result, epochs, batches
 
 
@@ -93,6 +103,7 @@ def test_sidecar_and_load_detector(one_epoch):
     assert result.last.with_name("last.yolocell.json").is_file()
 
     from napari_yolocell import models as models
+
     detector = models.load_detector(result.best, device="cpu")
     assert detector.spec.family == "yolov5" and detector.spec.diameter_px == pytest.approx(12.0)
 
@@ -109,16 +120,26 @@ def test_progress_callbacks(one_epoch):
 def test_cancel_keeps_resumable_last_then_resume(dataset, tmp_path):
     import torch
 
-    result = train(dataset, "yolov5n", epochs=2, imgsz=SIZE, batch=4, out=tmp_path,
-                   name="run", device="cpu", should_stop=lambda: True)
+    result = train(
+        dataset,
+        "yolov5n",
+        epochs=2,
+        imgsz=SIZE,
+        batch=4,
+        out=tmp_path,
+        name="run",
+        device="cpu",
+        should_stop=lambda: True,
+    )
     assert result.cancelled and result.best is None and result.last.is_file()
     ckpt = torch.load(result.last, map_location="cpu", weights_only=False)
     assert ckpt["optimizer"] is not None and ckpt["epoch"] == 0  # resumable
     assert result.last.with_name("last.yolocell.json").is_file()
 
     epochs: list[dict] = []
-    resumed = train(dataset, out=tmp_path, name="run", resume=True, device="cpu",
-                    on_epoch=epochs.append)
+    resumed = train(
+        dataset, out=tmp_path, name="run", resume=True, device="cpu", on_epoch=epochs.append
+    )
     assert not resumed.cancelled and resumed.run_dir == result.run_dir
     assert [e["epoch"] for e in epochs if not e["final"]] == [2]
     assert resumed.best is not None and resumed.best.is_file()

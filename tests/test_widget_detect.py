@@ -18,7 +18,6 @@ from napari_yolocell.synthetic import make_nuclei_image
 TIMEOUT = 30_000
 
 
-
 @pytest.fixture(scope="module")
 def nuclei():
     return make_nuclei_image((384, 384), n_nuclei=20, seed=1)
@@ -42,8 +41,11 @@ def run(qtbot, widget):
 
 
 def results(viewer, source="cells"):
-    return {layer.metadata[KIND_KEY]: layer for layer in viewer.layers
-            if layer.metadata.get(SOURCE_KEY) == source}
+    return {
+        layer.metadata[KIND_KEY]: layer
+        for layer in viewer.layers
+        if layer.metadata.get(SOURCE_KEY) == source
+    }
 
 
 def test_detect_layers_count_rerun_and_slider(qtbot, setup, nuclei):
@@ -85,8 +87,11 @@ def test_detect_layers_count_rerun_and_slider(qtbot, setup, nuclei):
 def test_roi_counts_and_csv_export(qtbot, setup, nuclei, tmp_path):
     viewer, widget = setup
     # the edge x = 240 lies in a wide gap between nuclei (x = 196 and 278)
-    viewer.add_shapes([np.array([[0, 0], [0, 239.5], [383.5, 239.5], [383.5, 0]])],
-                      shape_type="rectangle", name="left")
+    viewer.add_shapes(
+        [np.array([[0, 0], [0, 239.5], [383.5, 239.5], [383.5, 0]])],
+        shape_type="rectangle",
+        name="left",
+    )
     widget.roi.value = viewer.layers["left"]
     run(qtbot, widget)
     truth_left = int((nuclei.centers[:, 1] < 240).sum())
@@ -162,8 +167,12 @@ def test_error_is_shown_and_run_reenabled(qtbot, setup, monkeypatch):
 def test_stack_planes_map_to_leading_axis(qtbot, make_napari_viewer, nuclei):
     viewer = make_napari_viewer()
     other = make_nuclei_image((384, 384), n_nuclei=12, seed=5)
-    viewer.add_image(np.stack([nuclei.image, other.image]), name="stack",
-                     scale=(2.0, 0.5, 0.5), translate=(0.0, 10.0, 20.0))
+    viewer.add_image(
+        np.stack([nuclei.image, other.image]),
+        name="stack",
+        scale=(2.0, 0.5, 0.5),
+        translate=(0.0, 10.0, 20.0),
+    )
     widget = DetectWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.model.value = "classical"
@@ -246,11 +255,28 @@ def test_large_result_boxes_only_in_view(make_napari_viewer):
     widget = DetectWidget(viewer)
     i = np.arange(50_000)
     y0, x0 = (i // 200) * 20.0, (i % 200) * 20.0  # 250 x 200 grid of 10 px boxes
-    df = pd.DataFrame({"plane": 0, "y": y0 + 5, "x": x0 + 5, "y0": y0, "x0": x0,
-                       "y1": y0 + 10, "x1": x0 + 10, "confidence": 0.9, "class": 0})
-    widget._results["big"] = wd._Result(source="big", df=df, model="classical", run_conf=0.0,
-                                        scale=[1.0, 1.0], translate=[0.0, 0.0],
-                                        plane_shape=())
+    df = pd.DataFrame(
+        {
+            "plane": 0,
+            "y": y0 + 5,
+            "x": x0 + 5,
+            "y0": y0,
+            "x0": x0,
+            "y1": y0 + 10,
+            "x1": x0 + 10,
+            "confidence": 0.9,
+            "class": 0,
+        }
+    )
+    widget._results["big"] = wd._Result(
+        source="big",
+        df=df,
+        model="classical",
+        run_conf=0.0,
+        scale=[1.0, 1.0],
+        translate=[0.0, 0.0],
+        plane_shape=(),
+    )
     widget._active = "big"
     viewer.camera.center = (1000.0, 1000.0)
     viewer.camera.zoom = 4.0  # the viewbox spans a few hundred pixels of the image

@@ -18,7 +18,6 @@ from napari_yolocell.synthetic import make_nuclei_image
 TIMEOUT = 60_000
 
 
-
 @pytest.fixture(scope="module")
 def nuclei():
     return make_nuclei_image((384, 384), n_nuclei=20, seed=1)

@@ -74,8 +74,9 @@ def test_export_then_import_gives_same_boxes(tmp_path):
 
 def test_large_image_is_tiled_and_regions_never_straddle_splits(tmp_path):
     syn = make_nuclei_image((1024, 1024), n_nuclei=150, seed=1)
-    rep = export_dataset([Sample(syn.image, syn.boxes, name="big")], tmp_path / "ds",
-                         tile=256, overlap=32)
+    rep = export_dataset(
+        [Sample(syn.image, syn.boxes, name="big")], tmp_path / "ds", tile=256, overlap=32
+    )
     assert rep.n_images["val"] > 0 and rep.n_images["train"] > 0
     # every tile name carries its window; group tiles by the block of the region grid
     meta = yaml.safe_load((tmp_path / "ds" / "data.yaml").read_text())

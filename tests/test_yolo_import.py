@@ -57,8 +57,14 @@ def test_roboflow_counts(roboflow):
     assert len(ds) == 21
     assert len(ds.names) == 9 and ds.names[2] == "lymphocyte"
     assert ds.class_counts() == {
-        "lymphocyte": 234, "tumor": 208, "plasma_cell": 153, "fibroblast": 146,
-        "unlabeled": 90, "macrophage": 29, "apoptotic_body": 7, "mitotic_figure": 6,
+        "lymphocyte": 234,
+        "tumor": 208,
+        "plasma_cell": 153,
+        "fibroblast": 146,
+        "unlabeled": 90,
+        "macrophage": 29,
+        "apoptotic_body": 7,
+        "mitotic_figure": 6,
         "vascular_endothelium": 1,
     }
     # every line of this export is a polygon (rectangles written as 4/5-point polygons)
@@ -96,7 +102,9 @@ def test_roboflow_strict_names_leave_orphans():
     with pytest.warns(UserWarning) as record:
         ds = read_yolo_dataset(ROBOFLOW / "data.yaml", match_roboflow_names=False)
     assert sorted(str(w.message).split(": ")[1] for w in record) == [
-        "4 x name_mismatch", "4 x orphan_label"]
+        "4 x name_mismatch",
+        "4 x orphan_label",
+    ]
     assert ds.counts()["test"] == {"images": 4, "objects": 0}
     orphans = ds.problems_of("orphan_label")
     assert len(orphans) == 4 and all(p.path.suffix == ".txt" for p in orphans)
@@ -131,12 +139,12 @@ def test_to_napari_layers(roboflow):
 def test_label_lines_boxes_polygons_and_bad_lines(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text(
-        "0 0.5 0.5 0.2 0.4\n"           # box: x 0.4..0.6, y 0.3..0.7
-        "1 0.1 0.1 0.3 0.1 0.3 0.2\n"   # triangle polygon
+        "0 0.5 0.5 0.2 0.4\n"  # box: x 0.4..0.6, y 0.3..0.7
+        "1 0.1 0.1 0.3 0.1 0.3 0.2\n"  # triangle polygon
         "\n"
-        "2 0.5 0.5\n"                   # too few values
-        "x 0.5 0.5 0.1 0.1\n"           # not numeric
-        "0 0.5 0.5 1.5 0.1\n"           # outside the image
+        "2 0.5 0.5\n"  # too few values
+        "x 0.5 0.5 0.1 0.1\n"  # not numeric
+        "0 0.5 0.5 1.5 0.1\n"  # outside the image
     )
     boxes, classes, polygon, bad = parse_label_file(path)
     np.testing.assert_allclose(boxes, [[0.3, 0.4, 0.7, 0.6], [0.1, 0.1, 0.2, 0.3]])
@@ -147,24 +155,26 @@ def test_label_lines_boxes_polygons_and_bad_lines(tmp_path):
 def test_ultralytics_layout_with_problems(tmp_path):
     _image(tmp_path / "images/train/a.png", (40, 60))
     _label(tmp_path / "labels/train/a.txt", "0 0.5 0.5 0.5 0.5\n0 0.1 0.1\n")
-    _image(tmp_path / "images/train/empty.png")                 # no label: zero objects
+    _image(tmp_path / "images/train/empty.png")  # no label: zero objects
     _label(tmp_path / "labels/train/ghost.txt", "0 0.5 0.5 0.1 0.1\n")  # no image
     _image(tmp_path / "images/val/b.jpg", (40, 60))
     _label(tmp_path / "labels/val/b.txt", "0 0.5 0.5 0.5 0.5\n")
     (tmp_path / "data.yaml").write_text(
-        f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames: [nucleus]\n")
+        f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames: [nucleus]\n"
+    )
     with pytest.warns(UserWarning) as record:
         ds = read_yolo_dataset(tmp_path)
-    assert ds.counts() == {"train": {"images": 2, "objects": 1},
-                           "val": {"images": 1, "objects": 1}}
+    assert ds.counts() == {"train": {"images": 2, "objects": 1}, "val": {"images": 1, "objects": 1}}
     a = ds.split("train")[0]
     np.testing.assert_allclose(a.boxes, [[10, 15, 30, 45]])  # pixels y0, x0, y1, x1
     assert a.class_names == ["nucleus"]
     kinds = sorted(p.kind for p in ds.problems)
     assert kinds == ["bad_label_line", "orphan_label"]
     assert ds.problems_of("orphan_label")[0].path.name == "ghost.txt"
-    assert {str(w.message).split(": ")[1] for w in record} == {"1 x bad_label_line",
-                                                                "1 x orphan_label"}
+    assert {str(w.message).split(": ")[1] for w in record} == {
+        "1 x bad_label_line",
+        "1 x orphan_label",
+    }
 
 
 def test_roboflow_style_relative_paths(tmp_path):
@@ -173,7 +183,8 @@ def test_roboflow_style_relative_paths(tmp_path):
         _label(tmp_path / split / "labels" / f"{split}_1.txt", "1 0.5 0.5 0.2 0.2\n")
     (tmp_path / "data.yaml").write_text(
         "train: ../train/images\nval: ../valid/images\ntest: ../test/images\n"
-        "nc: 2\nnames: ['a', 'b']\n")
+        "nc: 2\nnames: ['a', 'b']\n"
+    )
     ds = read_yolo_dataset(tmp_path / "data.yaml", warn=False)
     assert ds.splits == ["train", "val", "test"] and not ds.problems
     assert ds.split("val")[0].class_names == ["b"]

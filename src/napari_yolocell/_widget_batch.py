@@ -74,8 +74,9 @@ def add_tabs(container: Container, pages: Sequence[tuple[str, Container]]) -> QT
         page.native.layout().addStretch()  # rows stay together at the top of a tall tab
         scroll.setWidget(page.native)  # re-parenting takes it out of the container's layout
         # as wide as the page needs: no horizontal scrolling, nothing cut off on the right
-        scroll.setMinimumWidth(page.native.minimumSizeHint().width()
-                               + scroll.verticalScrollBar().sizeHint().width())
+        scroll.setMinimumWidth(
+            page.native.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width()
+        )
         tabs.addTab(scroll, title)
     container.native.layout().addWidget(tabs)
     container.native.layout().setContentsMargins(0, 0, 0, 0)
@@ -127,8 +128,11 @@ class BatchJob:
     @property
     def csvs(self) -> dict[str, Path]:
         """``out`` / ``counts`` / ``errors`` paths for :func:`~napari_yolocell.batch.run_batch`."""
-        return {"out": self.output / DETECTIONS_CSV, "counts": self.output / COUNTS_CSV,
-                "errors": self.output / ERRORS_CSV}
+        return {
+            "out": self.output / DETECTIONS_CSV,
+            "counts": self.output / COUNTS_CSV,
+            "errors": self.output / ERRORS_CSV,
+        }
 
 
 @dataclass
@@ -140,8 +144,11 @@ class BatchOutcome:
     error: BaseException | None = None
 
 
-def run_batch_job(job: BatchJob, cancel: threading.Event | None = None,
-                  on_result: Callable[[int, ImageResult], None] | None = None) -> BatchOutcome:
+def run_batch_job(
+    job: BatchJob,
+    cancel: threading.Event | None = None,
+    on_result: Callable[[int, ImageResult], None] | None = None,
+) -> BatchOutcome:
     """Run ``job`` with :func:`~napari_yolocell.batch.run_batch`; never raises.
 
     Errors come back as values: superqt's worker reduces a ``RuntimeError`` (which
@@ -150,9 +157,16 @@ def run_batch_job(job: BatchJob, cancel: threading.Event | None = None,
     """
     try:
         csvs = job.csvs
-        results = run_batch([str(p) for p in job.paths], job.model, job.params, **csvs,
-                            workers=job.workers, backend=job.backend, on_result=on_result,
-                            cancel=cancel)
+        results = run_batch(
+            [str(p) for p in job.paths],
+            job.model,
+            job.params,
+            **csvs,
+            workers=job.workers,
+            backend=job.backend,
+            on_result=on_result,
+            cancel=cancel,
+        )
         if not csvs["errors"].exists():
             write_csv_atomic(pd.DataFrame(columns=ERROR_COLUMNS), csvs["errors"])
     except BatchCancelled:
@@ -197,28 +211,41 @@ class BatchPanel(Container):
         self._relay.result.connect(self._on_result)
 
         self.folder = FileEdit(label="input folder", mode="d")
-        self.pattern = LineEdit(label="file pattern", value="*.tif",
-                                tooltip="glob inside the folder; ** recurses into subfolders, "
-                                        "e.g. **/*.tif")
-        self.output = FileEdit(label="output folder", mode="d",
-                               tooltip=f"receives {DETECTIONS_CSV}, {COUNTS_CSV} and "
-                                       f"{ERRORS_CSV}")
-        self.workers = SpinBox(label="workers", value=1, min=1, max=os.cpu_count() or 1,
-                               tooltip="images analysed in parallel (one process each)")
-        self.settings_label = Label(
-            value="model and detection settings: those of the Image tab")
+        self.pattern = LineEdit(
+            label="file pattern",
+            value="*.tif",
+            tooltip="glob inside the folder; ** recurses into subfolders, e.g. **/*.tif",
+        )
+        self.output = FileEdit(
+            label="output folder",
+            mode="d",
+            tooltip=f"receives {DETECTIONS_CSV}, {COUNTS_CSV} and {ERRORS_CSV}",
+        )
+        self.workers = SpinBox(
+            label="workers",
+            value=1,
+            min=1,
+            max=os.cpu_count() or 1,
+            tooltip="images analysed in parallel (one process each)",
+        )
+        self.settings_label = Label(value="model and detection settings: those of the Image tab")
         self.run_button = PushButton(text="Run batch")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
         self.table = Table(value={c: [] for c in TABLE_COLUMNS})
         self.total_label = Label(value="")
-        self.extend([
-            Container(widgets=[self.folder, self.pattern, self.output, self.workers]),
-            self.settings_label,
-            Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
-                      labels=False),
-            self.status, self.table, self.total_label,
-        ])
+        self.extend(
+            [
+                Container(widgets=[self.folder, self.pattern, self.output, self.workers]),
+                self.settings_label,
+                Container(
+                    widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False
+                ),
+                self.status,
+                self.table,
+                self.total_label,
+            ]
+        )
         self.table.native.setMinimumHeight(160)
         self.table.native.horizontalHeader().setStretchLastSection(True)  # room for errors
         for label in (self.settings_label, self.status, self.total_label):
@@ -235,8 +262,9 @@ class BatchPanel(Container):
         the low run threshold of the Image tab; the pyramid level of the open image says
         nothing about other files, so level 0.
         """
-        return dataclasses.replace(self.detect.detect_params(),
-                                   conf=float(self.detect.conf.value), level=0)
+        return dataclasses.replace(
+            self.detect.detect_params(), conf=float(self.detect.conf.value), level=0
+        )
 
     def make_job(self) -> BatchJob:
         """Capture the current settings.
@@ -256,10 +284,15 @@ class BatchPanel(Container):
         model = self.detect.model.value
         if model is None:
             raise ValueError("no model selected (Image tab)")
-        return BatchJob(paths=paths, model=str(model), params=self.params(), output=output,
-                        backend=str(self.detect.backend.value),
-                        workers=int(self.workers.value),
-                        root=Path(self.folder.value).expanduser())
+        return BatchJob(
+            paths=paths,
+            model=str(model),
+            params=self.params(),
+            output=output,
+            backend=str(self.detect.backend.value),
+            workers=int(self.workers.value),
+            root=Path(self.folder.value).expanduser(),
+        )
 
     # ------------------------------------------------------------------ running
 
@@ -289,11 +322,15 @@ class BatchPanel(Container):
             return None
         self.job = job
         self.results = [None] * len(job.paths)
-        self.table.value = {"image": [self._display_name(p) for p in job.paths],
-                            "count": [""] * len(job.paths), "error": [""] * len(job.paths)}
+        self.table.value = {
+            "image": [self._display_name(p) for p in job.paths],
+            "count": [""] * len(job.paths),
+            "error": [""] * len(job.paths),
+        }
         self._cancel = threading.Event()
-        worker = create_worker(run_batch_job, job, self._cancel, self._relay.result.emit,
-                               _start_thread=False)
+        worker = create_worker(
+            run_batch_job, job, self._cancel, self._relay.result.emit, _start_thread=False
+        )
         worker.returned.connect(partial(self._on_returned, job))
         worker.finished.connect(self._on_finished)
         self._worker = worker
@@ -302,7 +339,8 @@ class BatchPanel(Container):
         p = job.params
         self.settings_label.value = (
             f"model {Path(job.model).name}, confidence {p.conf:.2f}, tile {p.tile}, "
-            f"IoU {p.iou:.2f}" + (f", diameter {p.diameter:g} px" if p.diameter else ""))
+            f"IoU {p.iou:.2f}" + (f", diameter {p.diameter:g} px" if p.diameter else "")
+        )
         self.status.value = f"running on {len(job.paths)} images..."
         self._update_total()
         worker.start()
@@ -342,8 +380,7 @@ class BatchPanel(Container):
         done = [r for r in self.results if r is not None]
         ok = [r for r in done if r.error is None]
         failed = len(done) - len(ok)
-        text = (f"{len(done)} of {len(self.results)} images: "
-                f"{sum(r.count for r in ok):,} nuclei")
+        text = f"{len(done)} of {len(self.results)} images: {sum(r.count for r in ok):,} nuclei"
         if failed:
             text += f", {failed} unreadable (see {ERRORS_CSV})"
         self.total_label.value = text
@@ -354,16 +391,18 @@ class BatchPanel(Container):
             self.status.value = (
                 f"Cancelled with {n_done} of {len(job.paths)} images done; they are kept. "
                 "Press Run batch again with the same folder, pattern, output folder, model and "
-                "settings to resume where it stopped.")
+                "settings to resume where it stopped."
+            )
             return
         if outcome.error is not None:
             self.status.value = f"Batch failed: {_error_text(outcome.error)}"
             _show_error(f"Batch detection failed: {_error_text(outcome.error)}")
             return
         failed = sum(r.error is not None for r in outcome.results or [])
-        self.status.value = (f"Done: wrote {DETECTIONS_CSV}, {COUNTS_CSV} and {ERRORS_CSV} "
-                             f"to {job.output}"
-                             + (f" ({failed} image(s) could not be read)" if failed else ""))
+        self.status.value = (
+            f"Done: wrote {DETECTIONS_CSV}, {COUNTS_CSV} and {ERRORS_CSV} "
+            f"to {job.output}" + (f" ({failed} image(s) could not be read)" if failed else "")
+        )
 
     def _on_finished(self) -> None:
         self._worker = None
@@ -377,15 +416,21 @@ class BatchPanel(Container):
 
     def results_table(self) -> pd.DataFrame:
         """Finished images so far: ``image`` (path), ``count`` (None on error), ``error``."""
-        rows = [{"image": r.image, "count": None if r.error else r.count, "error": r.error}
-                for r in self.results if r is not None]
+        rows = [
+            {"image": r.image, "count": None if r.error else r.count, "error": r.error}
+            for r in self.results
+            if r is not None
+        ]
         return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
 def _error_text(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
-    return text if isinstance(exc, (ValueError, FileNotFoundError, OSError)) else \
-        f"{type(exc).__name__}: {text}"
+    return (
+        text
+        if isinstance(exc, (ValueError, FileNotFoundError, OSError))
+        else f"{type(exc).__name__}: {text}"
+    )
 
 
 def _show_error(message: str) -> None:

@@ -159,8 +159,7 @@ def run_detection(
         detector = load_detector(model, backend=backend)
         if cancel is not None and cancel.is_set():
             return DetectOutcome(cancelled=True)
-        df = yield from iter_detect(image, detector, params, rgb=rgb, planes=planes,
-                                    cancel=cancel)
+        df = yield from iter_detect(image, detector, params, rgb=rgb, planes=planes, cancel=cancel)
     except DetectionCancelled:
         return DetectOutcome(cancelled=True)
     except Exception as exc:  # noqa: BLE001 - every failure is shown to the user
@@ -204,8 +203,11 @@ def _is_result(layer) -> bool:
 
 def _error_text(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
-    return text if isinstance(exc, (ValueError, FileNotFoundError)) else \
-        f"{type(exc).__name__}: {text}"
+    return (
+        text
+        if isinstance(exc, (ValueError, FileNotFoundError))
+        else f"{type(exc).__name__}: {text}"
+    )
 
 
 class DetectWidget(Container):
@@ -233,70 +235,132 @@ class DetectWidget(Container):
 
         # --- input
         self.image = ComboBox(label="image", choices=self._image_choices)
-        self.level = ComboBox(label="level", choices=self._level_choices,
-                              tooltip="pyramid level to analyse (0 = full resolution)")
-        self.current_plane = CheckBox(text="current plane only", value=False,
-                                      tooltip="nD images: analyse only the plane shown")
-        self.channel = ComboBox(label="channel", choices=[
-            ("max of colours", None), ("red (0)", 0), ("green (1)", 1), ("blue (2)", 2)],
-            tooltip="RGB images: colour channel holding the nuclei")
+        self.level = ComboBox(
+            label="level",
+            choices=self._level_choices,
+            tooltip="pyramid level to analyse (0 = full resolution)",
+        )
+        self.current_plane = CheckBox(
+            text="current plane only",
+            value=False,
+            tooltip="nD images: analyse only the plane shown",
+        )
+        self.channel = ComboBox(
+            label="channel",
+            choices=[("max of colours", None), ("red (0)", 0), ("green (1)", 1), ("blue (2)", 2)],
+            tooltip="RGB images: colour channel holding the nuclei",
+        )
         # --- model
         self.model = ComboBox(label="model", choices=self._model_choices)
-        self.model_file = FileEdit(label="add .pt", mode="r", filter="*.pt",
-                                   tooltip="add a trained ultralytics checkpoint to the list")
-        self.backend = ComboBox(label="runtime", value="auto",
-                                choices=["auto", "openvino", "onnxruntime", "torch"],
-                                tooltip="forward-pass runtime; auto = the fastest installed "
-                                        "(OpenVINO on CPU, PyTorch on a CUDA GPU)")
+        self.model_file = FileEdit(
+            label="add .pt",
+            mode="r",
+            filter="*.pt",
+            tooltip="add a trained ultralytics checkpoint to the list",
+        )
+        self.backend = ComboBox(
+            label="runtime",
+            value="auto",
+            choices=["auto", "openvino", "onnxruntime", "torch"],
+            tooltip="forward-pass runtime; auto = the fastest installed "
+            "(OpenVINO on CPU, PyTorch on a CUDA GPU)",
+        )
         # --- parameters
-        self.conf = FloatSlider(label="confidence", value=0.25, min=0.0, max=1.0, step=0.01,
-                                tooltip="filters the detections shown; moving it after a run "
-                                        "does not re-run")
+        self.conf = FloatSlider(
+            label="confidence",
+            value=0.25,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="filters the detections shown; moving it after a run does not re-run",
+        )
         self.iou = FloatSpinBox(label="IoU (NMS)", value=0.5, min=0.05, max=0.95, step=0.05)
         self.tile = SpinBox(label="tile", value=640, min=64, max=8192, step=32)
         self.overlap = SpinBox(label="overlap (0 = auto)", value=0, min=0, max=4096)
-        self.diameter = FloatSpinBox(label="diameter px (0 = model)", value=0.0, min=0.0,
-                                     max=2000.0, step=1.0,
-                                     tooltip="typical nucleus diameter in full-resolution "
-                                             "pixels; tiles are rescaled to the model's")
-        self.normalize = ComboBox(label="normalisation", choices=[
-            ("model default", None), ("percentile", "percentile"), ("none", "none")])
+        self.diameter = FloatSpinBox(
+            label="diameter px (0 = model)",
+            value=0.0,
+            min=0.0,
+            max=2000.0,
+            step=1.0,
+            tooltip="typical nucleus diameter in full-resolution "
+            "pixels; tiles are rescaled to the model's",
+        )
+        self.normalize = ComboBox(
+            label="normalisation",
+            choices=[("model default", None), ("percentile", "percentile"), ("none", "none")],
+        )
         self.roi = ComboBox(label="ROI (Shapes)", choices=self._roi_choices, nullable=True)
         # --- run
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.count_label = Label(value="no detections yet")
         self.boxes_button = PushButton(
-            text="Show boxes in view", visible=False,
+            text="Show boxes in view",
+            visible=False,
             tooltip=f"results above {LARGE_RESULT:,} nuclei draw boxes only for the visible "
-                    f"region (at most {MAX_BOXES_IN_VIEW:,}); press after panning or zooming")
+            f"region (at most {MAX_BOXES_IN_VIEW:,}); press after panning or zooming",
+        )
         self.roi_table = Table(value={"plane": [], "roi": [], "count": []}, visible=False)
         self.export_detections_button = PushButton(text="Export detections CSV...")
         self.export_counts_button = PushButton(text="Export counts CSV...")
         # --- calibrate
-        self.known_count = SpinBox(label="known count", value=0, min=0, max=10_000_000,
-                                   tooltip="nuclei in the image (or in the ROI when one is set)")
-        self.clicked = ComboBox(label="or clicked nuclei", choices=self._points_choices,
-                                nullable=True,
-                                tooltip="Points layer with every nucleus of the ROI clicked")
+        self.known_count = SpinBox(
+            label="known count",
+            value=0,
+            min=0,
+            max=10_000_000,
+            tooltip="nuclei in the image (or in the ROI when one is set)",
+        )
+        self.clicked = ComboBox(
+            label="or clicked nuclei",
+            choices=self._points_choices,
+            nullable=True,
+            tooltip="Points layer with every nucleus of the ROI clicked",
+        )
         self.calibrate_button = PushButton(text="Calibrate confidence")
         self.calibration_label = Label(value="")
 
-        self.single = Container(widgets=[
-            self.image, self.level, self.current_plane, self.channel,
-            self.model, self.model_file, self.backend,
-            self.conf, self.iou, self.tile, self.overlap, self.diameter, self.normalize,
-            self.roi,
-            # results span the full width (no label column)
-            Container(labels=False, widgets=[
-                Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
-                          labels=False),
-                self.count_label, self.boxes_button, self.roi_table,
-                Container(widgets=[self.export_detections_button, self.export_counts_button],
-                          layout="horizontal", labels=False)]),
-            self.known_count, self.clicked,
-            Container(labels=False, widgets=[self.calibrate_button, self.calibration_label]),
-        ])
+        self.single = Container(
+            widgets=[
+                self.image,
+                self.level,
+                self.current_plane,
+                self.channel,
+                self.model,
+                self.model_file,
+                self.backend,
+                self.conf,
+                self.iou,
+                self.tile,
+                self.overlap,
+                self.diameter,
+                self.normalize,
+                self.roi,
+                # results span the full width (no label column)
+                Container(
+                    labels=False,
+                    widgets=[
+                        Container(
+                            widgets=[self.run_button, self.cancel_button],
+                            layout="horizontal",
+                            labels=False,
+                        ),
+                        self.count_label,
+                        self.boxes_button,
+                        self.roi_table,
+                        Container(
+                            widgets=[self.export_detections_button, self.export_counts_button],
+                            layout="horizontal",
+                            labels=False,
+                        ),
+                    ],
+                ),
+                self.known_count,
+                self.clicked,
+                Container(labels=False, widgets=[self.calibrate_button, self.calibration_label]),
+            ]
+        )
         self.batch = BatchPanel(self)
         self.tabs = add_tabs(self, [("Image", self.single), ("Batch", self.batch)])
         self.roi_table.native.setMaximumHeight(140)
@@ -311,9 +375,11 @@ class DetectWidget(Container):
         self.cancel_button.changed.connect(self.cancel)
         self.boxes_button.changed.connect(self.show_boxes_in_view)
         self.export_detections_button.changed.connect(
-            partial(self._export_dialog, self.export_detections, "detections"))
+            partial(self._export_dialog, self.export_detections, "detections")
+        )
         self.export_counts_button.changed.connect(
-            partial(self._export_dialog, self.export_counts, "counts"))
+            partial(self._export_dialog, self.export_counts, "counts")
+        )
         self.calibrate_button.changed.connect(self._on_calibrate_clicked)
         for event in ("inserted", "removed", "reordered"):
             getattr(self.viewer.layers.events, event).connect(self._on_layers_changed)
@@ -331,21 +397,29 @@ class DetectWidget(Container):
     def _roi_choices(self, _widget=None) -> list[tuple[str, Any]]:
         from napari.layers import Shapes
 
-        return [(layer.name, layer) for layer in self.viewer.layers
-                if isinstance(layer, Shapes) and not _is_result(layer)]
+        return [
+            (layer.name, layer)
+            for layer in self.viewer.layers
+            if isinstance(layer, Shapes) and not _is_result(layer)
+        ]
 
     def _points_choices(self, _widget=None) -> list[tuple[str, Any]]:
         from napari.layers import Points
 
-        return [(layer.name, layer) for layer in self.viewer.layers
-                if isinstance(layer, Points) and not _is_result(layer)]
+        return [
+            (layer.name, layer)
+            for layer in self.viewer.layers
+            if isinstance(layer, Points) and not _is_result(layer)
+        ]
 
     def _level_choices(self, _widget=None) -> list[tuple[str, int]]:
         layer = self.image.value if hasattr(self, "image") else None
         if layer is None or not layer.multiscale:
             return [("0 (full resolution)", 0)]
-        return [(f"{i}: {' x '.join(str(n) for n in level.shape)}", i)
-                for i, level in enumerate(layer.data)]
+        return [
+            (f"{i}: {' x '.join(str(n) for n in level.shape)}", i)
+            for i, level in enumerate(layer.data)
+        ]
 
     def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
         try:
@@ -354,8 +428,9 @@ class DetectWidget(Container):
             log.warning("cannot read the model registry: %s", exc)
             specs = [resolve_model("classical")]
         specs = sorted(specs, key=lambda s: not s.default)  # the default model first
-        choices = [(s.name if s.family == "classical" else f"{s.name} ({s.family})", s.name)
-                   for s in specs]
+        choices = [
+            (s.name if s.family == "classical" else f"{s.name} ({s.family})", s.name) for s in specs
+        ]
         choices += [(f"{name} (untrained)", name) for name in UNTRAINED]
         for path in _SESSION_MODELS:
             p = Path(path)
@@ -432,7 +507,7 @@ class DetectWidget(Container):
         return tuple(int(n) for n in full.shape[: layer.ndim - 2])
 
     def _current_plane(self, layer, plane_shape: tuple[int, ...]) -> int:
-        point = np.asarray(self.viewer.dims.point, dtype=float)[-layer.ndim:]
+        point = np.asarray(self.viewer.dims.point, dtype=float)[-layer.ndim :]
         data = np.asarray(layer.world_to_data(point), dtype=float)[: len(plane_shape)]
         index = np.clip(np.rint(data).astype(int), 0, np.asarray(plane_shape) - 1)
         return int(np.ravel_multi_index(tuple(index), plane_shape))
@@ -486,9 +561,17 @@ class DetectWidget(Container):
             _show_error(f"Cannot run detection: {exc}")
             return None
         self._cancel = threading.Event()
-        worker = create_worker(run_detection, job.image, job.model, job.params, rgb=job.rgb,
-                               planes=job.planes, cancel=self._cancel, backend=job.backend,
-                               _start_thread=False)
+        worker = create_worker(
+            run_detection,
+            job.image,
+            job.model,
+            job.params,
+            rgb=job.rgb,
+            planes=job.planes,
+            cancel=self._cancel,
+            backend=job.backend,
+            _start_thread=False,
+        )
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(partial(self._on_returned, job))
         worker.finished.connect(self._on_finished)
@@ -528,15 +611,23 @@ class DetectWidget(Container):
         if outcome.error is not None:
             self._calibrate_after_run = False
             self.count_label.value = "detection failed"
-            _show_error(f"Detection failed on {job.source!r} with model "
-                        f"{Path(job.model).name!r}: {_error_text(outcome.error)}")
+            _show_error(
+                f"Detection failed on {job.source!r} with model "
+                f"{Path(job.model).name!r}: {_error_text(outcome.error)}"
+            )
             return
         df = outcome.df
         n_planes = int(df.attrs.get("n_planes", max(1, int(np.prod(job.plane_shape)))))
         self._results[job.source] = _Result(
-            source=job.source, df=df, model=job.model, run_conf=float(job.params.conf),
-            scale=job.scale, translate=job.translate, plane_shape=job.plane_shape,
-            n_planes=n_planes)
+            source=job.source,
+            df=df,
+            model=job.model,
+            run_conf=float(job.params.conf),
+            scale=job.scale,
+            translate=job.translate,
+            plane_shape=job.plane_shape,
+            n_planes=n_planes,
+        )
         self._active = job.source
         self._replace_layers(job.source, self.results_to_layers(job.source))
         self._refresh_counts()
@@ -558,16 +649,18 @@ class DetectWidget(Container):
         """The stored run of ``source`` (default: the image shown in the widget / last run)."""
         if source is None:
             layer = self.image.value
-            source = layer.name if layer is not None and layer.name in self._results \
-                else self._active
+            source = (
+                layer.name if layer is not None and layer.name in self._results else self._active
+            )
         return self._results.get(source) if source is not None else None
 
     def filtered(self, source: str | None = None) -> pd.DataFrame:
         """Detections of ``source`` at the slider's confidence (empty table if none)."""
         res = self.result(source)
         if res is None:
-            return pd.DataFrame(columns=["plane", "y", "x", "y0", "x0", "y1", "x1",
-                                         "confidence", "class"])
+            return pd.DataFrame(
+                columns=["plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "class"]
+            )
         return filter_detections(res.df, float(self.conf.value))
 
     def results_to_layers(self, source: str | None = None) -> list[LayerDataTuple]:
@@ -575,9 +668,15 @@ class DetectWidget(Container):
         res = self.result(source)
         if res is None:
             return []
-        return detections_to_layers(res.df, res.source, scale=res.scale,
-                                    translate=res.translate, conf=float(self.conf.value),
-                                    plane_shape=res.plane_shape, view=self.view_region(res))
+        return detections_to_layers(
+            res.df,
+            res.source,
+            scale=res.scale,
+            translate=res.translate,
+            conf=float(self.conf.value),
+            plane_shape=res.plane_shape,
+            view=self.view_region(res),
+        )
 
     def view_region(self, res: _Result | None = None) -> tuple[float, float, float, float] | None:
         """Visible (y0, x0, y1, x1) of ``res``'s image in table coordinates, or None.
@@ -599,8 +698,7 @@ class DetectWidget(Container):
         if displayed != [ndim - 2, ndim - 1]:  # transposed view: put (y, x) back in order
             centre, half = centre[::-1], half[::-1]
         scale = np.asarray(res.scale if res.scale is not None else [1.0, 1.0], float)[-2:]
-        shift = np.asarray(res.translate if res.translate is not None else [0.0, 0.0],
-                           float)[-2:]
+        shift = np.asarray(res.translate if res.translate is not None else [0.0, 0.0], float)[-2:]
         a = (centre - half - shift) / scale + PIXEL_CENTER
         b = (centre + half - shift) / scale + PIXEL_CENTER
         lo, hi = np.minimum(a, b), np.maximum(a, b)
@@ -620,9 +718,15 @@ class DetectWidget(Container):
             self._replace_layers(res.source, self.results_to_layers(res.source))
             layers = self.result_layers(res.source)
         else:
-            _update_result_layers(layers["boxes"], layers["nuclei"], self.filtered(res.source),
-                                  res, float(self.conf.value), view=self.view_region(res),
-                                  points=False)
+            _update_result_layers(
+                layers["boxes"],
+                layers["nuclei"],
+                self.filtered(res.source),
+                res,
+                float(self.conf.value),
+                view=self.view_region(res),
+                points=False,
+            )
         self._refresh_counts()
         return len(layers["boxes"].data)
 
@@ -630,8 +734,11 @@ class DetectWidget(Container):
         """``{"boxes": layer, "nuclei": layer}`` currently in the viewer for ``source``."""
         res = self.result(source)
         name = res.source if res is not None else source
-        return {layer.metadata[KIND_KEY]: layer for layer in self.viewer.layers
-                if _is_result(layer) and layer.metadata[SOURCE_KEY] == name}
+        return {
+            layer.metadata[KIND_KEY]: layer
+            for layer in self.viewer.layers
+            if _is_result(layer) and layer.metadata[SOURCE_KEY] == name
+        }
 
     def _replace_layers(self, source: str, tuples: list[LayerDataTuple]) -> None:
         from napari.layers import Layer
@@ -656,8 +763,14 @@ class DetectWidget(Container):
             self._replace_layers(res.source, self.results_to_layers(res.source))
         else:
             shown = filter_detections(res.df, float(self.conf.value))
-            _update_result_layers(layers["boxes"], layers["nuclei"], shown, res,
-                                  float(self.conf.value), view=self.view_region(res))
+            _update_result_layers(
+                layers["boxes"],
+                layers["nuclei"],
+                shown,
+                res,
+                float(self.conf.value),
+                view=self.view_region(res),
+            )
         self._refresh_counts()
 
     # ------------------------------------------------------------------ counting
@@ -684,8 +797,13 @@ class DetectWidget(Container):
         if res is None:
             return pd.DataFrame(columns=["image", "plane", "roi", "count"])
         polys, names = self._roi_polygons(res)
-        return counts_table(self.filtered(res.source), res.source, polys or None,
-                            names or None, n_planes=res.n_planes)
+        return counts_table(
+            self.filtered(res.source),
+            res.source,
+            polys or None,
+            names or None,
+            n_planes=res.n_planes,
+        )
 
     def _refresh_counts(self, _value=None) -> None:
         res = self.result()
@@ -705,8 +823,10 @@ class DetectWidget(Container):
             if len(boxes.data):
                 text += f"; boxes drawn for the {len(boxes.data):,} in view"
             else:
-                text += (f"; boxes drawn only when at most {MAX_BOXES_IN_VIEW:,} are in view: "
-                         "zoom in and press 'Show boxes in view'")
+                text += (
+                    f"; boxes drawn only when at most {MAX_BOXES_IN_VIEW:,} are in view: "
+                    "zoom in and press 'Show boxes in view'"
+                )
         self.count_label.value = text
         polys, _ = self._roi_polygons(res)
         if polys:
@@ -726,8 +846,7 @@ class DetectWidget(Container):
         exclusive), like the command line's output. Written atomically.
         """
         res = self._require_result(source)
-        return write_csv_atomic(detections_csv_table(self.filtered(res.source), res.source),
-                                path)
+        return write_csv_atomic(detections_csv_table(self.filtered(res.source), res.source), path)
 
     def export_counts(self, path: str | Path, source: str | None = None) -> Path:
         """Write counts per plane (``roi = image``) and per ROI as CSV.
@@ -751,8 +870,7 @@ class DetectWidget(Container):
             _show_error("Nothing to export: run the detection first.")
             return
         default = f"{res.source}_{what}.csv"
-        path, _ = QFileDialog.getSaveFileName(self.native, f"Export {what}", default,
-                                              "CSV (*.csv)")
+        path, _ = QFileDialog.getSaveFileName(self.native, f"Export {what}", default, "CSV (*.csv)")
         if not path:
             return
         try:
@@ -787,25 +905,30 @@ class DetectWidget(Container):
             inside = np.any([in_roi(yx, p) for p in polys], axis=0)
         points_layer = self.clicked.value
         if points_layer is not None:
-            coords = transform_coords(points_layer.data, points_layer.scale,
-                                      points_layer.translate, res.scale, res.translate)
+            coords = transform_coords(
+                points_layer.data,
+                points_layer.scale,
+                points_layer.translate,
+                res.scale,
+                res.translate,
+            )
             planes, yx = to_table_coords(coords, res.plane_shape)
             keep = np.ones(len(yx), bool)
             if polys:
                 keep = np.any([in_roi(yx, p) for p in polys], axis=0)
             else:
-                _show_info("No ROI set: calibrating as if every nucleus of the image was "
-                           "clicked.")
+                _show_info("No ROI set: calibrating as if every nucleus of the image was clicked.")
             if not keep.any():
-                raise ValueError(f"no clicked nucleus of {points_layer.name!r} lies inside "
-                                 "the ROI")
+                raise ValueError(f"no clicked nucleus of {points_layer.name!r} lies inside the ROI")
             cal = calibrate_by_points(*_separate_planes(df[inside], planes[keep], yx[keep]))
         else:
             if self.known_count.value <= 0:
-                raise ValueError("give the known number of nuclei, or choose a Points layer "
-                                 "of clicked nuclei")
-            cal = calibrate_by_count(df.loc[inside, "confidence"].to_numpy(float),
-                                     int(self.known_count.value))
+                raise ValueError(
+                    "give the known number of nuclei, or choose a Points layer of clicked nuclei"
+                )
+            cal = calibrate_by_count(
+                df.loc[inside, "confidence"].to_numpy(float), int(self.known_count.value)
+            )
         before = float(self.conf.value)
         self._calibrated[res.model] = cal.conf
         self.last_calibration = cal
@@ -815,8 +938,9 @@ class DetectWidget(Container):
         return cal
 
     def _on_calibrate_clicked(self, _value=None) -> None:
-        if self.result() is None or (self.image.value is not None
-                                     and self.image.value.name not in self._results):
+        if self.result() is None or (
+            self.image.value is not None and self.image.value.name not in self._results
+        ):
             self._calibrate_after_run = True  # runs once, then calibrates on its table
             if self.run() is None:
                 self._calibrate_after_run = False
@@ -841,9 +965,15 @@ def _separate_planes(df: pd.DataFrame, planes: np.ndarray, yx: np.ndarray):
     return shifted, pts
 
 
-def _update_result_layers(boxes, nuclei, shown: pd.DataFrame, res: _Result, conf: float,
-                          view: tuple[float, float, float, float] | None = None,
-                          points: bool = True) -> None:
+def _update_result_layers(
+    boxes,
+    nuclei,
+    shown: pd.DataFrame,
+    res: _Result,
+    conf: float,
+    view: tuple[float, float, float, float] | None = None,
+    points: bool = True,
+) -> None:
     """Show ``shown`` in the existing result layers (keeps user styling and layer order).
 
     Above :data:`LARGE_RESULT` rows only the boxes in ``view`` are drawn; ``points=False``
@@ -853,8 +983,12 @@ def _update_result_layers(boxes, nuclei, shown: pd.DataFrame, res: _Result, conf
 
     drawn, mode = boxes_in_view(shown, view)
     boxes.data = list(to_layer_coords(drawn, res.plane_shape)[1])
-    boxes.features = pd.DataFrame({"confidence": drawn["confidence"].to_numpy(float),
-                                   "class": drawn["class"].to_numpy(np.int64)})
+    boxes.features = pd.DataFrame(
+        {
+            "confidence": drawn["confidence"].to_numpy(float),
+            "class": drawn["class"].to_numpy(np.int64),
+        }
+    )
     boxes.metadata[BOXES_KEY] = mode
     # A layer created empty has a constant colour; switch it to the confidence colormap.
     if len(drawn):
@@ -868,8 +1002,12 @@ def _update_result_layers(boxes, nuclei, shown: pd.DataFrame, res: _Result, conf
     if not points:
         return
     nuclei.data = to_layer_coords(shown, res.plane_shape)[0]
-    nuclei.features = pd.DataFrame({"confidence": shown["confidence"].to_numpy(float),
-                                    "class": shown["class"].to_numpy(np.int64)})
+    nuclei.features = pd.DataFrame(
+        {
+            "confidence": shown["confidence"].to_numpy(float),
+            "class": shown["class"].to_numpy(np.int64),
+        }
+    )
     if len(shown):
         if nuclei.face_color_mode != "colormap":
             nuclei.face_color = "confidence"

@@ -123,8 +123,11 @@ def _safe_name(name: str) -> str:
 
 def _error_text(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
-    return text if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)) else \
-        f"{type(exc).__name__}: {text}"
+    return (
+        text
+        if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError))
+        else f"{type(exc).__name__}: {text}"
+    )
 
 
 def _show_error(message: str) -> None:
@@ -194,8 +197,10 @@ def layers_to_samples(
     if kind == "labels":
         labels = annotations
         if tuple(labels.shape) != shape:
-            raise ValueError(f"annotation layer {ann_name!r} has shape {tuple(labels.shape)} "
-                             f"but the image has {shape}: paint the labels on this image")
+            raise ValueError(
+                f"annotation layer {ann_name!r} has shape {tuple(labels.shape)} "
+                f"but the image has {shape}: paint the labels on this image"
+            )
         per_plane = {}
         for index in np.ndindex(*plane_shape):
             boxes = boxes_from_labels(np.asarray(labels[index]))
@@ -210,30 +215,39 @@ def layers_to_samples(
             raise ValueError(f"annotation layer {ann_name!r} is empty: {what} first")
         ann_ndim = np.asarray(items[0]).shape[-1]
         if ann_ndim != ndim:
-            raise ValueError(f"annotation layer {ann_name!r} is {ann_ndim}-D but the image is "
-                             f"{ndim}-D {shape}: annotate on a layer matching the image")
+            raise ValueError(
+                f"annotation layer {ann_name!r} is {ann_ndim}-D but the image is "
+                f"{ndim}-D {shape}: annotate on a layer matching the image"
+            )
         if kind == "shapes":
             types = list(shape_types) if shape_types is not None else ["rectangle"] * len(items)
             if any(t in ("line", "path") for t in types):
-                raise ValueError(f"annotation layer {ann_name!r} holds lines or paths: use "
-                                 "rectangles, ellipses or polygons around nuclei")
-            verts = [transform_coords(v, ann_scale, ann_translate, image_scale, image_translate)
-                     for v in items]
+                raise ValueError(
+                    f"annotation layer {ann_name!r} holds lines or paths: use "
+                    "rectangles, ellipses or polygons around nuclei"
+                )
+            verts = [
+                transform_coords(v, ann_scale, ann_translate, image_scale, image_translate)
+                for v in items
+            ]
             planes = np.array([to_table_coords(v[:1], plane_shape)[0][0] for v in verts])
             # napari vertices sit on pixel centres; boxes are by pixel edges (+0.5)
             boxes = boxes_from_shapes([v[:, -2:] for v in verts]) + 0.5
         else:
-            coords = transform_coords(items, ann_scale, ann_translate, image_scale,
-                                      image_translate)
+            coords = transform_coords(items, ann_scale, ann_translate, image_scale, image_translate)
             planes, yx = to_table_coords(coords, plane_shape)
             boxes = boxes_from_points(yx, diameter)  # to_table_coords added the +0.5
         per_plane = {int(p): boxes[planes == p] for p in np.unique(planes)}
     h, w = shape[-2:]
-    inside = sum(int(np.sum((b[:, 2] > 0) & (b[:, 3] > 0) & (b[:, 0] < h) & (b[:, 1] < w)))
-                 for b in per_plane.values())
+    inside = sum(
+        int(np.sum((b[:, 2] > 0) & (b[:, 3] > 0) & (b[:, 0] < h) & (b[:, 1] < w)))
+        for b in per_plane.values()
+    )
     if inside == 0:
-        raise ValueError(f"none of the annotations of {ann_name!r} lies inside the {h} x {w} "
-                         "image: check the layers' scale and translate")
+        raise ValueError(
+            f"none of the annotations of {ann_name!r} lies inside the {h} x {w} "
+            "image: check the layers' scale and translate"
+        )
     samples = []
     base = _safe_name(image_name)
     for plane, boxes in sorted(per_plane.items()):
@@ -350,13 +364,21 @@ class TrainWidget(QWidget):
     # ------------------------------------------------------------------ layer choices
 
     def _layers_of(self, *types: str) -> list[tuple[str, Any]]:
-        return [(layer.name, layer) for layer in self.viewer.layers
-                if _layer_kind(layer) in types]
+        return [(layer.name, layer) for layer in self.viewer.layers if _layer_kind(layer) in types]
 
     # ------------------------------------------------------------------ workers
 
-    def _start(self, key: str, fn, callbacks: Sequence[str], on_message, on_done,
-               desc: str, total: int = 0, **kwargs):
+    def _start(
+        self,
+        key: str,
+        fn,
+        callbacks: Sequence[str],
+        on_message,
+        on_done,
+        desc: str,
+        total: int = 0,
+        **kwargs,
+    ):
         """Run ``fn`` through :func:`pump` in a napari worker; one worker per ``key``."""
         from napari.qt.threading import create_worker
         from napari.utils import progress
@@ -409,25 +431,44 @@ class TrainWidget(QWidget):
         self.ex_annotations = ComboBox(
             label="annotations",
             choices=lambda _w: self._layers_of("shapes", "points", "labels"),
-            tooltip="Shapes (boxes / polygons), Points (clicked centres) or Labels")
-        self.ex_diameter = FloatSpinBox(label="point diameter px", value=20.0, min=1.0,
-                                        max=1000.0, tooltip="box side around each point")
+            tooltip="Shapes (boxes / polygons), Points (clicked centres) or Labels",
+        )
+        self.ex_diameter = FloatSpinBox(
+            label="point diameter px",
+            value=20.0,
+            min=1.0,
+            max=1000.0,
+            tooltip="box side around each point",
+        )
         self.ex_out = FileEdit(label="output folder", mode="d")
         self.ex_tile = SpinBox(label="tile", value=640, min=32, max=4096, step=32)
         self.ex_overlap = SpinBox(label="overlap", value=64, min=0, max=2048)
-        self.ex_train = FloatSpinBox(label="train fraction", value=0.7, min=0.0, max=1.0,
-                                     step=0.05)
+        self.ex_train = FloatSpinBox(label="train fraction", value=0.7, min=0.0, max=1.0, step=0.05)
         self.ex_val = FloatSpinBox(label="val fraction", value=0.2, min=0.0, max=1.0, step=0.05)
-        self.ex_test = FloatSpinBox(label="test fraction", value=0.1, min=0.0, max=1.0,
-                                    step=0.05)
+        self.ex_test = FloatSpinBox(label="test fraction", value=0.1, min=0.0, max=1.0, step=0.05)
         self.ex_overwrite = CheckBox(text="overwrite a non-empty folder", value=False)
         self.export_button = PushButton(text="Export dataset")
         self.ex_label = Label(value="")
         self.export_button.changed.connect(self.export)
-        self._add_tab(Container(widgets=[
-            self.ex_image, self.ex_annotations, self.ex_diameter, self.ex_out, self.ex_tile,
-            self.ex_overlap, self.ex_train, self.ex_val, self.ex_test, self.ex_overwrite,
-            self.export_button, self.ex_label]), "Export")
+        self._add_tab(
+            Container(
+                widgets=[
+                    self.ex_image,
+                    self.ex_annotations,
+                    self.ex_diameter,
+                    self.ex_out,
+                    self.ex_tile,
+                    self.ex_overlap,
+                    self.ex_train,
+                    self.ex_val,
+                    self.ex_test,
+                    self.ex_overwrite,
+                    self.export_button,
+                    self.ex_label,
+                ]
+            ),
+            "Export",
+        )
 
     def export_samples(self) -> list[Sample]:
         """Samples from the chosen image and annotation layers (checks included).
@@ -446,11 +487,19 @@ class TrainWidget(QWidget):
         kind = _layer_kind(ann)
         ann_data = ann.data[0] if kind == "labels" and ann.multiscale else ann.data
         return layers_to_samples(
-            data, image.name, kind, ann_data, rgb=bool(image.rgb),
+            data,
+            image.name,
+            kind,
+            ann_data,
+            rgb=bool(image.rgb),
             diameter=float(self.ex_diameter.value),
             shape_types=ann.shape_type if kind == "shapes" else None,
-            image_scale=image.scale, image_translate=image.translate,
-            ann_scale=ann.scale, ann_translate=ann.translate, ann_name=ann.name)
+            image_scale=image.scale,
+            image_translate=image.translate,
+            ann_scale=ann.scale,
+            ann_translate=ann.translate,
+            ann_name=ann.name,
+        )
 
     def _export_target(self) -> Path:
         out = self.ex_out.value
@@ -460,8 +509,9 @@ class TrainWidget(QWidget):
         if out.exists() and not out.is_dir():
             raise ValueError(f"{out} exists and is not a folder")
         if out.is_dir() and any(out.iterdir()) and not self.ex_overwrite.value:
-            raise ValueError(f"{out} is not empty: choose an empty folder or tick "
-                             "'overwrite a non-empty folder'")
+            raise ValueError(
+                f"{out} is not empty: choose an empty folder or tick 'overwrite a non-empty folder'"
+            )
         return out
 
     def export(self, _value=None):
@@ -478,13 +528,19 @@ class TrainWidget(QWidget):
         fractions = (self.ex_train.value, self.ex_val.value, self.ex_test.value)
         self.ex_label.value = "exporting..."
         worker = self._start(
-            "export", export_dataset, ["progress"],
+            "export",
+            export_dataset,
+            ["progress"],
             on_message=lambda msg: self._progress("export", *msg[1]),
             on_done=partial(self._export_done, out),
             desc="Exporting YOLO dataset",
-            samples=samples, out=out, tile=int(self.ex_tile.value),
-            overlap=int(self.ex_overlap.value), fractions=fractions,
-            overwrite=bool(self.ex_overwrite.value))
+            samples=samples,
+            out=out,
+            tile=int(self.ex_tile.value),
+            overlap=int(self.ex_overlap.value),
+            fractions=fractions,
+            overwrite=bool(self.ex_overwrite.value),
+        )
         self._update_buttons()
         return worker
 
@@ -507,17 +563,32 @@ class TrainWidget(QWidget):
     # ================================================================== import
 
     def _build_import(self) -> None:
-        self.im_path = FileEdit(label="dataset folder", mode="d",
-                                tooltip="YOLO dataset folder (ultralytics or Roboflow layout) "
-                                        "or type the path of its data.yaml")
-        self.im_split = ComboBox(label="split", choices=[("all", None), ("train", "train"),
-                                                         ("val", "val"), ("test", "test")])
+        self.im_path = FileEdit(
+            label="dataset folder",
+            mode="d",
+            tooltip="YOLO dataset folder (ultralytics or Roboflow layout) "
+            "or type the path of its data.yaml",
+        )
+        self.im_split = ComboBox(
+            label="split",
+            choices=[("all", None), ("train", "train"), ("val", "val"), ("test", "test")],
+        )
         self.im_max = SpinBox(label="max images", value=20, min=1, max=10_000)
         self.import_button = PushButton(text="Add to viewer")
         self.im_label = Label(value="")
         self.import_button.changed.connect(self.import_dataset)
-        self._add_tab(Container(widgets=[self.im_path, self.im_split, self.im_max,
-                                         self.import_button, self.im_label]), "Import")
+        self._add_tab(
+            Container(
+                widgets=[
+                    self.im_path,
+                    self.im_split,
+                    self.im_max,
+                    self.import_button,
+                    self.im_label,
+                ]
+            ),
+            "Import",
+        )
 
     def import_dataset(self, _value=None):
         """Read the dataset in a worker and add its images and boxes as layers."""
@@ -527,9 +598,16 @@ class TrainWidget(QWidget):
             return None
         self.im_label.value = "reading..."
         worker = self._start(
-            "import", import_dataset_layers, [], on_message=lambda _m: None,
-            on_done=self._import_done, desc="Reading YOLO dataset",
-            path=Path(path), split=self.im_split.value, max_images=int(self.im_max.value))
+            "import",
+            import_dataset_layers,
+            [],
+            on_message=lambda _m: None,
+            on_done=self._import_done,
+            desc="Reading YOLO dataset",
+            path=Path(path),
+            split=self.im_split.value,
+            max_images=int(self.im_max.value),
+        )
         self._update_buttons()
         return worker
 
@@ -564,18 +642,21 @@ class TrainWidget(QWidget):
         self.tr_model = ComboBox(
             label="model",
             choices=lambda _w: [*ARCHITECTURES, CHECKPOINT, *session_models()],
-            tooltip="architecture trained from scratch, or a checkpoint to fine-tune")
+            tooltip="architecture trained from scratch, or a checkpoint to fine-tune",
+        )
         self.tr_weights = FileEdit(label="checkpoint .pt", mode="r", filter="*.pt")
         self.tr_epochs = SpinBox(label="epochs", value=50, min=1, max=10_000)
         self.tr_imgsz = SpinBox(label="image size", value=640, min=32, max=4096, step=32)
         self.tr_batch = SpinBox(label="batch", value=16, min=1, max=1024)
         self.tr_patience = SpinBox(label="patience", value=50, min=0, max=10_000)
-        self.tr_device = ComboBox(label="device", choices=[("auto", None), ("cpu", "cpu"),
-                                                           ("GPU 0", "0"), ("Apple MPS", "mps")])
-        self.tr_out = FileEdit(label="runs folder", mode="d",
-                               value=Path.home() / "yolocell-runs")
-        self.tr_name = LineEdit(label="run name", value="",
-                                tooltip="folder of this run (default: the model name)")
+        self.tr_device = ComboBox(
+            label="device",
+            choices=[("auto", None), ("cpu", "cpu"), ("GPU 0", "0"), ("Apple MPS", "mps")],
+        )
+        self.tr_out = FileEdit(label="runs folder", mode="d", value=Path.home() / "yolocell-runs")
+        self.tr_name = LineEdit(
+            label="run name", value="", tooltip="folder of this run (default: the model name)"
+        )
         self.train_button = PushButton(text="Train")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.resume_button = PushButton(text="Resume")
@@ -583,12 +664,26 @@ class TrainWidget(QWidget):
         self.train_button.changed.connect(self.start_training)
         self.cancel_button.changed.connect(self.cancel_training)
         self.resume_button.changed.connect(partial(self.start_training, resume=True))
-        container = Container(widgets=[
-            self.tr_data, self.tr_model, self.tr_weights, self.tr_epochs, self.tr_imgsz,
-            self.tr_batch, self.tr_patience, self.tr_device, self.tr_out, self.tr_name,
-            Container(widgets=[self.train_button, self.cancel_button, self.resume_button],
-                      layout="horizontal", labels=False),
-            self.tr_label])
+        container = Container(
+            widgets=[
+                self.tr_data,
+                self.tr_model,
+                self.tr_weights,
+                self.tr_epochs,
+                self.tr_imgsz,
+                self.tr_batch,
+                self.tr_patience,
+                self.tr_device,
+                self.tr_out,
+                self.tr_name,
+                Container(
+                    widgets=[self.train_button, self.cancel_button, self.resume_button],
+                    layout="horizontal",
+                    labels=False,
+                ),
+                self.tr_label,
+            ]
+        )
         self.figure, self.canvas = _figure_canvas()
         self._loss_ax, self._map_ax = self.figure.subplots(1, 2)
         container.native.layout().addWidget(self.canvas)
@@ -615,13 +710,24 @@ class TrainWidget(QWidget):
             last = self._last_run / "weights" / "last.pt" if self._last_run else None
             if last is not None and last.is_file():
                 model = str(last)
-            return {"data": self._dataset_path(required=False), "model": model, "resume": True,
-                    "out": out, "name": name, "device": self.tr_device.value}
+            return {
+                "data": self._dataset_path(required=False),
+                "model": model,
+                "resume": True,
+                "out": out,
+                "name": name,
+                "device": self.tr_device.value,
+            }
         return {
-            "data": self._dataset_path(), "model": model, "epochs": int(self.tr_epochs.value),
-            "imgsz": int(self.tr_imgsz.value), "batch": int(self.tr_batch.value),
-            "patience": int(self.tr_patience.value), "device": self.tr_device.value,
-            "out": out, "name": name,
+            "data": self._dataset_path(),
+            "model": model,
+            "epochs": int(self.tr_epochs.value),
+            "imgsz": int(self.tr_imgsz.value),
+            "batch": int(self.tr_batch.value),
+            "patience": int(self.tr_patience.value),
+            "device": self.tr_device.value,
+            "out": out,
+            "name": name,
         }
 
     def _dataset_path(self, required: bool = True) -> Path | None:
@@ -652,9 +758,16 @@ class TrainWidget(QWidget):
         self.tr_label.value = "resuming..." if resume else "starting..."
         epochs = int(kwargs.get("epochs") or self.tr_epochs.value)
         worker = self._start(
-            "train", train, ["on_epoch", "on_batch"], on_message=self._on_train_message,
-            on_done=self._train_done, desc="Training", total=epochs,
-            should_stop=self._stop.is_set, **kwargs)
+            "train",
+            train,
+            ["on_epoch", "on_batch"],
+            on_message=self._on_train_message,
+            on_done=self._train_done,
+            desc="Training",
+            total=epochs,
+            should_stop=self._stop.is_set,
+            **kwargs,
+        )
         self._update_buttons()
         return worker
 
@@ -668,8 +781,10 @@ class TrainWidget(QWidget):
         name, info = message
         if name == "on_batch":
             if not self._stop or not self._stop.is_set():
-                self.tr_label.value = (f"epoch {info['epoch']}/{info['epochs']}, batch "
-                                       f"{info['batch']}/{info['batches']}")
+                self.tr_label.value = (
+                    f"epoch {info['epoch']}/{info['epochs']}, batch "
+                    f"{info['batch']}/{info['batches']}"
+                )
             return
         if info.get("final"):
             return  # the re-validation of best.pt, not a new epoch
@@ -686,8 +801,9 @@ class TrainWidget(QWidget):
             values = [h.get(key, np.nan) for h in self.history]
             if any(np.isfinite(values)):
                 ax.plot(epochs, values, marker=".", label=key.replace("_loss", ""))
-        bx.plot(epochs, [h.get("mAP50", np.nan) for h in self.history], marker=".",
-                color="tab:green")
+        bx.plot(
+            epochs, [h.get("mAP50", np.nan) for h in self.history], marker=".", color="tab:green"
+        )
         ax.set_title("training loss", fontsize=9)
         bx.set_title("val mAP50", fontsize=9)
         bx.set_ylim(0, 1)
@@ -709,37 +825,60 @@ class TrainWidget(QWidget):
         self.last_result = result
         self._last_run = Path(result.run_dir)
         if result.cancelled:
-            self.tr_label.value = (f"cancelled; {result.last} kept: press Resume to continue")
-        metrics = ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items()
-                            if k in ("precision", "recall", "mAP50", "mAP50-95"))
+            self.tr_label.value = f"cancelled; {result.last} kept: press Resume to continue"
+        metrics = ", ".join(
+            f"{k} {v:.3f}"
+            for k, v in result.metrics.items()
+            if k in ("precision", "recall", "mAP50", "mAP50-95")
+        )
         if result.best is not None:
             key = register_session_model(result.best)
             done = "cancelled" if result.cancelled else "finished"
-            self.tr_label.value = (f"{done}: {metrics or 'no metrics'}; {key} added to the "
-                                   "Detect widget's models")
+            self.tr_label.value = (
+                f"{done}: {metrics or 'no metrics'}; {key} added to the Detect widget's models"
+            )
             _show_info(f"Training {done}; model added: {key}")
 
     # ================================================================== evaluate
 
     def _build_evaluate(self) -> None:
         self.ev_data = FileEdit(label="dataset", mode="d")
-        self.ev_models = Select(label="models", choices=self._eval_model_choices,
-                                tooltip="select one or more (Ctrl/Shift-click)")
+        self.ev_models = Select(
+            label="models",
+            choices=self._eval_model_choices,
+            tooltip="select one or more (Ctrl/Shift-click)",
+        )
         self.ev_weights = FileEdit(label="also a .pt", mode="r", filter="*.pt")
-        self.ev_split = ComboBox(label="split", choices=[("test", "test"), ("val", "val"),
-                                                         ("train", "train"), ("all", None)])
+        self.ev_split = ComboBox(
+            label="split",
+            choices=[("test", "test"), ("val", "val"), ("train", "train"), ("all", None)],
+        )
         self.evaluate_button = PushButton(text="Evaluate")
         self.ev_label = Label(value="")
         self.ev_table = Table(value={"model": []})
-        self.ev_plot = ComboBox(label="plot", choices=[
-            ("precision-recall", "pr_curve"), ("F1 vs confidence", "f1_curve"),
-            ("count error vs confidence", "count_error_curve"),
-            ("predicted vs true count", "count_scatter")])
+        self.ev_plot = ComboBox(
+            label="plot",
+            choices=[
+                ("precision-recall", "pr_curve"),
+                ("F1 vs confidence", "f1_curve"),
+                ("count error vs confidence", "count_error_curve"),
+                ("predicted vs true count", "count_scatter"),
+            ],
+        )
         self.evaluate_button.changed.connect(self.evaluate)
         self.ev_plot.changed.connect(self._draw_evaluation)
-        container = Container(widgets=[
-            self.ev_data, self.ev_models, self.ev_weights, self.ev_split, self.evaluate_button,
-            self.ev_label, self.ev_table, self.ev_plot])
+        container = Container(
+            widgets=[
+                self.ev_data,
+                self.ev_models,
+                self.ev_weights,
+                self.ev_split,
+                self.evaluate_button,
+                self.ev_label,
+                self.ev_table,
+                self.ev_plot,
+            ]
+        )
         self.ev_figure, self.ev_canvas = _figure_canvas()
         self._ev_layout = container.native.layout()
         self._ev_layout.addWidget(self.ev_canvas)
@@ -753,8 +892,9 @@ class TrainWidget(QWidget):
             names = [s.name for s in list_models()]
         except Exception:  # noqa: BLE001 - a broken registry still allows .pt files
             names = ["classical"]
-        return [(n, n) for n in names] + [(f"{Path(p).parent.parent.name}/{Path(p).name}", p)
-                                          for p in session_models()]
+        return [(n, n) for n in names] + [
+            (f"{Path(p).parent.parent.name}/{Path(p).name}", p) for p in session_models()
+        ]
 
     def evaluate(self, _value=None, **kwargs: Any):
         """Compare the selected models on the dataset in a worker; returns it or None."""
@@ -770,11 +910,18 @@ class TrainWidget(QWidget):
             return None
         self.ev_label.value = f"evaluating {len(models)} model(s)..."
         worker = self._start(
-            "evaluate", compare_models, ["progress"],
+            "evaluate",
+            compare_models,
+            ["progress"],
             on_message=lambda msg: self._progress("evaluate", *msg[1]),
-            on_done=self._evaluate_done, desc="Evaluating models",
-            models=models, dataset=Path(data), split=self.ev_split.value,
-            return_results=True, **kwargs)
+            on_done=self._evaluate_done,
+            desc="Evaluating models",
+            models=models,
+            dataset=Path(data),
+            split=self.ev_split.value,
+            return_results=True,
+            **kwargs,
+        )
         self._update_buttons()
         return worker
 
@@ -816,8 +963,7 @@ def _layer_kind(layer) -> str:
     """``"image"``, ``"shapes"``, ``"points"``, ``"labels"`` or ``""`` for other layers."""
     from napari.layers import Image, Labels, Points, Shapes
 
-    for cls, kind in ((Image, "image"), (Shapes, "shapes"), (Points, "points"),
-                      (Labels, "labels")):
+    for cls, kind in ((Image, "image"), (Shapes, "shapes"), (Points, "points"), (Labels, "labels")):
         if isinstance(layer, cls):
             return kind
     return ""

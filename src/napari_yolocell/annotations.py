@@ -132,10 +132,18 @@ def clip_boxes(
     h, w = shape[-2], shape[-1]
     rep = BoxReport(n_in=len(b))
     # Normalise corner order: napari lets users draw rectangles from any corner.
-    b = np.column_stack(
-        [np.minimum(b[:, 0], b[:, 2]), np.minimum(b[:, 1], b[:, 3]),
-         np.maximum(b[:, 0], b[:, 2]), np.maximum(b[:, 1], b[:, 3])]
-    ) if len(b) else b
+    b = (
+        np.column_stack(
+            [
+                np.minimum(b[:, 0], b[:, 2]),
+                np.minimum(b[:, 1], b[:, 3]),
+                np.maximum(b[:, 0], b[:, 2]),
+                np.maximum(b[:, 1], b[:, 3]),
+            ]
+        )
+        if len(b)
+        else b
+    )
     outside = (b[:, 2] <= 0) | (b[:, 3] <= 0) | (b[:, 0] >= h) | (b[:, 1] >= w)
     clipped = b.copy()
     clipped[:, [0, 2]] = np.clip(clipped[:, [0, 2]], 0, h)

@@ -149,8 +149,14 @@ class TorchDetector(Detector):
         padded, imgsz = pad_batch(tiles)
         # One call for the whole batch; tiles are grey x3, so RGB vs BGR order is moot.
         results = self.model.predict(
-            padded, imgsz=list(imgsz), conf=conf, iou=iou, max_det=max_det, verbose=False,
-            device=self.device, agnostic_nms=True,
+            padded,
+            imgsz=list(imgsz),
+            conf=conf,
+            iou=iou,
+            max_det=max_det,
+            verbose=False,
+            device=self.device,
+            agnostic_nms=True,
         )
         out = []
         for tile, result in zip(tiles, results, strict=True):
@@ -172,7 +178,6 @@ class TorchDetector(Detector):
         if isinstance(out, (list, tuple)):
             out = out[0]
         return out.detach().cpu().float().numpy()
-
 
 
 class WeightsError(ValueError):
@@ -216,8 +221,9 @@ def preprocess(tiles: list[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(batch, dtype=np.float32) / np.float32(255)
 
 
-def postprocess(raw: np.ndarray, tiles: list[np.ndarray], conf: float, iou: float,
-                max_det: int) -> list[np.ndarray]:
+def postprocess(
+    raw: np.ndarray, tiles: list[np.ndarray], conf: float, iou: float, max_det: int
+) -> list[np.ndarray]:
     """Decode a raw head output ``(N, 4 + nc, anchors)`` into per-tile ``(k, 6)`` boxes.
 
     Calls ultralytics' ``non_max_suppression`` with the arguments its detection predictor uses
@@ -230,8 +236,15 @@ def postprocess(raw: np.ndarray, tiles: list[np.ndarray], conf: float, iou: floa
     import_ultralytics()
     from ultralytics.utils.nms import non_max_suppression
 
-    preds = non_max_suppression(torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32)),
-                                conf, iou, None, True, max_det=max_det, nc=0)
+    preds = non_max_suppression(
+        torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32)),
+        conf,
+        iou,
+        None,
+        True,
+        max_det=max_det,
+        nc=0,
+    )
     out = []
     for tile, pred in zip(tiles, preds, strict=True):
         data = pred.numpy().astype(np.float64)[:, :6].reshape(-1, 6)
@@ -273,8 +286,14 @@ class _ExportedDetector(Detector):
 
     fmt = "onnx"
 
-    def __init__(self, spec: ModelSpec, folder: str | Path, device: str | None = None,
-                 threads: int | None = None, keep: Any = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        folder: str | Path,
+        device: str | None = None,
+        threads: int | None = None,
+        keep: Any = None,
+    ) -> None:
         from napari_yolocell.export_cache import read_meta
 
         self.spec = spec
@@ -321,8 +340,14 @@ class OnnxRuntimeDetector(_ExportedDetector):
 
     fmt = "onnx"
 
-    def __init__(self, spec: ModelSpec, folder: str | Path, device: str | None = None,
-                 threads: int | None = None, keep: Any = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        folder: str | Path,
+        device: str | None = None,
+        threads: int | None = None,
+        keep: Any = None,
+    ) -> None:
         super().__init__(spec, folder, device, threads, keep)
         import onnxruntime as ort
 
@@ -333,8 +358,10 @@ class OnnxRuntimeDetector(_ExportedDetector):
         providers: list = ["CPUExecutionProvider"]
         if self.device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise ValueError("this onnxruntime build has no CUDA support: install "
-                                 "onnxruntime-gpu, or use backend 'torch' on a GPU")
+                raise ValueError(
+                    "this onnxruntime build has no CUDA support: install "
+                    "onnxruntime-gpu, or use backend 'torch' on a GPU"
+                )
             index = int(self.device.split(":")[1]) if ":" in self.device else 0
             providers = [("CUDAExecutionProvider", {"device_id": index}), *providers]
         self.session = ort.InferenceSession(str(self.model_path), options, providers=providers)
@@ -366,8 +393,14 @@ class OpenVinoDetector(_ExportedDetector):
     fmt = "openvino"
     max_compiled = 4
 
-    def __init__(self, spec: ModelSpec, folder: str | Path, device: str | None = None,
-                 threads: int | None = None, keep: Any = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        folder: str | Path,
+        device: str | None = None,
+        threads: int | None = None,
+        keep: Any = None,
+    ) -> None:
         super().__init__(spec, folder, device, threads, keep)
         if self.device.startswith("cuda"):
             raise ValueError("OpenVINO does not run on CUDA GPUs: use backend 'torch' there")
@@ -431,8 +464,10 @@ def resolve_backend(backend: str = "auto", device: str | None = None) -> str:
             return "torch"
         return available_backends()[0]
     if importlib.util.find_spec(_BACKEND_MODULE[backend]) is None:
-        raise ImportError(f"backend {backend!r} needs the {_BACKEND_MODULE[backend]!r} package: "
-                          f"pip install {_BACKEND_MODULE[backend]}")
+        raise ImportError(
+            f"backend {backend!r} needs the {_BACKEND_MODULE[backend]!r} package: "
+            f"pip install {_BACKEND_MODULE[backend]}"
+        )
     return backend
 
 
@@ -475,8 +510,10 @@ def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = N
         return TorchDetector(load_ultralytics(spec.path), spec, device=device)
     from napari_yolocell import export_cache
 
-    fmt, cls = {"onnxruntime": ("onnx", OnnxRuntimeDetector),
-                "openvino": ("openvino", OpenVinoDetector)}[backend]
+    fmt, cls = {
+        "onnxruntime": ("onnx", OnnxRuntimeDetector),
+        "openvino": ("openvino", OpenVinoDetector),
+    }[backend]
     model = None
     try:
         if _is_architecture(spec):
@@ -488,8 +525,12 @@ def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = N
         raise
     except Exception as err:  # exporters and runtimes fail in many ways: report them as one
         if requested != "auto":
-            raise RuntimeError(f"cannot run model {str(spec.path)!r} with {backend}: "
-                               f"{type(err).__name__}: {err}") from err
-        warnings.warn(f"{backend} backend unavailable for {str(spec.path)!r} ({err}); "
-                      "using PyTorch", RuntimeWarning, stacklevel=2)
+            raise RuntimeError(
+                f"cannot run model {str(spec.path)!r} with {backend}: {type(err).__name__}: {err}"
+            ) from err
+        warnings.warn(
+            f"{backend} backend unavailable for {str(spec.path)!r} ({err}); using PyTorch",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return TorchDetector(model or load_ultralytics(spec.path), spec, device=device)

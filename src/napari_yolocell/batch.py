@@ -53,10 +53,15 @@ class ImageResult:
         return int(sum(self.counts))
 
 
-def detect_file(path: str, model: str, params: Any, device: str | None = None,
-                backend: str = "auto",
-                progress: Callable[[int, int], None] | None = None,
-                cancel: Any = None) -> ImageResult:
+def detect_file(
+    path: str,
+    model: str,
+    params: Any,
+    device: str | None = None,
+    backend: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Any = None,
+) -> ImageResult:
     """Open one image, detect, return an :class:`ImageResult` (never raises for bad images).
 
     Runs in worker processes and on dask workers, so it takes plain, picklable arguments and
@@ -71,8 +76,15 @@ def detect_file(path: str, model: str, params: Any, device: str | None = None,
         img = open_image(path)
         try:
             data = img.levels if len(img.levels) > 1 else img.data
-            df = detect_image(data, detector, params, channel_axis=img.channel_axis, rgb=img.rgb,
-                              progress=progress, cancel=cancel)
+            df = detect_image(
+                data,
+                detector,
+                params,
+                channel_axis=img.channel_axis,
+                rgb=img.rgb,
+                progress=progress,
+                cancel=cancel,
+            )
         finally:
             img.close()
     except DetectionCancelled as exc:
@@ -82,8 +94,9 @@ def detect_file(path: str, model: str, params: Any, device: str | None = None,
         return ImageResult(image=str(path), error=msg.splitlines()[0] if msg else repr(exc))
     counts = [int(c) for c in count_per_plane(df).to_numpy()]
     df.insert(0, "image", str(path))
-    return ImageResult(image=str(path), detections=df.reindex(columns=DETECTION_COLUMNS),
-                       counts=counts)
+    return ImageResult(
+        image=str(path), detections=df.reindex(columns=DETECTION_COLUMNS), counts=counts
+    )
 
 
 def _key(path: str, model: str, params: Any) -> str:
@@ -91,8 +104,10 @@ def _key(path: str, model: str, params: Any) -> str:
     p = Path(path)
     st = p.stat() if p.exists() else None
     ident = {
-        "path": str(p.resolve()), "size": st.st_size if st else None,
-        "mtime": st.st_mtime_ns if st else None, "model": model,
+        "path": str(p.resolve()),
+        "size": st.st_size if st else None,
+        "mtime": st.st_mtime_ns if st else None,
+        "model": model,
         "params": asdict(params) if params is not None else None,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -132,39 +147,50 @@ class _Parts:
             # round_trip: floats read back bit-identical, so resumed runs give the same CSVs
             det = pd.read_csv(csv, float_precision="round_trip")
             det["image"] = info["image"]  # keep the path exactly as given
-        return ImageResult(image=info["image"], detections=det, counts=info["counts"],
-                           error=info.get("error"))
+        return ImageResult(
+            image=info["image"], detections=det, counts=info["counts"], error=info.get("error")
+        )
 
     def save(self, key: str, res: ImageResult) -> None:
         if res.error is None:
             _atomic_write_text(self.folder / f"{key}.csv", res.detections.to_csv(index=False))
         # the json is written last: its presence marks the image as done
-        _atomic_write_text(self.folder / f"{key}.json", json.dumps(
-            {"image": res.image, "counts": res.counts, "error": res.error}))
+        _atomic_write_text(
+            self.folder / f"{key}.json",
+            json.dumps({"image": res.image, "counts": res.counts, "error": res.error}),
+        )
 
 
-def _local_results(todo: list[tuple[int, str]], model: str, params: Any, workers: int,
-                   device: str | None, backend: str,
-                   tile_progress: Callable[[str, int, int], None] | None = None,
-                   cancel: Any = None) -> Iterator[tuple[int, ImageResult]]:
+def _local_results(
+    todo: list[tuple[int, str]],
+    model: str,
+    params: Any,
+    workers: int,
+    device: str | None,
+    backend: str,
+    tile_progress: Callable[[str, int, int], None] | None = None,
+    cancel: Any = None,
+) -> Iterator[tuple[int, ImageResult]]:
     if workers <= 1:
         for i, path in todo:
             if _cancelled(cancel):
                 raise BatchCancelled("batch cancelled")
             prog = None
             if tile_progress is not None:
+
                 def prog(done, total, _p=path):
                     tile_progress(_p, done, total)
+
             yield i, detect_file(path, model, params, device, backend, prog, cancel)
         return
     # Each process gets an equal share of the cores; torch would otherwise oversubscribe.
     threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn, not fork: forking a process that already runs torch/OpenMP threads can deadlock
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                             initargs=(threads,), mp_context=ctx) as pool:
-        pending = {pool.submit(detect_file, p, model, params, device, backend): i
-                   for i, p in todo}
+    with ProcessPoolExecutor(
+        max_workers=workers, initializer=_init_worker, initargs=(threads,), mp_context=ctx
+    ) as pool:
+        pending = {pool.submit(detect_file, p, model, params, device, backend): i for i, p in todo}
         while pending:
             if _cancelled(cancel):
                 for fut in pending:
@@ -192,14 +218,22 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _dask_results(todo: list[tuple[int, str]], model: str, params: Any, scheduler: Any,
-                  device: str | None, backend: str) -> Iterator[tuple[int, ImageResult]]:
+def _dask_results(
+    todo: list[tuple[int, str]],
+    model: str,
+    params: Any,
+    scheduler: Any,
+    device: str | None,
+    backend: str,
+) -> Iterator[tuple[int, ImageResult]]:
     from distributed import Client, as_completed
 
     client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
     try:
-        futures = {client.submit(detect_file, p, model, params, device, backend, pure=False): i
-                   for i, p in todo}
+        futures = {
+            client.submit(detect_file, p, model, params, device, backend, pure=False): i
+            for i, p in todo
+        }
         for fut in as_completed(futures):
             yield futures[fut], fut.result()
     finally:
@@ -270,8 +304,9 @@ def run_batch(
     if scheduler is not None:
         stream = _dask_results(todo, model, params, scheduler, device, backend)
     else:
-        stream = _local_results(todo, model, params, workers, device, backend, tile_progress,
-                                cancel)
+        stream = _local_results(
+            todo, model, params, workers, device, backend, tile_progress, cancel
+        )
     for i, res in stream:
         if _cancelled(cancel):
             raise BatchCancelled("batch cancelled")
@@ -295,8 +330,11 @@ def _merge(results: list[ImageResult], out, counts, errors) -> None:
         det = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         _atomic_csv(det.reindex(columns=DETECTION_COLUMNS), Path(out))
     if counts:
-        rows = [{"image": r.image, "plane": plane, "roi": "all", "count": c}
-                for r in ok for plane, c in enumerate(r.counts)]
+        rows = [
+            {"image": r.image, "plane": plane, "roi": "all", "count": c}
+            for r in ok
+            for plane, c in enumerate(r.counts)
+        ]
         _atomic_csv(pd.DataFrame(rows, columns=COUNT_COLUMNS), Path(counts))
     failed = [{"image": r.image, "error": r.error} for r in results if r.error is not None]
     if errors and (failed or Path(errors).exists()):

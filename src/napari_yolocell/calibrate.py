@@ -118,10 +118,22 @@ def calibrate_by_points(
     tp = _counts(conf[matched], grid)
     precision = np.divide(tp, counts, out=np.zeros(len(grid)), where=counts > 0)
     recall = tp / len(pts)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(grid)),
-                   where=(precision + recall) > 0)
+    f1 = np.divide(
+        2 * precision * recall,
+        precision + recall,
+        out=np.zeros(len(grid)),
+        where=(precision + recall) > 0,
+    )
     key = np.lexsort((-np.abs(counts - len(pts)), np.round(f1, 6)))
     best = key[-1]
-    curve = pd.DataFrame({"conf": grid, "count": counts, "tp": tp, "precision": precision,
-                          "recall": recall, "f1": f1})
+    curve = pd.DataFrame(
+        {
+            "conf": grid,
+            "count": counts,
+            "tp": tp,
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+        }
+    )
     return Calibration(float(grid[best]), int(counts[best]), len(pts), curve)

@@ -104,8 +104,10 @@ class ClassicalDetector(Detector):
         distance = ndi.distance_transform_edt(mask)
         # Peaks closer than ~half a diameter belong to the same nucleus.
         peaks = peak_local_max(
-            distance, min_distance=max(1, int(round(0.4 * diameter))),
-            labels=ndi.label(mask)[0], exclude_border=False,
+            distance,
+            min_distance=max(1, int(round(0.4 * diameter))),
+            labels=ndi.label(mask)[0],
+            exclude_border=False,
         )
         markers = np.zeros(mask.shape, dtype=np.int32)
         markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
@@ -114,8 +116,10 @@ class ClassicalDetector(Detector):
     def _boxes(self, tile: np.ndarray) -> np.ndarray:
         grey = _grey(tile)
         props = regionprops(self.segment(tile), intensity_image=grey)
-        rows = [(p.bbox[1], p.bbox[0], p.bbox[3], p.bbox[2], p.intensity_mean / 255.0, 0.0)
-                for p in props]
+        rows = [
+            (p.bbox[1], p.bbox[0], p.bbox[3], p.bbox[2], p.intensity_mean / 255.0, 0.0)
+            for p in props
+        ]
         return np.asarray(rows, dtype=np.float64).reshape(-1, 6)
 
     def predict(

@@ -47,17 +47,30 @@ def _write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike) -> None:
 def _progress_bar(desc: str, disable: bool):
     from tqdm import tqdm
 
-    return tqdm(total=0, desc=desc, unit="tile", file=sys.stderr, disable=disable, leave=False,
-                dynamic_ncols=True)
+    return tqdm(
+        total=0,
+        desc=desc,
+        unit="tile",
+        file=sys.stderr,
+        disable=disable,
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 def _detect_params(args):
     from .detect import DetectParams
 
     return DetectParams(
-        tile=args.tile, overlap=args.overlap, conf=args.conf, iou=args.iou,
-        channel=args.channel, normalize=args.normalize, diameter=args.diameter,
-        batch=args.batch, level=args.level,
+        tile=args.tile,
+        overlap=args.overlap,
+        conf=args.conf,
+        iou=args.iou,
+        channel=args.channel,
+        normalize=args.normalize,
+        diameter=args.diameter,
+        batch=args.batch,
+        level=args.level,
     )
 
 
@@ -84,8 +97,14 @@ def _detect_one(path: Path, detector, params, quiet: bool) -> pd.DataFrame:
             bar.refresh()
 
         try:
-            df = detect_image(img.levels if len(img.levels) > 1 else img.data, detector, params,
-                              channel_axis=img.channel_axis, rgb=img.rgb, progress=progress)
+            df = detect_image(
+                img.levels if len(img.levels) > 1 else img.data,
+                detector,
+                params,
+                channel_axis=img.channel_axis,
+                rgb=img.rgb,
+                progress=progress,
+            )
         finally:
             bar.close()
     finally:
@@ -126,8 +145,14 @@ def cmd_detect(args) -> int:
     # Lines go out in input order as soon as every earlier image is done.
     finished: dict[int, object] = {}
     state = {"next": 0, "total": 0}
-    images_bar = tqdm(total=len(paths), desc="images", unit="image", file=sys.stderr,
-                      disable=args.quiet or len(paths) == 1, dynamic_ncols=True)
+    images_bar = tqdm(
+        total=len(paths),
+        desc="images",
+        unit="image",
+        file=sys.stderr,
+        disable=args.quiet or len(paths) == 1,
+        dynamic_ncols=True,
+    )
     tiles_bar = _progress_bar("tiles", args.quiet or len(paths) > 1 and args.workers > 1)
 
     def tile_progress(path: str, done: int, total: int) -> None:
@@ -150,9 +175,18 @@ def cmd_detect(args) -> int:
 
     try:
         results = run_batch(
-            [str(p) for p in paths], model, params, out=args.out, counts=args.counts,
-            errors=errors, workers=args.workers, scheduler=scheduler, device=args.device,
-            backend=args.backend, on_result=on_result, tile_progress=tile_progress,
+            [str(p) for p in paths],
+            model,
+            params,
+            out=args.out,
+            counts=args.counts,
+            errors=errors,
+            workers=args.workers,
+            scheduler=scheduler,
+            device=args.device,
+            backend=args.backend,
+            on_result=on_result,
+            tile_progress=tile_progress,
         )
     finally:
         tiles_bar.close()
@@ -161,8 +195,10 @@ def cmd_detect(args) -> int:
     failed = [r for r in results if r.error is not None]
     if failed:
         where = f" (see {errors})" if errors else ""
-        print(f"yolocell: error: {len(failed)} of {len(paths)} image(s) failed{where}",
-              file=sys.stderr)
+        print(
+            f"yolocell: error: {len(failed)} of {len(paths)} image(s) failed{where}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -241,8 +277,9 @@ def cmd_export(args) -> int:
     else:
         labels = _plane_2d(args.labels, None)
         if labels.shape != image.shape:
-            raise CliError(f"{args.labels}: labels shape {labels.shape} does not match the "
-                           f"image {image.shape}")
+            raise CliError(
+                f"{args.labels}: labels shape {labels.shape} does not match the image {image.shape}"
+            )
         try:
             boxes = boxes_from_labels(labels, min_area=args.min_area)
         except ValueError as exc:
@@ -252,8 +289,13 @@ def cmd_export(args) -> int:
     fractions = [float(f) for f in args.split.split(",")]
     try:
         rep = export_dataset(
-            [Sample(image, boxes, name=Path(args.image).stem)], args.out, tile=args.tile,
-            overlap=args.overlap, fractions=fractions, seed=args.seed, overwrite=args.overwrite,
+            [Sample(image, boxes, name=Path(args.image).stem)],
+            args.out,
+            tile=args.tile,
+            overlap=args.overlap,
+            fractions=fractions,
+            seed=args.seed,
+            overwrite=args.overwrite,
         )
     except (FileExistsError, ValueError) as exc:
         raise CliError(str(exc)) from exc
@@ -284,9 +326,20 @@ def cmd_train(args) -> int:
             bar.refresh()
 
     try:
-        res = train(args.data, model=args.model, epochs=args.epochs, imgsz=args.imgsz,
-                    batch=args.batch, patience=args.patience, device=args.device, seed=args.seed,
-                    out=args.out, name=args.name, resume=args.resume, on_epoch=on_epoch)
+        res = train(
+            args.data,
+            model=args.model,
+            epochs=args.epochs,
+            imgsz=args.imgsz,
+            batch=args.batch,
+            patience=args.patience,
+            device=args.device,
+            seed=args.seed,
+            out=args.out,
+            name=args.name,
+            resume=args.resume,
+            on_epoch=on_epoch,
+        )
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     finally:
@@ -307,16 +360,23 @@ def cmd_evaluate(args) -> int:
     params = _detect_params(args)
     try:
         # one low-threshold run per model; P/R/F1 reported at --conf (default: F1-maximising)
-        table, results = compare_models(args.model, args.data, split=args.split, params=params,
-                                        return_results=True, min_area=args.min_area,
-                                        conf=args.conf)
+        table, results = compare_models(
+            args.model,
+            args.data,
+            split=args.split,
+            params=params,
+            return_results=True,
+            min_area=args.min_area,
+            conf=args.conf,
+        )
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.json:
-        Path(args.json).write_text(json.dumps(table.to_dict(orient="records"), indent=2,
-                                              default=float))
+        Path(args.json).write_text(
+            json.dumps(table.to_dict(orient="records"), indent=2, default=float)
+        )
     if args.plots:
         from .plots import save_plots
 
@@ -365,25 +425,47 @@ def cmd_models(args) -> int:
 
 def _add_detect_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
-        p.add_argument("--model", default=None,
-                       help="bundled model name (v5, v6, default), a shipped YAML or a .pt path")
+        p.add_argument(
+            "--model",
+            default=None,
+            help="bundled model name (v5, v6, default), a shipped YAML or a .pt path",
+        )
     p.add_argument("--tile", type=int, default=640, help="tile side in pixels (default 640)")
-    p.add_argument("--overlap", type=int, default=None,
-                   help="tile overlap in px; default 3x the typical nucleus diameter")
-    p.add_argument("--conf", type=float, default=None,
-                   help="confidence threshold; default: the model's calibrated one")
+    p.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        help="tile overlap in px; default 3x the typical nucleus diameter",
+    )
+    p.add_argument(
+        "--conf",
+        type=float,
+        default=None,
+        help="confidence threshold; default: the model's calibrated one",
+    )
     p.add_argument("--iou", type=float, default=0.5, help="NMS IoU threshold (default 0.5)")
     p.add_argument("--channel", type=int, default=None, help="channel index for multichannel")
-    p.add_argument("--normalize", choices=["percentile", "none"], default=None,
-                   help="intensity normalisation; default: what the model was trained with")
-    p.add_argument("--diameter", type=float, default=None,
-                   help="typical nucleus diameter in px, if far from the model's (rescales tiles)")
+    p.add_argument(
+        "--normalize",
+        choices=["percentile", "none"],
+        default=None,
+        help="intensity normalisation; default: what the model was trained with",
+    )
+    p.add_argument(
+        "--diameter",
+        type=float,
+        default=None,
+        help="typical nucleus diameter in px, if far from the model's (rescales tiles)",
+    )
     p.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
     p.add_argument("--level", type=int, default=0, help="pyramid level (0 = full resolution)")
     p.add_argument("--device", default=None, help="cpu, cuda:0... (default: CUDA if available)")
-    p.add_argument("--backend", default="auto",
-                   choices=["auto", "torch", "onnxruntime", "openvino"],
-                   help="forward-pass runtime; auto = the fastest installed")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "onnxruntime", "openvino"],
+        help="forward-pass runtime; auto = the fastest installed",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -401,11 +483,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detect_options(d)
     d.add_argument("--out", default=None, help="detections CSV")
     d.add_argument("--counts", default=None, help="counts CSV")
-    d.add_argument("--errors", default=None,
-                   help="errors CSV (default: beside --out / --counts as NAME.errors.csv)")
+    d.add_argument(
+        "--errors",
+        default=None,
+        help="errors CSV (default: beside --out / --counts as NAME.errors.csv)",
+    )
     d.add_argument("--workers", type=int, default=1, help="parallel worker processes")
-    d.add_argument("--scheduler", default=None,
-                   help="dask.distributed scheduler address (or DASK_SCHEDULER_ADDRESS)")
+    d.add_argument(
+        "--scheduler",
+        default=None,
+        help="dask.distributed scheduler address (or DASK_SCHEDULER_ADDRESS)",
+    )
     d.add_argument("--sample", action="store_true", help="run on the bundled sample image")
     d.set_defaults(func=cmd_detect)
 

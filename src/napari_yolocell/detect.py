@@ -256,8 +256,9 @@ class PlaneView:
     and returns a numpy array (RGB reduced to one grey or colour channel).
     """
 
-    def __init__(self, array, layout: _Layout, plane_index: tuple[int, ...],
-                 channel: int | None) -> None:
+    def __init__(
+        self, array, layout: _Layout, plane_index: tuple[int, ...], channel: int | None
+    ) -> None:
         self.array = array
         self.layout = layout
         self.channel = channel
@@ -285,8 +286,10 @@ def _check_channel(layout: _Layout, channel: int | None) -> None:
         if channel is None:
             if n == 1:
                 return
-            raise ValueError(f"image has {n} channels (axis {layout.channel_axis}): choose the "
-                             "nuclear stain's (--channel C; widget: channel)")
+            raise ValueError(
+                f"image has {n} channels (axis {layout.channel_axis}): choose the "
+                "nuclear stain's (--channel C; widget: channel)"
+            )
         if not 0 <= channel < n:
             raise ValueError(f"channel {channel} out of range: the image has {n} channels")
     elif layout.rgb and channel is not None and not 0 <= channel < 3:
@@ -311,16 +314,19 @@ def _stats_level(layout: _Layout, level: int) -> int:
     return best
 
 
-def _normalizer(view: PlaneView, stats_view: PlaneView, params: DetectParams,
-                detector: Detector) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray | None]:
+def _normalizer(
+    view: PlaneView, stats_view: PlaneView, params: DetectParams, detector: Detector
+) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray | None]:
     """Plane-wide intensity mapping to uint8 and the normalised overview (if one was read).
 
     Also primes detectors that need an overview.
     """
     needs_overview = getattr(detector, "needs_overview", False)
     if params.normalize == "none":
+
         def norm(tile):
             return clip_uint8(tile)
+
         # The sample is not needed for this mapping: read it for skipping only when it is cheap
         # (a pyramid level), never as an extra pass over a full-resolution plane.
         wanted = needs_overview or (params.skip_empty and stats_view.array is not view.array)
@@ -331,6 +337,7 @@ def _normalizer(view: PlaneView, stats_view: PlaneView, params: DetectParams,
 
         def norm(tile):
             return to_uint8(tile, lo, hi)
+
     overview = None if sample is None else norm(sample)
     if needs_overview:
         detector.prepare(overview)
@@ -376,15 +383,18 @@ def _gate_level(layout: _Layout, level: int, diameter: float) -> int:
         arr = layout.levels[index]
         if not all(arr.shape[a] == ref[a] for a in layout.plane_axes):
             continue
-        factor = min(ref[layout.y_axis] / arr.shape[layout.y_axis],
-                     ref[layout.x_axis] / arr.shape[layout.x_axis])
+        factor = min(
+            ref[layout.y_axis] / arr.shape[layout.y_axis],
+            ref[layout.x_axis] / arr.shape[layout.x_axis],
+        )
         if factor * SKIP_PIXELS_PER_DIAMETER <= diameter:
             best = index
     return best
 
 
-def _empty_tiles(overview: PlaneView, shape: tuple[int, int], tiles: list[Tile], norm,
-                 threshold: float) -> np.ndarray:
+def _empty_tiles(
+    overview: PlaneView, shape: tuple[int, int], tiles: list[Tile], norm, threshold: float
+) -> np.ndarray:
     """Which tiles have no pixel above ``threshold`` in a coarser level (plus a margin).
 
     The level is read once, one band of tile rows at a time (memory stays small), and each band
@@ -398,7 +408,7 @@ def _empty_tiles(overview: PlaneView, shape: tuple[int, int], tiles: list[Tile],
     for (y0, y1), members in rows.items():
         oy0 = max(0, math.floor(y0 / fy) - SKIP_MARGIN)
         oy1 = min(overview.shape[0], math.ceil(y1 / fy) + SKIP_MARGIN)
-        band = norm(overview[oy0:oy1, 0:overview.shape[1]])
+        band = norm(overview[oy0:oy1, 0 : overview.shape[1]])
         bright = (band > threshold).any(axis=0)
         for i in members:
             xs = tiles[i].slices[1]
@@ -425,13 +435,15 @@ def _resize(grey: np.ndarray, scale: float) -> np.ndarray:
         return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def _read_tile(view: PlaneView, tile: Tile, norm, scale: float, state: dict,
-               threshold: float | None = None) -> np.ndarray | None:
+def _read_tile(
+    view: PlaneView, tile: Tile, norm, scale: float, state: dict, threshold: float | None = None
+) -> np.ndarray | None:
     """The tile as the model's (H, W, 3) uint8 input; None if it is empty (``threshold``)."""
     raw = view[tile.slices]
     if raw.dtype.kind == "f" and not state["nan_warned"] and np.isnan(raw).any():
-        warnings.warn("image contains NaN pixels: treated as background (0)", RuntimeWarning,
-                      stacklevel=4)
+        warnings.warn(
+            "image contains NaN pixels: treated as background (0)", RuntimeWarning, stacklevel=4
+        )
         state["nan_warned"] = True
     grey = norm(raw)
     if threshold is not None and grey.max() <= threshold:
@@ -459,7 +471,7 @@ def _is_cancelled(cancel: Cancel) -> bool:
 
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
-        yield items[start: start + size]
+        yield items[start : start + size]
 
 
 def _read_ahead(read, items: list, depth: int):
@@ -481,8 +493,9 @@ def _read_ahead(read, items: list, depth: int):
                 fut.cancel()
 
 
-def _detect_plane(view, norm, tiles, detector, params, scale, cancel, state,
-                  empty=None, threshold=None):
+def _detect_plane(
+    view, norm, tiles, detector, params, scale, cancel, state, empty=None, threshold=None
+):
     """Generator over batches of one plane: yields tile counts, returns merged boxes.
 
     Tiles flagged in ``empty`` are skipped unread; with ``threshold``, a tile whose normalised
@@ -495,8 +508,9 @@ def _detect_plane(view, norm, tiles, detector, params, scale, cancel, state,
     consumed = 0
 
     def flush():
-        outputs = detector.predict([arr for _, arr in pending], conf=params.conf,
-                                   iou=params.iou, max_det=params.max_det)
+        outputs = detector.predict(
+            [arr for _, arr in pending], conf=params.conf, iou=params.iou, max_det=params.max_det
+        )
         for (tile, arr), boxes in zip(pending, outputs, strict=True):
             tile_boxes.append((tile, _to_tile_coords(boxes, tile, arr.shape[:2])))
         pending.clear()
@@ -530,13 +544,20 @@ def _detect_plane(view, norm, tiles, detector, params, scale, cancel, state,
 def _frame(plane: int, boxes: np.ndarray, factor: tuple[float, float]) -> pd.DataFrame:
     fy, fx = factor
     x0, y0, x1, y1 = boxes[:, 0] * fx, boxes[:, 1] * fy, boxes[:, 2] * fx, boxes[:, 3] * fy
-    return pd.DataFrame({
-        "plane": np.full(len(boxes), plane, dtype=np.int64),
-        "y": (y0 + y1) / 2, "x": (x0 + x1) / 2,
-        "y0": y0, "x0": x0, "y1": y1, "x1": x1,
-        "confidence": boxes[:, 4].astype(np.float64),
-        "class": boxes[:, 5].astype(np.int64),
-    }, columns=COLUMNS)
+    return pd.DataFrame(
+        {
+            "plane": np.full(len(boxes), plane, dtype=np.int64),
+            "y": (y0 + y1) / 2,
+            "x": (x0 + x1) / 2,
+            "y0": y0,
+            "x0": x0,
+            "y1": y1,
+            "x1": x1,
+            "confidence": boxes[:, 4].astype(np.float64),
+            "class": boxes[:, 5].astype(np.int64),
+        },
+        columns=COLUMNS,
+    )
 
 
 def _load(detector) -> Detector:
@@ -565,13 +586,16 @@ def iter_detect(
     layout = _layout(image, channel_axis, rgb)
     params = params or DetectParams()
     if not 0 <= params.level < len(layout.levels):
-        raise ValueError(f"level {params.level} not available: the image has "
-                         f"{len(layout.levels)} level(s)")
+        raise ValueError(
+            f"level {params.level} not available: the image has {len(layout.levels)} level(s)"
+        )
     _check_channel(layout, params.channel)
     array = layout.levels[params.level]
     full = layout.levels[0]
-    factor = (full.shape[layout.y_axis] / array.shape[layout.y_axis],
-              full.shape[layout.x_axis] / array.shape[layout.x_axis])
+    factor = (
+        full.shape[layout.y_axis] / array.shape[layout.y_axis],
+        full.shape[layout.x_axis] / array.shape[layout.x_axis],
+    )
     params, scale = resolve_params(params, detector.spec, level_factor=float(np.mean(factor)))
     stats_array = layout.levels[_stats_level(layout, params.level)]
     plane_ids = list(range(math.prod(layout.plane_shape))) if planes is None else list(planes)
@@ -598,8 +622,9 @@ def iter_detect(
             gate_view = PlaneView(gate_array, layout, plane_index[plane], params.channel)
             empty = _empty_tiles(gate_view, shape_yx, tiles, norm, threshold)
             threshold = None  # decided on the coarser level: read no pixel of empty tiles
-        runner = _detect_plane(view, norm, tiles, detector, params, scale, cancel, state,
-                               empty, threshold)
+        runner = _detect_plane(
+            view, norm, tiles, detector, params, scale, cancel, state, empty, threshold
+        )
         while True:
             try:
                 done += next(runner)
@@ -608,10 +633,17 @@ def iter_detect(
                 break
             yield done, total
     df = pd.concat(frames, ignore_index=True) if frames else _frame(0, np.zeros((0, 6)), factor)
-    df.attrs.update(n_planes=len(plane_index), plane_shape=layout.plane_shape,
-                    plane_axes=layout.plane_axes, level=params.level, tile=params.tile,
-                    overlap=params.overlap, scale=scale, conf=params.conf,
-                    skipped_tiles=state["skipped"])
+    df.attrs.update(
+        n_planes=len(plane_index),
+        plane_shape=layout.plane_shape,
+        plane_axes=layout.plane_axes,
+        level=params.level,
+        tile=params.tile,
+        overlap=params.overlap,
+        scale=scale,
+        conf=params.conf,
+        skipped_tiles=state["skipped"],
+    )
     return df
 
 
@@ -664,8 +696,9 @@ def detect_image(
     DetectionCancelled
         When cancelled.
     """
-    runner = iter_detect(image, detector, params, channel_axis=channel_axis, rgb=rgb,
-                         planes=planes, cancel=cancel)
+    runner = iter_detect(
+        image, detector, params, channel_axis=channel_axis, rgb=rgb, planes=planes, cancel=cancel
+    )
     while True:
         try:
             done, total = next(runner)

@@ -278,8 +278,10 @@ def _ap(images: list[_Image]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 
     n_true = sum(im.n_true for im in images)
     if n_true == 0:
-        return np.full(len(IOU_THRESHOLDS), np.nan), {"recall": np.zeros(0),
-                                                      "precision": np.zeros(0)}
+        return np.full(len(IOU_THRESHOLDS), np.nan), {
+            "recall": np.zeros(0),
+            "precision": np.zeros(0),
+        }
     correct = np.concatenate([im.correct for im in images] + [np.zeros((0, 10), bool)])
     scores = np.concatenate([im.scores for im in images] + [np.zeros(0)])
     out = ap_per_class(correct, scores, np.zeros(len(scores)), np.zeros(n_true))
@@ -356,8 +358,18 @@ def evaluate_predictions(
         "conf": conf_used,
         "iou": float(IOU_THRESHOLDS[column]),
         "min_area": float(min_area),
-        **{k: _scalar(at[k]) for k in ("precision", "recall", "f1", "count_error", "count_bias",
-                                        "count_mae", "count_mean_signed")},
+        **{
+            k: _scalar(at[k])
+            for k in (
+                "precision",
+                "recall",
+                "f1",
+                "count_error",
+                "count_bias",
+                "count_mae",
+                "count_mean_signed",
+            )
+        },
         **{k: int(_scalar(at[k])) for k in ("tp", "fp", "fn", "n_pred")},
         "mAP50": float(ap[0]),
         "mAP50-95": float(np.mean(ap)),
@@ -365,8 +377,9 @@ def evaluate_predictions(
         "conf_best_f1": conf_best,
         "f1_best": float(curves["f1"][i_f1]) if i_f1 is not None else float("nan"),
         "conf_min_count_error": float(grid[i_count]) if i_count is not None else float("nan"),
-        "count_error_min": (float(curves["count_error"][i_count])
-                            if i_count is not None else float("nan")),
+        "count_error_min": (
+            float(curves["count_error"][i_count]) if i_count is not None else float("nan")
+        ),
         "per_image": _per_image_table(images, at),
         "curves": {k: v for k, v in curves.items() if not k.endswith("per_image")},
         "pr_curve": pr_curve,
@@ -384,16 +397,18 @@ def _per_image_table(images: list[_Image], at: dict[str, np.ndarray]) -> pd.Data
     n_true = np.array([im.n_true for im in images], int)
     n_pred = at["n_pred_per_image"][:, 0].astype(int)
     tp = at["tp_per_image"][:, 0].astype(int)
-    return pd.DataFrame({
-        "image": [im.name for im in images],
-        "n_true": n_true,
-        "n_pred": n_pred,
-        "tp": tp,
-        "fp": n_pred - tp,
-        "fn": n_true - tp,
-        "error": n_pred - n_true,
-        "rel_error": _ratio(n_pred - n_true, n_true),
-    })
+    return pd.DataFrame(
+        {
+            "image": [im.name for im in images],
+            "n_true": n_true,
+            "n_pred": n_pred,
+            "tp": tp,
+            "fp": n_pred - tp,
+            "fn": n_true - tp,
+            "error": n_pred - n_true,
+            "rel_error": _ratio(n_pred - n_true, n_true),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- models
@@ -416,14 +431,19 @@ def _truth_items(dataset: Any, split: str | None) -> list[tuple[Any, np.ndarray,
     if isinstance(dataset, YoloDataset):
         samples = dataset.split(split) if split else list(dataset)
         if not samples:
-            raise ValueError(f"dataset {dataset.root} has no images in split {split!r} "
-                             f"(splits: {dataset.splits})")
+            raise ValueError(
+                f"dataset {dataset.root} has no images in split {split!r} "
+                f"(splits: {dataset.splits})"
+            )
         return [(s.image_path, s.boxes, s.image_path.name) for s in samples]
     items = []
     for i, item in enumerate(dataset):
         image, truth = item[0], item[1]
-        name = item[2] if len(item) > 2 else (Path(image).name if isinstance(image, (str, Path))
-                                              else str(i))
+        name = (
+            item[2]
+            if len(item) > 2
+            else (Path(image).name if isinstance(image, (str, Path)) else str(i))
+        )
         items.append((image, _as_boxes(truth), str(name)))
     return items
 
@@ -492,19 +512,29 @@ def evaluate_model(
     per_image, start = [], time.perf_counter()
     for done, (image, truth, image_name) in enumerate(items, start=1):
         df = detect_image(_read_image(image), detector, params)
-        per_image.append((df[["y0", "x0", "y1", "x1"]].to_numpy(float),
-                          df["confidence"].to_numpy(float), truth, image_name))
+        per_image.append(
+            (
+                df[["y0", "x0", "y1", "x1"]].to_numpy(float),
+                df["confidence"].to_numpy(float),
+                truth,
+                image_name,
+            )
+        )
         if progress is not None:
             progress(done, len(items))
     elapsed = time.perf_counter() - start
     spec = getattr(detector, "spec", None)
     label = name or (spec.name if spec is not None else str(model))
     grid = np.round(np.arange(max(1, round(low_conf * 100)), 100) / 100, 2)
-    result = evaluate_predictions(per_image, conf=conf, iou=iou, min_area=min_area,
-                                  conf_grid=grid, name=label)
-    result.update(model=label, split=split,
-                  model_default_conf=float(spec.default_conf) if spec is not None else None,
-                  seconds_per_image=elapsed / max(len(items), 1))
+    result = evaluate_predictions(
+        per_image, conf=conf, iou=iou, min_area=min_area, conf_grid=grid, name=label
+    )
+    result.update(
+        model=label,
+        split=split,
+        model_default_conf=float(spec.default_conf) if spec is not None else None,
+        seconds_per_image=elapsed / max(len(items), 1),
+    )
     return result
 
 

@@ -202,10 +202,16 @@ def export_onnx(model, path: str | Path, opset: int = ONNX_OPSET) -> Path:
         # the TorchScript-based exporter is deprecated but needs no extra package (onnxscript)
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            net, example, str(path), opset_version=opset, input_names=["images"],
+            net,
+            example,
+            str(path),
+            opset_version=opset,
+            input_names=["images"],
             output_names=["output0"],
-            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
-                          "output0": {0: "batch", 2: "anchors"}},
+            dynamic_axes={
+                "images": {0: "batch", 2: "height", 3: "width"},
+                "output0": {0: "batch", 2: "anchors"},
+            },
             **kwargs,
         )
     return path
@@ -244,7 +250,8 @@ def _meta(model, spec) -> dict[str, Any]:
     names = getattr(net, "names", None) or {}
     stride = getattr(net, "stride", None)
     meta = {
-        "source": str(spec.path), "export_version": EXPORT_VERSION,
+        "source": str(spec.path),
+        "export_version": EXPORT_VERSION,
         "names": {str(k): str(v) for k, v in dict(names).items()},
         "stride": int(max(stride.tolist())) if stride is not None else 32,
         "yolocell": settings if isinstance(settings, dict) else None,

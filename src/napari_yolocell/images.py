@@ -69,8 +69,13 @@ def open_image(path: str | os.PathLike) -> OpenedImage:
         except Exception as exc:  # tifffile raises many kinds; keep the user's view simple
             raise ValueError(f"{p}: cannot read as TIFF: {exc}") from exc
         return OpenedImage(
-            path=p, levels=list(t.levels), axes=t.axes, channel_axis=t.channel_axis,
-            rgb=t.rgb, metadata=dict(t.metadata), _close=t.close,
+            path=p,
+            levels=list(t.levels),
+            axes=t.axes,
+            channel_axis=t.channel_axis,
+            rgb=t.rgb,
+            metadata=dict(t.metadata),
+            _close=t.close,
         )
     if p.suffix.lower() in PLAIN_SUFFIXES:
         from PIL import Image, UnidentifiedImageError
@@ -88,8 +93,13 @@ def open_image(path: str | os.PathLike) -> OpenedImage:
         rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4)
         if rgb and _is_grey(arr):
             arr, rgb = arr[..., 0], False
-        return OpenedImage(path=p, levels=[arr], axes="YXS" if rgb else "YX", rgb=rgb,
-                           metadata={"path": str(p), "shape": arr.shape, "dtype": str(arr.dtype)})
+        return OpenedImage(
+            path=p,
+            levels=[arr],
+            axes="YXS" if rgb else "YX",
+            rgb=rgb,
+            metadata={"path": str(p), "shape": arr.shape, "dtype": str(arr.dtype)},
+        )
     raise ValueError(
         f"{p}: unsupported file type {p.suffix!r} (supported: {', '.join(IMAGE_SUFFIXES)})"
     )

@@ -134,13 +134,20 @@ def to_layer_coords(
     rects = np.empty((n, 4, k + 2))
     rects[:, :, :k] = lead[:, None, :]
     rects[:, :, k:] = np.stack(
-        [np.stack([y0, x0], 1), np.stack([y0, x1], 1), np.stack([y1, x1], 1),
-         np.stack([y1, x0], 1)], axis=1)
+        [
+            np.stack([y0, x0], 1),
+            np.stack([y0, x1], 1),
+            np.stack([y1, x1], 1),
+            np.stack([y1, x0], 1),
+        ],
+        axis=1,
+    )
     return centres, rects
 
 
-def to_table_coords(coords: np.ndarray, plane_shape: Sequence[int] = ()) -> tuple[np.ndarray,
-                                                                                 np.ndarray]:
+def to_table_coords(
+    coords: np.ndarray, plane_shape: Sequence[int] = ()
+) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of :func:`to_layer_coords` for points: ``(plane, yx)`` in table convention.
 
     Leading coordinates are rounded to the nearest plane (and clipped into range).
@@ -163,7 +170,7 @@ def to_table_coords(coords: np.ndarray, plane_shape: Sequence[int] = ()) -> tupl
     shape = tuple(plane_shape)
     if not shape or pts.shape[1] < 2 + len(shape):
         return np.zeros(len(pts), dtype=np.int64), yx
-    lead = np.rint(pts[:, -2 - len(shape):-2]).astype(np.int64)
+    lead = np.rint(pts[:, -2 - len(shape) : -2]).astype(np.int64)
     lead = np.clip(lead, 0, np.asarray(shape) - 1)
     return np.ravel_multi_index(lead.T, shape).astype(np.int64), yx
 
@@ -191,7 +198,7 @@ def transform_coords(
         arr = np.asarray(values, dtype=float)
         out = np.full(d, default, dtype=float)
         n = min(d, len(arr))
-        out[d - n:] = arr[len(arr) - n:]
+        out[d - n :] = arr[len(arr) - n :]
         return out
 
     world = pts * _vec(from_scale, 1.0) + _vec(from_translate, 0.0)
@@ -204,10 +211,12 @@ def result_names(source_name: str, n: int) -> tuple[str, str]:
 
 
 def _features(df: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({
-        "confidence": df["confidence"].to_numpy(float),
-        "class": df["class"].to_numpy(np.int64),
-    })
+    return pd.DataFrame(
+        {
+            "confidence": df["confidence"].to_numpy(float),
+            "class": df["class"].to_numpy(np.int64),
+        }
+    )
 
 
 def boxes_in_view(
@@ -243,8 +252,12 @@ def boxes_in_view(
         keep = np.zeros(len(shown), bool)
     else:
         y0, x0, y1, x1 = (float(v) for v in view)
-        keep = ((shown["y1"].to_numpy(float) > y0) & (shown["y0"].to_numpy(float) < y1)
-                & (shown["x1"].to_numpy(float) > x0) & (shown["x0"].to_numpy(float) < x1))
+        keep = (
+            (shown["y1"].to_numpy(float) > y0)
+            & (shown["y0"].to_numpy(float) < y1)
+            & (shown["x1"].to_numpy(float) > x0)
+            & (shown["x0"].to_numpy(float) < x1)
+        )
         if keep.sum() > max_boxes:
             keep[:] = False
     out = shown[keep]
@@ -314,8 +327,7 @@ def detections_to_layers(
     if translate is not None:
         common["translate"] = list(translate)
     point_name = result_names(source_name, n)[1]
-    meta = {SOURCE_KEY: source_name, "detections": df, "conf": conf,
-            "plane_shape": list(shape)}
+    meta = {SOURCE_KEY: source_name, "detections": df, "conf": conf, "plane_shape": list(shape)}
     shapes_kwargs = {
         **common,
         "features": _features(boxes),
@@ -335,13 +347,15 @@ def detections_to_layers(
     }
     # a colour *property* on an empty layer has no values to map
     if len(boxes):
-        shapes_kwargs.update(edge_color="confidence", edge_colormap=COLORMAP,
-                             edge_contrast_limits=(0.0, 1.0))
+        shapes_kwargs.update(
+            edge_color="confidence", edge_colormap=COLORMAP, edge_contrast_limits=(0.0, 1.0)
+        )
     else:
         shapes_kwargs["edge_color"] = "yellow"
     if n:
-        points_kwargs.update(face_color="confidence", face_colormap=COLORMAP,
-                             face_contrast_limits=(0.0, 1.0))
+        points_kwargs.update(
+            face_color="confidence", face_colormap=COLORMAP, face_contrast_limits=(0.0, 1.0)
+        )
     else:
         points_kwargs["face_color"] = "yellow"
     return [(list(rects), shapes_kwargs, "shapes"), (centres, points_kwargs, "points")]
@@ -386,8 +400,10 @@ def counts_table(
     if n_planes is None:
         n_planes = int(df.attrs.get("n_planes", int(df["plane"].max()) + 1 if len(df) else 1))
     per_plane = df.groupby("plane").size().reindex(range(n_planes), fill_value=0)
-    rows = [{"image": image, "plane": int(p), "roi": "image", "count": int(c)}
-            for p, c in per_plane.items()]
+    rows = [
+        {"image": image, "plane": int(p), "roi": "image", "count": int(c)}
+        for p, c in per_plane.items()
+    ]
     out = pd.DataFrame(rows, columns=COUNT_COLUMNS)
     if polygons:
         roi = count_in_rois(df, polygons, names)

@@ -74,9 +74,7 @@ def _candidate_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     empty = np.zeros(0, dtype=np.intp)
     if len(boxes) < 2:
         return empty, empty
-    centres = np.column_stack(
-        [(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2]
-    )
+    centres = np.column_stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2])
     sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     typical = max(2.0 * float(np.percentile(sides, 99)), 1e-6)
     large = np.flatnonzero(sides > typical)

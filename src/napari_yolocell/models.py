@@ -118,7 +118,9 @@ class ModelSpec:
 
 
 CLASSICAL = ModelSpec(
-    name="classical", family="classical", default_conf=0.0,
+    name="classical",
+    family="classical",
+    default_conf=0.0,
     description="Otsu threshold + distance-transform watershed (scikit-image); no training.",
 )
 
@@ -208,15 +210,22 @@ def resolve_model(name_or_path: str | Path | ModelSpec) -> ModelSpec:
     spec = _lookup_registry(name)
     if spec is not None:
         if spec.path is None or not spec.path.exists():
-            raise FileNotFoundError(f"weights file of bundled model {spec.name!r} is missing: "
-                                    f"{spec.path}")
+            raise FileNotFoundError(
+                f"weights file of bundled model {spec.name!r} is missing: {spec.path}"
+            )
         return spec
     if name.lower() == "default":
-        raise ValueError("no bundled model is installed (models/registry.json is empty); use "
-                         "'classical' or a path to trained weights (.pt)")
+        raise ValueError(
+            "no bundled model is installed (models/registry.json is empty); use "
+            "'classical' or a path to trained weights (.pt)"
+        )
     if _is_shipped_yaml(name):
-        return ModelSpec(name=name, family=_family_from_name(name), path=Path(name),
-                         description="untrained architecture (random weights)")
+        return ModelSpec(
+            name=name,
+            family=_family_from_name(name),
+            path=Path(name),
+            description="untrained architecture (random weights)",
+        )
     path = Path(name).expanduser()
     if path.suffix.lower() in (".pt", ".pth") or path.parent != Path("."):
         if not path.is_file():

@@ -45,12 +45,21 @@ def plot_pr_curve(results: Result | Sequence[Result]) -> Figure:
     fig, ax = _figure()
     for i, r in enumerate(_as_list(results)):
         pr = r.get("pr_curve") or {}
-        (line,) = ax.plot(pr.get("recall", []), pr.get("precision", []),
-                          label=f"{_label(r, i)} (mAP50 {r.get('mAP50', np.nan):.3f})")
-        ax.plot([r.get("recall", np.nan)], [r.get("precision", np.nan)], "o",
-                color=line.get_color())
-    ax.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.02),
-           title="Precision-recall (IoU 0.5)")
+        (line,) = ax.plot(
+            pr.get("recall", []),
+            pr.get("precision", []),
+            label=f"{_label(r, i)} (mAP50 {r.get('mAP50', np.nan):.3f})",
+        )
+        ax.plot(
+            [r.get("recall", np.nan)], [r.get("precision", np.nan)], "o", color=line.get_color()
+        )
+    ax.set(
+        xlabel="Recall",
+        ylabel="Precision",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title="Precision-recall (IoU 0.5)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize="small")
     return fig
@@ -79,8 +88,13 @@ def plot_f1_curve(results: Result | Sequence[Result]) -> Figure:
 
 def plot_count_error_curve(results: Result | Sequence[Result]) -> Figure:
     """Mean relative count error against the confidence threshold; dashed: its minimum."""
-    return _curve_plot(results, "count_error", "Mean |pred - true| / true",
-                       "Count error-confidence", "conf_min_count_error")
+    return _curve_plot(
+        results,
+        "count_error",
+        "Mean |pred - true| / true",
+        "Count error-confidence",
+        "conf_min_count_error",
+    )
 
 
 def plot_count_scatter(results: Result | Sequence[Result]) -> Figure:
@@ -92,13 +106,24 @@ def plot_count_scatter(results: Result | Sequence[Result]) -> Figure:
         if table is None or len(table) == 0:
             continue
         true, pred = np.asarray(table["n_true"]), np.asarray(table["n_pred"])
-        ax.scatter(true, pred, s=18, alpha=0.7,
-                   label=f"{_label(r, i)} (conf {r.get('conf', np.nan):.2f}, "
-                         f"error {r.get('count_error', np.nan):.1%})")
+        ax.scatter(
+            true,
+            pred,
+            s=18,
+            alpha=0.7,
+            label=f"{_label(r, i)} (conf {r.get('conf', np.nan):.2f}, "
+            f"error {r.get('count_error', np.nan):.1%})",
+        )
         top = max(top, float(true.max()), float(pred.max()))
     ax.plot([0, top * 1.05], [0, top * 1.05], color="grey", lw=1, ls="--", label="pred = true")
-    ax.set(xlabel="True count", ylabel="Predicted count", xlim=(0, top * 1.05),
-           ylim=(0, top * 1.05), title="Nuclei per image", aspect="equal")
+    ax.set(
+        xlabel="True count",
+        ylabel="Predicted count",
+        xlim=(0, top * 1.05),
+        ylim=(0, top * 1.05),
+        title="Nuclei per image",
+        aspect="equal",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="upper left")
     return fig

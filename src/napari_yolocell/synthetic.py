@@ -347,8 +347,9 @@ def place_nuclei(
 TISSUE_CELL = 256  # px per cell of the tissue mask: blobs are many cells across
 
 
-def tissue_mask_at(points: np.ndarray, shape: tuple[int, int], fraction: float,
-                   seed: int = 0) -> np.ndarray:
+def tissue_mask_at(
+    points: np.ndarray, shape: tuple[int, int], fraction: float, seed: int = 0
+) -> np.ndarray:
     """Whether each (y, x) point lies in the tissue of a slide-like random layout.
 
     The layout is a smoothed random field on a grid of ``TISSUE_CELL``-px cells, thresholded so

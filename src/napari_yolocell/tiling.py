@@ -95,7 +95,6 @@ def tile_grid(shape_yx: tuple[int, int], tile: int = 640, overlap: int = 64) -> 
         for x0 in _starts(width, tile, overlap):
             x1 = min(x0 + tile, width)
             tiles.append(
-                Tile(y0, x0, y1, x1, top=y0 > 0, left=x0 > 0, bottom=y1 < height,
-                     right=x1 < width)
+                Tile(y0, x0, y1, x1, top=y0 > 0, left=x0 > 0, bottom=y1 < height, right=x1 < width)
             )
     return tiles

@@ -165,13 +165,20 @@ def prepare_data_yaml(data: str | Path, out_dir: str | Path) -> tuple[Path, dict
     if "train" not in splits:
         raise FileNotFoundError(f"no training images found in {data}")
     if "val" not in splits:
-        warnings.warn(f"{data}: no 'val' split, validating on the training images "
-                      "(metrics will be optimistic)", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{data}: no 'val' split, validating on the training images "
+            "(metrics will be optimistic)",
+            UserWarning,
+            stacklevel=3,
+        )
         splits["val"] = splits["train"]
     dataset = read_yolo_dataset(data, splits=("train", "val"), warn=False)
     for problem in dataset.problems:  # ultralytics would silently treat these as background
-        warnings.warn(f"dataset problem ({problem.kind}, {problem.split}): {problem.message}",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"dataset problem ({problem.kind}, {problem.split}): {problem.message}",
+            UserWarning,
+            stacklevel=3,
+        )
     if not names:
         names = dataset.names or ("nucleus",)
     config: dict[str, Any] = {
@@ -214,8 +221,10 @@ def _model_source(model: str | Path) -> tuple[str, str, bool]:
     if Path(text).is_file():  # a custom architecture YAML
         return text, _family_of(stem), False
     if stem.lower() not in ARCHITECTURES:
-        raise ValueError(f"unknown model {model!r}: use one of {', '.join(ARCHITECTURES)}, "
-                         "an architecture .yaml or a .pt checkpoint")
+        raise ValueError(
+            f"unknown model {model!r}: use one of {', '.join(ARCHITECTURES)}, "
+            "an architecture .yaml or a .pt checkpoint"
+        )
     return f"{stem.lower()}.yaml", stem[:6].lower(), False
 
 
@@ -326,8 +335,14 @@ class _Hooks:
     def batch_end(self, trainer) -> None:
         self.batch += 1
         if self.on_batch is not None:
-            self.on_batch({"epoch": trainer.epoch + 1, "epochs": trainer.epochs,
-                           "batch": self.batch, "batches": len(trainer.train_loader)})
+            self.on_batch(
+                {
+                    "epoch": trainer.epoch + 1,
+                    "epochs": trainer.epochs,
+                    "batch": self.batch,
+                    "batches": len(trainer.train_loader),
+                }
+            )
         if self.should_stop is not None and self.should_stop():
             self.cancelled = True
             _save_cancelled(trainer)
@@ -444,8 +459,13 @@ def train(
         hooks.register(yolo)
         run_dir = ckpt.parent.parent
         family = _checkpoint_family(ckpt) or _family_of(str(_train_args(ckpt).get("model", "")))
-        kwargs = {"resume": str(ckpt), "device": device, "workers": workers, "plots": False,
-                  **overrides}
+        kwargs = {
+            "resume": str(ckpt),
+            "device": device,
+            "workers": workers,
+            "plots": False,
+            **overrides,
+        }
         data_yaml = Path(_train_args(ckpt).get("data", data))
         imgsz = int(_train_args(ckpt).get("imgsz", imgsz))
     else:
@@ -459,10 +479,20 @@ def train(
         yolo = YOLO(source, task="detect")
         hooks.register(yolo)
         kwargs = {
-            "data": str(data_yaml), "epochs": epochs, "imgsz": imgsz, "batch": batch,
-            "patience": patience, "device": device, "seed": seed, "workers": workers,
-            "project": str(project), "name": run_dir.name, "exist_ok": True,
-            "pretrained": is_ckpt, "plots": False, "amp": device != "cpu",
+            "data": str(data_yaml),
+            "epochs": epochs,
+            "imgsz": imgsz,
+            "batch": batch,
+            "patience": patience,
+            "device": device,
+            "seed": seed,
+            "workers": workers,
+            "project": str(project),
+            "name": run_dir.name,
+            "exist_ok": True,
+            "pretrained": is_ckpt,
+            "plots": False,
+            "amp": device != "cpu",
             **augmentation_settings(augment),
             **overrides,
         }
@@ -532,10 +562,22 @@ def _finish(run_dir, trainer, hooks, family, data_yaml, imgsz, default_conf) -> 
     diameter = median_diameter(data_yaml)
     for path in (best, last):
         if path.exists():
-            write_model_sidecar(path, family=family, imgsz=imgsz, diameter_px=diameter,
-                                default_conf=default_conf, metrics=metrics)
-    return TrainResult(best=best if best.exists() else None, last=last, metrics=metrics,
-                       run_dir=run_dir, cancelled=hooks.cancelled, history=hooks.history)
+            write_model_sidecar(
+                path,
+                family=family,
+                imgsz=imgsz,
+                diameter_px=diameter,
+                default_conf=default_conf,
+                metrics=metrics,
+            )
+    return TrainResult(
+        best=best if best.exists() else None,
+        last=last,
+        metrics=metrics,
+        run_dir=run_dir,
+        cancelled=hooks.cancelled,
+        history=hooks.history,
+    )
 
 
 def write_model_sidecar(

@@ -56,9 +56,20 @@ def import_ultralytics():
     from ultralytics.utils import SETTINGS
 
     try:
-        SETTINGS.update({"sync": False, "hub": False, "wandb": False, "mlflow": False,
-                         "tensorboard": False, "clearml": False, "comet": False, "dvc": False,
-                         "neptune": False, "raytune": False})
+        SETTINGS.update(
+            {
+                "sync": False,
+                "hub": False,
+                "wandb": False,
+                "mlflow": False,
+                "tensorboard": False,
+                "clearml": False,
+                "comet": False,
+                "dvc": False,
+                "neptune": False,
+                "raytune": False,
+            }
+        )
     except Exception:  # older ultralytics without some keys: settings stay as they are
         pass
     return ultralytics

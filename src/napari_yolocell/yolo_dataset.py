@@ -146,8 +146,12 @@ def crop_boxes(
     b = np.asarray(boxes, dtype=float).reshape(-1, 4)
     y0, x0, y1, x1 = window
     inter = np.column_stack(
-        [np.maximum(b[:, 0], y0), np.maximum(b[:, 1], x0),
-         np.minimum(b[:, 2], y1), np.minimum(b[:, 3], x1)]
+        [
+            np.maximum(b[:, 0], y0),
+            np.maximum(b[:, 1], x0),
+            np.minimum(b[:, 2], y1),
+            np.minimum(b[:, 3], x1),
+        ]
     )
     ih = np.clip(inter[:, 2] - inter[:, 0], 0, None)
     iw = np.clip(inter[:, 3] - inter[:, 1], 0, None)

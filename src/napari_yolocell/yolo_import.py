@@ -227,10 +227,15 @@ def read_yolo_dataset(
         image_files = _split_images(cfg, root, split)
         if image_files is None:
             if split in cfg:
-                problems.append(DatasetProblem(
-                    "missing_split", split, None,
-                    f"data.yaml names a {split!r} split ({cfg[split]!r}) but no such folder "
-                    f"exists near {root}"))
+                problems.append(
+                    DatasetProblem(
+                        "missing_split",
+                        split,
+                        None,
+                        f"data.yaml names a {split!r} split ({cfg[split]!r}) but no such folder "
+                        f"exists near {root}",
+                    )
+                )
             continue
         samples += _read_split(split, image_files, names, match_roboflow_names, problems)
     # A split may reuse another's folder (e.g. `val: images/train` when there is no val set):
@@ -252,8 +257,9 @@ def read_yolo_dataset(
             s.names = names
     if warn:
         _warn_problems(problems)
-    return YoloDataset(root=root, samples=samples, names=names, problems=problems,
-                       yaml_path=yaml_path)
+    return YoloDataset(
+        root=root, samples=samples, names=names, problems=problems, yaml_path=yaml_path
+    )
 
 
 def _find_yaml(folder: Path) -> Path | None:
@@ -421,10 +427,15 @@ def _read_split(
     unused = set(labels) - {lp for lp in pairs.values() if lp is not None}
     _pair_roboflow_names(split, pairs, unused, match_roboflow, problems)
     for lp in sorted(unused):
-        problems.append(DatasetProblem(
-            "orphan_label", split, lp,
-            f"label file {lp.name} has no image with the same name in {split!r}; its objects "
-            "are not used"))
+        problems.append(
+            DatasetProblem(
+                "orphan_label",
+                split,
+                lp,
+                f"label file {lp.name} has no image with the same name in {split!r}; its objects "
+                "are not used",
+            )
+        )
 
     samples = []
     for img, lp in pairs.items():
@@ -439,9 +450,14 @@ def _report_duplicate_stems(split: str, files: list[Path], problems: list[Datase
     for p in files:
         key = (p.parent, p.stem)
         if key in seen:
-            problems.append(DatasetProblem(
-                "duplicate_stem", split, p,
-                f"{p.name} and {seen[key].name} share one label file name"))
+            problems.append(
+                DatasetProblem(
+                    "duplicate_stem",
+                    split,
+                    p,
+                    f"{p.name} and {seen[key].name} share one label file name",
+                )
+            )
         seen[key] = p
 
 
@@ -468,11 +484,15 @@ def _pair_roboflow_names(
         if enabled:
             pairs[img] = label
             unused.discard(label)
-            msg = (f"image {img.name} has no label file of the same name; paired with "
-                   f"Roboflow-renamed {label.name}")
+            msg = (
+                f"image {img.name} has no label file of the same name; paired with "
+                f"Roboflow-renamed {label.name}"
+            )
         else:
-            msg = (f"image {img.name} has no label file of the same name (a Roboflow-renamed "
-                   f"{label.name} exists but match_roboflow_names=False): read as 0 objects")
+            msg = (
+                f"image {img.name} has no label file of the same name (a Roboflow-renamed "
+                f"{label.name} exists but match_roboflow_names=False): read as 0 objects"
+            )
         problems.append(DatasetProblem("name_mismatch", split, img, msg))
 
 
@@ -494,18 +514,32 @@ def _make_sample(
     if label is not None:
         norm, classes, polygon, bad = parse_label_file(label)
         for lineno, text in bad:
-            problems.append(DatasetProblem(
-                "bad_label_line", split, label, f"{label.name}:{lineno}: {text}"))
+            problems.append(
+                DatasetProblem("bad_label_line", split, label, f"{label.name}:{lineno}: {text}")
+            )
         h, w = shape
         boxes = norm * np.array([h, w, h, w], dtype=float)
         out_of_range = [int(c) for c in classes if names and not 0 <= c < len(names)]
         if out_of_range:
-            problems.append(DatasetProblem(
-                "bad_label_line", split, label,
-                f"{label.name}: class ids {sorted(set(out_of_range))} outside names "
-                f"(nc={len(names)})"))
-    return YoloSample(image_path=img, split=split, boxes=boxes, classes=classes, shape=shape,
-                      label_path=label, names=names, polygon=polygon)
+            problems.append(
+                DatasetProblem(
+                    "bad_label_line",
+                    split,
+                    label,
+                    f"{label.name}: class ids {sorted(set(out_of_range))} outside names "
+                    f"(nc={len(names)})",
+                )
+            )
+    return YoloSample(
+        image_path=img,
+        split=split,
+        boxes=boxes,
+        classes=classes,
+        shape=shape,
+        label_path=label,
+        names=names,
+        polygon=polygon,
+    )
 
 
 def parse_label_file(
@@ -588,8 +622,11 @@ def _warn_problems(problems: list[DatasetProblem]) -> None:
     for (kind, split), items in groups.items():
         example = items[0].message
         more = f" (and {len(items) - 1} more)" if len(items) > 1 else ""
-        warnings.warn(f"YOLO dataset, split {split!r}: {len(items)} x {kind}: {example}{more}",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"YOLO dataset, split {split!r}: {len(items)} x {kind}: {example}{more}",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 # --------------------------------------------------------------------------- images
@@ -681,8 +718,10 @@ def to_napari_layers(sample: YoloSample, image: np.ndarray | None = None) -> lis
         "rgb": data.ndim == 3 and data.shape[-1] in (3, 4),
         "metadata": {"path": str(sample.image_path), "split": sample.split},
     }
-    features = {"class": np.asarray(sample.classes, int),
-                "class_name": np.asarray(sample.class_names, dtype=object)}
+    features = {
+        "class": np.asarray(sample.classes, int),
+        "class_name": np.asarray(sample.class_names, dtype=object),
+    }
     shapes_kwargs: dict[str, Any] = {
         "name": f"{stem} boxes",
         "shape_type": "rectangle",
@@ -690,8 +729,12 @@ def to_napari_layers(sample: YoloSample, image: np.ndarray | None = None) -> lis
         "edge_color": "yellow",
         "face_color": "transparent",
         "edge_width": max(1.0, min(sample.shape) / 500),
-        "metadata": {"label_path": str(sample.label_path) if sample.label_path else None,
-                     "names": list(sample.names)},
+        "metadata": {
+            "label_path": str(sample.label_path) if sample.label_path else None,
+            "names": list(sample.names),
+        },
     }
-    return [(data, image_kwargs, "image"),
-            (boxes_to_rectangles(sample.boxes), shapes_kwargs, "shapes")]
+    return [
+        (data, image_kwargs, "image"),
+        (boxes_to_rectangles(sample.boxes), shapes_kwargs, "shapes"),
+    ]
