@@ -125,6 +125,27 @@ def cmd_build(args) -> None:
         print("warning:", w)
 
 
+def _threads_from_file(path: Path):
+    """Callback: at each epoch start, use the CPU thread count written in ``path`` if any.
+
+    ultralytics runs one thread on a 2-core machine (it leaves a core for the data loader);
+    when a parallel training run ends, ``echo 2 > RUN/threads.txt`` lets this one use both.
+    """
+
+    def callback(trainer) -> None:
+        import torch
+
+        try:
+            n = int(path.read_text().strip())
+        except (OSError, ValueError):
+            return
+        if n > 0 and n != torch.get_num_threads():
+            torch.set_num_threads(n)
+            print(f"now using {n} CPU threads", flush=True)
+
+    return callback
+
+
 def cmd_train(args) -> None:
     from napari_yolocell.ultralytics_env import import_ultralytics
 
@@ -132,33 +153,39 @@ def cmd_train(args) -> None:
     from ultralytics import YOLO
 
     work = Path(args.work).absolute()
-    run = work / "runs" / args.family
+    run = work / "runs" / (args.name or args.family)
     last = run / "weights" / "last.pt"
     if last.exists() and not args.fresh and not args.init:
         print(f"resuming {last}", flush=True)
-        YOLO(str(last)).train(resume=True)
+        model = YOLO(str(last))
+        model.add_callback("on_train_epoch_start", _threads_from_file(run / "threads.txt"))
+        model.train(resume=True)
         return
     # --init: continue from earlier weights (e.g. the bundled fp16 model when last.pt of an
     # earlier session is gone) with a new schedule; optimizer state starts afresh.
     source = args.init or f"{args.family}.yaml"
-    YOLO(source).train(
+    model = YOLO(source)
+    model.add_callback("on_train_epoch_start", _threads_from_file(run / "threads.txt"))
+    model.train(
         data=str(work / "dataset" / "data.yaml"),
         epochs=args.epochs,
         imgsz=IMGSZ,
         batch=args.batch,
         workers=1,
         device="cpu",
-        pretrained=False,
+        # ultralytics ignores a loaded checkpoint unless pretrained is truthy (no download here)
+        pretrained=args.init is not None,
         plots=False,
         amp=False,
         seed=SEED,
         deterministic=False,
         project=str(work / "runs"),
-        name=args.family,
+        name=args.name or args.family,
         exist_ok=True,
         patience=100,
         cache="ram",
-        close_mosaic=5,
+        close_mosaic=args.close_mosaic,
+        warmup_epochs=args.warmup,
         # microscopy: flips both ways, grey images (no hue/saturation), brightness jitter,
         # scale jitter so nuclei of 0.5-1.5x the training size are seen.
         fliplr=0.5,
@@ -272,7 +299,7 @@ def cmd_bundle(args) -> None:
     registry entry with SHA-256 and metrics."""
     pkg = Path(__file__).resolve().parents[1] / "src" / "napari_yolocell" / "models"
     name, family, aliases = FAMILY_INFO[args.family]
-    src = Path(args.work) / "runs" / args.family / "weights" / args.weights
+    src = Path(args.work) / "runs" / (args.run or args.family) / "weights" / args.weights
     dst = pkg / f"{name.replace('-', '_')}.pt"
     _strip(src, dst, family)
     spec_kwargs = dict(
@@ -342,10 +369,14 @@ def main(argv=None) -> int:
         help="start from these weights (e.g. src/napari_yolocell/models/nucleus_v5n.pt)",
     )
     t.add_argument("--lr0", type=float, default=0.01, help="initial learning rate")
+    t.add_argument("--name", default=None, help="run folder under WORK/runs (default: family)")
+    t.add_argument("--warmup", type=float, default=3.0, help="warm-up epochs")
+    t.add_argument("--close-mosaic", type=int, default=5, help="last epochs trained without mosaic")
     c = sub.add_parser("bundle")
     c.add_argument("--work", required=True)
     c.add_argument("--family", default="yolov5n")
     c.add_argument("--weights", default="best.pt")
+    c.add_argument("--run", default=None, help="run folder under WORK/runs (default: family)")
     c.add_argument("--data", required=True, help="the shared data folder (for calibration)")
     c.add_argument(
         "--diameter",
