@@ -278,13 +278,14 @@ class DetectWidget(Container):
         self.tile = SpinBox(label="tile", value=640, min=64, max=8192, step=32)
         self.overlap = SpinBox(label="overlap (0 = auto)", value=0, min=0, max=4096)
         self.diameter = FloatSpinBox(
-            label="diameter px (0 = model)",
+            label="diameter px (0 = auto)",
             value=0.0,
             min=0.0,
             max=2000.0,
             step=1.0,
-            tooltip="typical nucleus diameter in full-resolution "
-            "pixels; tiles are rescaled to the model's",
+            tooltip="typical nucleus diameter in full-resolution pixels; tiles are resized to "
+            "the model's scale. 0: measured on the image, and tiles resized only when nuclei "
+            "are far larger than the model's",
         )
         self.normalize = ComboBox(
             label="normalisation",
@@ -499,6 +500,7 @@ class DetectWidget(Container):
             channel=self.channel.value if layer is not None and layer.rgb else None,
             normalize=self.normalize.value,
             diameter=float(self.diameter.value) or None,
+            auto_diameter=not float(self.diameter.value),
             level=int(self.level.value or 0),
         )
 
@@ -816,6 +818,9 @@ class DetectWidget(Container):
             text += f" ({planes} of {res.n_planes} planes with nuclei)"
         if self.conf.value < res.run_conf - 1e-9:
             text += f"; run used {res.run_conf:.2f}, re-run to see lower ones"
+        measured, used = res.df.attrs.get("measured_diameter"), res.df.attrs.get("diameter")
+        if measured is not None and used is not None:
+            text += f"; nuclei measured ~{used:.0f} px across: tiles resized to the model's scale"
         large = len(shown) > LARGE_RESULT
         self.boxes_button.visible = large
         boxes = self.result_layers(res.source).get("boxes") if large else None

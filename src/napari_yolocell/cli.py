@@ -68,10 +68,26 @@ def _detect_params(args):
         iou=args.iou,
         channel=args.channel,
         normalize=args.normalize,
-        diameter=args.diameter,
+        diameter=args.diameter if isinstance(args.diameter, float) else None,
+        auto_diameter=args.diameter == "auto",
         batch=args.batch,
         level=args.level,
     )
+
+
+def _diameter_arg(text: str) -> float | str:
+    """``--diameter``: "auto", "model" or a positive number of pixels."""
+    if text.lower() in ("auto", "model"):
+        return text.lower()
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected auto, model or a diameter in px, got {text!r}"
+        ) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"diameter must be positive, got {text!r}")
+    return value
 
 
 def _load_detector(model: str | None, device: str | None = None, backend: str = "auto"):
@@ -453,9 +469,11 @@ def _add_detect_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     )
     p.add_argument(
         "--diameter",
-        type=float,
-        default=None,
-        help="typical nucleus diameter in px, if far from the model's (rescales tiles)",
+        type=_diameter_arg,
+        default="auto",
+        help="typical nucleus diameter in px (tiles are resized to the model's scale); "
+        "auto (default): measured on each image, resized only when nuclei are far larger "
+        "than the model's; model: never resize",
     )
     p.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
     p.add_argument("--level", type=int, default=0, help="pyramid level (0 = full resolution)")

@@ -47,9 +47,11 @@ from napari_yolocell.normalize import (
     check_mode,
     clip_uint8,
     percentile_range,
+    sample_stride,
     strided_sample,
     to_uint8,
 )
+from napari_yolocell.size_estimate import auto_diameter, estimate_diameter
 from napari_yolocell.tiling import Tile, tile_grid
 
 COLUMNS = ["plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "class"]
@@ -114,6 +116,11 @@ class DetectParams:
         Skip tiles in which no pixel is brighter than the background (whole-slide images are
         often mostly empty). Only applied when the plane clearly has a background mode (see
         :func:`empty_threshold`); skipped tiles are counted in ``df.attrs["skipped_tiles"]``.
+    auto_diameter : bool
+        With ``diameter`` None: measure the typical nucleus size on an overview of the (first)
+        plane (:func:`napari_yolocell.size_estimate.estimate_diameter`) and, only if it is far
+        outside the model's range, use it as ``diameter``. ``df.attrs`` reports
+        ``measured_diameter`` and the ``diameter`` used (None = the model's scale).
     """
 
     tile: int = 640
@@ -130,6 +137,7 @@ class DetectParams:
     ios: float | None = 0.7
     margin: float = 2.0
     skip_empty: bool = True
+    auto_diameter: bool = True
 
 
 def derive_overlap(diameter: float, tile: int) -> int:
@@ -315,11 +323,16 @@ def _stats_level(layout: _Layout, level: int) -> int:
 
 
 def _normalizer(
-    view: PlaneView, stats_view: PlaneView, params: DetectParams, detector: Detector
+    view: PlaneView,
+    stats_view: PlaneView,
+    params: DetectParams,
+    detector: Detector,
+    sample: np.ndarray | None = None,
 ) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray | None]:
     """Plane-wide intensity mapping to uint8 and the normalised overview (if one was read).
 
-    Also primes detectors that need an overview.
+    ``sample``: the strided overview of ``stats_view`` if already read. Also primes detectors
+    that need an overview.
     """
     needs_overview = getattr(detector, "needs_overview", False)
     if params.normalize == "none":
@@ -330,9 +343,11 @@ def _normalizer(
         # The sample is not needed for this mapping: read it for skipping only when it is cheap
         # (a pyramid level), never as an extra pass over a full-resolution plane.
         wanted = needs_overview or (params.skip_empty and stats_view.array is not view.array)
-        sample = strided_sample(stats_view, STATS_MAX_PIXELS) if wanted else None
+        if sample is None and wanted:
+            sample = strided_sample(stats_view, STATS_MAX_PIXELS)
     else:
-        sample = strided_sample(stats_view, STATS_MAX_PIXELS)
+        if sample is None:
+            sample = strided_sample(stats_view, STATS_MAX_PIXELS)
         lo, hi = percentile_range(sample, *params.percentiles, max_pixels=sample.size + 1)
 
         def norm(tile):
@@ -416,6 +431,26 @@ def _empty_tiles(
             ox1 = min(overview.shape[1], math.ceil(xs.stop / fx) + SKIP_MARGIN)
             empty[i] = not bright[ox0:ox1].any()
     return empty
+
+
+def measure_diameter(
+    stats_view: PlaneView, full_height: int, spec
+) -> tuple[float | None, np.ndarray | None]:
+    """Typical nucleus diameter in full-resolution pixels, measured on an overview.
+
+    Returns ``(diameter, sample)``: the strided overview read for it (reused for
+    normalisation) or None if none was read. The diameter is None when the overview is too
+    coarse to show a nucleus of the model's size as a blob ``SKIP_PIXELS_PER_DIAMETER`` pixels
+    wide (e.g. a slide's thumbnail, where tissue would read as giant nuclei), or when the image
+    gives no reliable measurement.
+    """
+    stride = sample_stride(stats_view.shape, STATS_MAX_PIXELS)
+    px = stride * full_height / stats_view.shape[0]  # full-resolution pixels per sample pixel
+    if float(spec.diameter_px) / px < SKIP_PIXELS_PER_DIAMETER:
+        return None, None
+    sample = strided_sample(stats_view, STATS_MAX_PIXELS)
+    estimate = estimate_diameter(np.asarray(sample, dtype=np.float32))
+    return (None if estimate is None else estimate * px), sample
 
 
 def _resize(grey: np.ndarray, scale: float) -> np.ndarray:
@@ -596,10 +631,21 @@ def iter_detect(
         full.shape[layout.y_axis] / array.shape[layout.y_axis],
         full.shape[layout.x_axis] / array.shape[layout.x_axis],
     )
-    params, scale = resolve_params(params, detector.spec, level_factor=float(np.mean(factor)))
     stats_array = layout.levels[_stats_level(layout, params.level)]
     plane_ids = list(range(math.prod(layout.plane_shape))) if planes is None else list(planes)
     plane_index = list(itertools.product(*(range(n) for n in layout.plane_shape)))
+    measured, first_sample = None, None
+    if params.diameter is None and params.auto_diameter and plane_ids:
+        first = plane_index[plane_ids[0]] if 0 <= plane_ids[0] < len(plane_index) else None
+        if first is not None:
+            stats_view = PlaneView(stats_array, layout, first, params.channel)
+            measured, first_sample = measure_diameter(
+                stats_view, full.shape[layout.y_axis], detector.spec
+            )
+            chosen = auto_diameter(measured, float(detector.spec.diameter_px))
+            if chosen is not None:
+                params = dataclasses.replace(params, diameter=chosen)
+    params, scale = resolve_params(params, detector.spec, level_factor=float(np.mean(factor)))
     shape_yx = (int(array.shape[layout.y_axis]), int(array.shape[layout.x_axis]))
     tiles = tile_grid(shape_yx, params.tile, params.overlap)
     total, done, state = len(tiles) * len(plane_ids), 0, {"nan_warned": False, "skipped": 0}
@@ -615,7 +661,8 @@ def iter_detect(
             raise ValueError(f"plane {plane} out of range (the image has {len(plane_index)})")
         view = PlaneView(array, layout, plane_index[plane], params.channel)
         stats_view = PlaneView(stats_array, layout, plane_index[plane], params.channel)
-        norm, overview = _normalizer(view, stats_view, params, detector)
+        sample, first_sample = first_sample, None  # the measured overview serves plane 1 only
+        norm, overview = _normalizer(view, stats_view, params, detector, sample)
         threshold = empty_threshold(overview) if params.skip_empty else None
         empty = None
         if threshold is not None and gate_array is not array:
@@ -643,6 +690,8 @@ def iter_detect(
         scale=scale,
         conf=params.conf,
         skipped_tiles=state["skipped"],
+        diameter=params.diameter,
+        measured_diameter=measured,
     )
     return df
 
