@@ -138,15 +138,20 @@ def _spawn_variant(args, variant: str, backend: str, tiff: Path) -> dict:
 
 
 def part_a(args, work: Path) -> tuple[str, dict]:
+    import pandas as pd
+
     from napari_yolocell.synthetic import write_synthetic_tiff
 
-    tiff = work / "slide.tif"
+    tiff = args.slide or work / "slide.tif"
     levels = max(1, int(np.log2(args.size / 1024)) + 1)
     start = time.perf_counter()
-    table = write_synthetic_tiff(
-        tiff, shape=(args.size, args.size), tile=512, levels=levels, tissue=args.tissue
-    )
-    table.to_csv(tiff.with_suffix(".truth.csv"), index=False)
+    if args.slide and tiff.exists() and tiff.with_suffix(".truth.csv").exists():
+        table = pd.read_csv(tiff.with_suffix(".truth.csv"))  # kept from an earlier run
+    else:
+        table = write_synthetic_tiff(
+            tiff, shape=(args.size, args.size), tile=512, levels=levels, tissue=args.tissue
+        )
+        table.to_csv(tiff.with_suffix(".truth.csv"), index=False)
     truth = len(table)
     print(
         f"(a) wrote {tiff.stat().st_size / 1e6:.0f} MB TIFF, {truth} nuclei, "
@@ -184,8 +189,9 @@ def part_a(args, work: Path) -> tuple[str, dict]:
             f"{engine['skipped']} | {bare_s:.1f} | {ratio:.2f} |"
         )
         print(rows[-1], file=sys.stderr)
-    tiff.unlink(missing_ok=True)
-    tiff.with_suffix(".truth.csv").unlink(missing_ok=True)
+    if not args.slide:
+        tiff.unlink(missing_ok=True)
+        tiff.with_suffix(".truth.csv").unlink(missing_ok=True)
     return "\n".join(rows), {"truth": truth, "results": results}
 
 
@@ -332,6 +338,12 @@ def parse_args(argv=None):
         "--bare-sample", type=int, default=240, help="tiles timed for the bare forward pass"
     )
     parser.add_argument("--truth", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--slide",
+        type=Path,
+        default=None,
+        help="keep the part-a slide here (and its .truth.csv); reused if both exist",
+    )
     parser.add_argument("--tile", type=int, default=640)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--parts", default="a,b,c")
