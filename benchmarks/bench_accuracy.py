@@ -21,16 +21,28 @@ from pathlib import Path
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc039"
 
 
+def _load(name: str):
+    """``NAME`` or ``NAME@BACKEND`` (e.g. ``v5@openvino-int8``; default PyTorch)."""
+    from napari_yolocell.models import load_detector
+
+    model, _, backend = name.partition("@")
+    return load_detector(model, device="cpu", backend=backend or "torch")
+
+
+def _label(name: str, det) -> str:
+    backend = name.partition("@")[2]
+    return f"{det.spec.name} ({backend})" if backend else det.spec.name
+
+
 def run(data: Path, split: str, models: list[str], tile: int = 640) -> list[dict]:
     from napari_yolocell.detect import DetectParams
     from napari_yolocell.evaluate import evaluate_model
-    from napari_yolocell.models import load_detector
     from napari_yolocell.public_data import bbbc039_items
 
     items = bbbc039_items(data, split, min_area=25)
     results = []
     for name in models:
-        det = load_detector(name)
+        det = _load(name)
         t0 = time.perf_counter()
         # at the model's default confidence: what `yolocell detect` does out of the box
         res = evaluate_model(
@@ -40,7 +52,7 @@ def run(data: Path, split: str, models: list[str], tile: int = 640) -> list[dict
             params=DetectParams(tile=tile),
             conf=det.spec.default_conf,
             low_conf=0.01 if det.spec.family != "classical" else 0.0,
-            name=det.spec.name,
+            name=_label(name, det),
         )
         res["seconds"] = time.perf_counter() - t0
         results.append(res)

@@ -70,13 +70,25 @@ def _median_diameter(boxes: np.ndarray) -> float:
     return float(np.median(np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))))
 
 
+def _load(name: str):
+    """``NAME`` or ``NAME@BACKEND`` (e.g. ``v5@openvino-int8``; default PyTorch)."""
+    from napari_yolocell.models import load_detector
+
+    model, _, backend = name.partition("@")
+    return load_detector(model, device="cpu", backend=backend or "torch")
+
+
+def _label(name: str, det) -> str:
+    backend = name.partition("@")[2]
+    return f"{det.spec.name} ({backend})" if backend else det.spec.name
+
+
 def score(model: str, chosen: list[tuple], diameter: str | None) -> dict[str, dict]:
     """Scores per group (all, per source, per size bin) for one model."""
     from napari_yolocell.detect import DetectParams
     from napari_yolocell.evaluate import evaluate_model
-    from napari_yolocell.models import load_detector
 
-    det = load_detector(model)
+    det = _load(model)
     groups = {"all": chosen}
     for src in sorted({it[3] for it in chosen}):
         groups[src] = [it for it in chosen if it[3] == src]
@@ -95,7 +107,7 @@ def score(model: str, chosen: list[tuple], diameter: str | None) -> dict[str, di
             params=params,
             conf=det.spec.default_conf,
             low_conf=0.01 if det.spec.family != "classical" else 0.0,
-            name=det.spec.name,
+            name=_label(model, det),
         )
         res["n"] = len(group)
         out[name] = res

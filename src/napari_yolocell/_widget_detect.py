@@ -261,9 +261,9 @@ class DetectWidget(Container):
         self.backend = ComboBox(
             label="runtime",
             value="auto",
-            choices=["auto", "openvino", "onnxruntime", "torch"],
-            tooltip="forward-pass runtime; auto = the fastest installed "
-            "(OpenVINO on CPU, PyTorch on a CUDA GPU)",
+            choices=["auto", "openvino-int8", "openvino", "onnxruntime", "torch"],
+            tooltip="forward-pass runtime; auto = the fastest installed (OpenVINO on CPU, "
+            "INT8 for the bundled models; PyTorch on a CUDA GPU)",
         )
         # --- parameters
         self.conf = FloatSlider(

@@ -32,11 +32,18 @@ if TYPE_CHECKING:
     from napari_yolocell.models import ModelSpec
 
 #: Forward-pass runtimes; ``"auto"`` is accepted too (see :func:`resolve_backend`).
-BACKENDS = ("torch", "onnxruntime", "openvino")
+#: ``"openvino-int8"`` runs a model's bundled 8-bit version (:mod:`napari_yolocell.quantize`).
+BACKENDS = ("torch", "onnxruntime", "openvino", "openvino-int8")
 BACKEND_CHOICES = ("auto", *BACKENDS)
-#: Preference of ``backend="auto"`` on a CPU: measured fastest first.
+#: Preference of ``backend="auto"`` on a CPU: measured fastest first (``"openvino"`` becomes
+#: ``"openvino-int8"`` for models that ship an INT8 version).
 _AUTO_CPU_ORDER = ("openvino", "onnxruntime")
-_BACKEND_MODULE = {"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+_BACKEND_MODULE = {
+    "torch": "torch",
+    "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+    "openvino-int8": "openvino",
+}
 
 
 class Detector(abc.ABC):
@@ -475,6 +482,20 @@ def _is_architecture(spec: ModelSpec) -> bool:
     return spec.path is not None and Path(spec.path).suffix.lower() in (".yaml", ".yml")
 
 
+def _int8_detector(spec: ModelSpec, device: str | None) -> Detector:
+    """The bundled INT8 OpenVINO version of ``spec``, hash-checked."""
+    from napari_yolocell.quantize import verify_folder
+
+    if not spec.int8:
+        raise ValueError(
+            f"model {spec.name!r} has no INT8 version (only bundled models ship one; "
+            "see napari_yolocell.quantize); use backend 'openvino'"
+        )
+    folder = Path(spec.int8["dir"])
+    verify_folder(folder, spec.int8.get("sha256") or {})
+    return OpenVinoDetector(spec, folder, device=device)
+
+
 def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = None) -> Detector:
     """Build a detector for ``spec`` with the chosen backend.
 
@@ -482,8 +503,9 @@ def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = N
     ----------
     spec : ModelSpec
         Resolved model (see :func:`napari_yolocell.models.resolve_model`).
-    backend : {"auto", "torch", "onnxruntime", "openvino"}
+    backend : {"auto", "torch", "onnxruntime", "openvino", "openvino-int8"}
         Forward-pass runtime; see :func:`resolve_backend`. The classical detector ignores it.
+        ``"auto"`` on a CPU uses a bundled model's INT8 version when OpenVINO is installed.
         ONNX Runtime / OpenVINO run a cached export of the weights, made on first use (a few
         seconds). Untrained architectures (``"yolov5n.yaml"``) get random weights at every load,
         so they are exported to a temporary folder instead of the cache. With ``"auto"``, a
@@ -508,6 +530,8 @@ def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = N
     backend = resolve_backend(backend, device)
     if backend == "torch":
         return TorchDetector(load_ultralytics(spec.path), spec, device=device)
+    if backend == "openvino-int8" or (requested == "auto" and backend == "openvino" and spec.int8):
+        return _int8_detector(spec, device)
     from napari_yolocell import export_cache
 
     fmt, cls = {

@@ -481,8 +481,9 @@ def _add_detect_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "torch", "onnxruntime", "openvino"],
-        help="forward-pass runtime; auto = the fastest installed",
+        choices=["auto", "torch", "onnxruntime", "openvino", "openvino-int8"],
+        help="forward-pass runtime; auto = the fastest installed (on a CPU: OpenVINO, "
+        "INT8 for the bundled models)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -55,6 +55,10 @@ class ModelSpec:
     unpacked_sha256 : str or None
         For weights shipped xz-compressed (``.pt.xz``, to keep the wheel small): the SHA-256
         of the unpacked ``.pt``, checked again before each load from the cache.
+    int8 : dict or None
+        Bundled INT8 OpenVINO version: ``{"dir": folder, "sha256": {file: hash}}``
+        (see :mod:`napari_yolocell.quantize`); used by the ``openvino-int8`` backend and by
+        ``auto`` on a CPU.
     normalize : str
         ``"percentile"`` or ``"none"``; must match how the training images were made.
     percentiles : tuple of float
@@ -81,6 +85,7 @@ class ModelSpec:
     path: Path | None = None
     sha256: str | None = None
     unpacked_sha256: str | None = None
+    int8: dict[str, Any] | None = None
     normalize: str = "percentile"
     percentiles: tuple[float, float] = (1.0, 99.8)
     diameter_px: float = 20.0
@@ -113,6 +118,9 @@ class ModelSpec:
         if "percentiles" in kwargs:
             kwargs["percentiles"] = tuple(float(p) for p in kwargs["percentiles"])
         kwargs["aliases"] = tuple(kwargs.get("aliases", ()))
+        int8 = kwargs.get("int8")
+        if isinstance(int8, dict) and int8.get("dir") and base is not None:
+            kwargs["int8"] = {**int8, "dir": str(base / int8["dir"])}
         kwargs.setdefault("name", Path(file).stem if file else "model")
         return cls(**kwargs)
 
