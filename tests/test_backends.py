@@ -268,8 +268,8 @@ def test_bundled_model_same_answers_on_bbbc039(tiles, shared_data):
         for name, det in dets.items():
             counts[name] += len(detect_image(image, det, DetectParams()))
     assert counts["torch"] > 100
-    for name in dets:
-        assert abs(counts[name] - counts["torch"]) <= 0.005 * counts["torch"], (name, counts)
+    for name in dets:  # 0.5 %, but at least one nucleus on these ~140 (bench_accuracy: all 50)
+        assert abs(counts[name] - counts["torch"]) <= max(1, 0.005 * counts["torch"]), counts
 
 
 def test_spec_is_not_mutated_by_backends(weights):
