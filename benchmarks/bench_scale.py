@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-BACKENDS = ("torch", "onnxruntime", "openvino")
+BACKENDS = ("torch", "onnxruntime", "openvino", "openvino-int8")
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench_scale:start -->", "<!-- bench_scale:end -->"

@@ -51,7 +51,7 @@ from napari_yolocell.normalize import (
     strided_sample,
     to_uint8,
 )
-from napari_yolocell.size_estimate import auto_diameter, estimate_diameter
+from napari_yolocell.size_estimate import AUTO_HIGH, auto_diameter, estimate_diameter
 from napari_yolocell.tiling import Tile, tile_grid
 
 COLUMNS = ["plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "class"]
@@ -449,8 +449,11 @@ def measure_diameter(
     if float(spec.diameter_px) / px < SKIP_PIXELS_PER_DIAMETER:
         return None, None
     sample = strided_sample(stats_view, STATS_MAX_PIXELS)
-    estimate = estimate_diameter(np.asarray(sample, dtype=np.float32))
-    return (None if estimate is None else estimate * px), sample
+    # Only nuclei over AUTO_HIGH x the model's size matter: measure where they still span
+    # >= 16 px, which is ~9x cheaper than the full overview for a normal field.
+    k = max(1, int(AUTO_HIGH * float(spec.diameter_px) / (16 * px)))
+    estimate = estimate_diameter(np.asarray(sample[::k, ::k], dtype=np.float32))
+    return (None if estimate is None else estimate * px * k), sample
 
 
 def _resize(grey: np.ndarray, scale: float) -> np.ndarray:
