@@ -8,6 +8,8 @@ b. ``engine`` - :func:`napari_yolocell.detect.detect_image` end to end from the 
                 (read tiles, normalise, forward, exact border merge).
 c. ``sahi``   - SAHI ``get_sliced_prediction`` with the same ultralytics model on the same
                 normalised image (loaded whole, as SAHI needs); skipped if SAHI is missing.
+d. ``default`` - (b) with the runtime `yolocell detect` uses by default on a CPU (``auto``:
+                OpenVINO, INT8 for the bundled models); a-c all use PyTorch.
 
 Timings exclude imports and model loading; each variant warms the model up on one tile first
 and reports the best of ``--repeat`` runs (the CPU may be shared).
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = ("bare", "engine", "sahi")
+VARIANTS = ("bare", "engine", "sahi", "default")
 
 
 def _peak_rss_mb() -> float:
@@ -49,14 +51,14 @@ def _best_of(fn, repeat: int) -> tuple[float, object]:
     return best, result
 
 
-def _setup(args):
+def _setup(args, backend: str = "torch"):
     """Open the TIFF lazily, load the detector and resolve the engine's parameters."""
     from napari_yolocell.detect import DetectParams, resolve_params
     from napari_yolocell.models import load_detector
     from napari_yolocell.tiff_io import open_tiff
 
     image = open_tiff(args.tiff)
-    detector = load_detector(args.model, device=args.device)
+    detector = load_detector(args.model, device=args.device, backend=backend)
     params, _ = resolve_params(DetectParams(tile=args.tile, batch=args.batch), detector.spec)
     detector.predict(
         [np.zeros((args.tile, args.tile, 3), np.uint8)], params.conf, params.iou, params.max_det
@@ -108,6 +110,15 @@ def run_engine(args) -> dict:
     return {"seconds": seconds, "count": len(df)}
 
 
+def run_default(args) -> dict:
+    """(d) Our engine with the default CPU runtime (``backend="auto"``)."""
+    from napari_yolocell.detect import detect_image
+
+    image, detector, params = _setup(args, backend="auto")
+    seconds, df = _best_of(lambda: detect_image(image.levels, detector, params), args.repeat)
+    return {"seconds": seconds, "count": len(df), "runtime": type(detector).__name__}
+
+
 def run_sahi(args) -> dict:
     """(c) SAHI sliced prediction with the same ultralytics model."""
     try:
@@ -149,7 +160,8 @@ def run_sahi(args) -> dict:
 
 
 def _run_variant(args) -> None:
-    result = {"bare": run_bare, "engine": run_engine, "sahi": run_sahi}[args.variant](args)
+    runners = {"bare": run_bare, "engine": run_engine, "sahi": run_sahi, "default": run_default}
+    result = runners[args.variant](args)
     result["peak_rss_mb"] = _peak_rss_mb()
     print(json.dumps(result))
 
@@ -183,6 +195,7 @@ LABELS = {
     "bare": "(a) bare batched forward, pre-cut tiles",
     "engine": "(b) napari-yolocell detect_image, lazy BigTIFF",
     "sahi": "(c) SAHI get_sliced_prediction",
+    "default": "(d) detect_image with the default CPU runtime (auto)",
 }
 
 
@@ -206,13 +219,17 @@ def format_table(results: dict, size: int) -> str:
         lines.append(f"\nratio b/a (engine overhead): {secs['engine'] / secs['bare']:.2f}")
     if secs.get("engine") and secs.get("sahi"):
         lines.append(f"ratio c/b (SAHI vs engine): {secs['sahi'] / secs['engine']:.2f}")
+    if secs.get("default") and secs.get("sahi"):
+        lines.append(
+            f"ratio c/d (SAHI vs engine, default runtimes): {secs['sahi'] / secs['default']:.2f}"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=8192, help="image side in pixels")
-    parser.add_argument("--model", default="yolov5n.yaml", help="model name, YAML or .pt")
+    parser.add_argument("--model", default="default", help="model name, YAML or .pt")
     parser.add_argument("--tile", type=int, default=640)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default=None, help="cpu, cuda:0 (default: auto)")
