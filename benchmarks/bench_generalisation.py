@@ -141,11 +141,37 @@ def main(argv=None) -> None:
     p.add_argument("--holdout", type=Path, required=True, help="dataset folder of the build step")
     p.add_argument("--models", nargs="+", default=["v5", "v6", "classical"])
     p.add_argument("--diameter", default=None, help="pass --diameter to detection (px)")
+    p.add_argument("--write-docs", type=Path, default=None, help="update docs/benchmarks.md")
     args = p.parse_args(argv)
     chosen = items(args.data, holdout_ids(args.holdout))
     print(f"{len(chosen)} held-out images", file=sys.stderr)
     scores = {m: score(m, chosen, args.diameter) for m in args.models}
-    print(markdown(scores))
+    table = markdown(scores)
+    print(table)
+    if args.write_docs:
+        text = (
+            "## Other labs' images, held out from training (bench_generalisation.py)\n\n"
+            f"{len(chosen)} DSB2018 and Kromp 2020 images (the ~10 % of each source held out "
+            "for validation; never trained on), each at its native size, `yolocell detect` "
+            "defaults (automatic nucleus size). Size bins by the image's median nucleus "
+            "diameter.\n\n"
+            f"{table}\n\nCommand: `python benchmarks/bench_generalisation.py --holdout "
+            f"WORK/dataset --models {' '.join(args.models)}`"
+        )
+        write_docs(text, args.write_docs)
+
+
+def write_docs(text: str, path: Path) -> None:
+    """Replace this benchmark's section of docs/benchmarks.md (between its markers)."""
+    start, end = "<!-- bench_generalisation:start -->", "<!-- bench_generalisation:end -->"
+    doc = path.read_text()
+    if start not in doc or end not in doc:
+        doc = doc.replace(
+            "## Reader (bench_reader.py)", f"{start}\n{end}\n\n## Reader (bench_reader.py)"
+        )
+    before, rest = doc.split(start, 1)
+    after = rest.split(end, 1)[1]
+    path.write_text(f"{before}{start}\n{text.rstrip()}\n{end}{after}")
 
 
 if __name__ == "__main__":
