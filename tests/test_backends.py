@@ -268,8 +268,11 @@ def test_bundled_model_same_answers_on_bbbc039(tiles, shared_data):
         for name, det in dets.items():
             counts[name] += len(detect_image(image, det, DetectParams()))
     assert counts["torch"] > 100
-    for name in dets:  # 0.5 %, but at least one nucleus on these ~140 (bench_accuracy: all 50)
+    for name in EXPORTED:  # FP32 runtimes: 0.5 %, at least one nucleus on these ~140
         assert abs(counts[name] - counts["torch"]) <= max(1, 0.005 * counts["torch"]), counts
+    if "openvino-int8" in counts:  # 8-bit: a few nuclei on 3 images; on all 50 test images
+        # bench_accuracy measures 5383 vs 5376 (+0.13 %), F1 0.952 vs 0.954
+        assert abs(counts["openvino-int8"] - counts["torch"]) <= 0.02 * counts["torch"], counts
 
 
 def test_spec_is_not_mutated_by_backends(weights):
