@@ -90,12 +90,20 @@ whole image at native size):
 """
 
 
-def write_docs(text: str, path: Path) -> None:
-    """Replace the accuracy section of docs/benchmarks.md (between its markers)."""
-    start, end = "<!-- bench_accuracy:start -->", "<!-- bench_accuracy:end -->"
+def write_docs(
+    text: str, path: Path, section: str = "bench_accuracy", insert_before: str | None = None
+) -> None:
+    """Replace one benchmark's section of docs/benchmarks.md (between its markers).
+
+    Missing markers are added before the heading ``insert_before`` if given, else at the end.
+    """
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     doc = path.read_text()
     if start not in doc or end not in doc:
-        doc += f"\n{start}\n{end}\n"
+        if insert_before and insert_before in doc:
+            doc = doc.replace(insert_before, f"{start}\n{end}\n\n{insert_before}", 1)
+        else:
+            doc += f"\n{start}\n{end}\n"
     before, rest = doc.split(start, 1)
     after = rest.split(end, 1)[1]
     path.write_text(f"{before}{start}\n{text.rstrip()}\n{end}{after}")

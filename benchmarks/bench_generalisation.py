@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_accuracy import _label, _load, write_docs  # same folder: run as a script
 
 SIZE_BINS = (
     (0, 20, "< 20 px"),
@@ -68,19 +69,6 @@ def _median_diameter(boxes: np.ndarray) -> float:
     if len(boxes) == 0:
         return 0.0
     return float(np.median(np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))))
-
-
-def _load(name: str):
-    """``NAME`` or ``NAME@BACKEND`` (e.g. ``v5@openvino-int8``; default PyTorch)."""
-    from napari_yolocell.models import load_detector
-
-    model, _, backend = name.partition("@")
-    return load_detector(model, device="cpu", backend=backend or "torch")
-
-
-def _label(name: str, det) -> str:
-    backend = name.partition("@")[2]
-    return f"{det.spec.name} ({backend})" if backend else det.spec.name
 
 
 def score(model: str, chosen: list[tuple], diameter: str | None) -> dict[str, dict]:
@@ -158,20 +146,12 @@ def main(argv=None) -> None:
             f"{table}\n\nCommand: `python benchmarks/bench_generalisation.py --holdout "
             f"WORK/dataset --models {' '.join(args.models)}`"
         )
-        write_docs(text, args.write_docs)
-
-
-def write_docs(text: str, path: Path) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (between its markers)."""
-    start, end = "<!-- bench_generalisation:start -->", "<!-- bench_generalisation:end -->"
-    doc = path.read_text()
-    if start not in doc or end not in doc:
-        doc = doc.replace(
-            "## Reader (bench_reader.py)", f"{start}\n{end}\n\n## Reader (bench_reader.py)"
+        write_docs(
+            text,
+            args.write_docs,
+            section="bench_generalisation",
+            insert_before="## Reader (bench_reader.py)",
         )
-    before, rest = doc.split(start, 1)
-    after = rest.split(end, 1)[1]
-    path.write_text(f"{before}{start}\n{text.rstrip()}\n{end}{after}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ The detection head's output convolutions and its box decoding stay in floating p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from napari_yolocell.models import file_sha256
 
 __all__ = ["quantize_openvino", "calibration_tiles", "folder_hashes", "verify_folder"]
 
@@ -116,9 +117,7 @@ def quantize_openvino(
 
 def folder_hashes(folder: str | Path) -> dict[str, str]:
     """SHA-256 of each file of an INT8 model folder."""
-    return {
-        name: hashlib.sha256((Path(folder) / name).read_bytes()).hexdigest() for name in INT8_FILES
-    }
+    return {name: file_sha256(Path(folder) / name) for name in INT8_FILES}
 
 
 def verify_folder(folder: str | Path, expected: dict[str, str]) -> None:
@@ -136,7 +135,7 @@ def verify_folder(folder: str | Path, expected: dict[str, str]) -> None:
         path = folder / name
         if not path.is_file():
             raise FileNotFoundError(f"INT8 model file not found: {str(path)!r}")
-        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        actual = file_sha256(path)
         if actual != digest.lower():
             raise ValueError(
                 f"SHA-256 mismatch for {str(path)!r}: expected {digest}, got {actual}. The file "
