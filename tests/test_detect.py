@@ -149,6 +149,18 @@ def test_small_image_single_padded_tile():
     assert len(df) == 1 and df["x"].iloc[0] == pytest.approx(35)
 
 
+def test_grey_tiles_only_for_detectors_that_take_them():
+    """Detectors declaring ``grey_tiles`` get (H, W) tiles (no x3 copy); others (H, W, 3)."""
+    image = np.random.default_rng(0).random((700, 900))
+    plain, grey = CentreDetector(), CentreDetector()
+    grey.grey_tiles = True
+    a = detect_image(image, plain, DetectParams(tile=640, overlap=64, batch=2))
+    b = detect_image(image, grey, DetectParams(tile=640, overlap=64, batch=2))
+    assert [s[:2] for s in plain.shapes] == grey.shapes
+    assert {len(s) for s in plain.shapes} == {3} and {len(s) for s in grey.shapes} == {2}
+    assert a[["x", "y"]].equals(b[["x", "y"]])
+
+
 @pytest.mark.parametrize(
     ("image", "message"),
     [

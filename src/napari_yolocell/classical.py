@@ -53,6 +53,7 @@ class ClassicalDetector(Detector):
     """
 
     needs_overview = True
+    grey_tiles = True
 
     def __init__(
         self,

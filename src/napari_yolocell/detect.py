@@ -474,9 +474,16 @@ def _resize(grey: np.ndarray, scale: float) -> np.ndarray:
 
 
 def _read_tile(
-    view: PlaneView, tile: Tile, norm, scale: float, state: dict, threshold: float | None = None
+    view: PlaneView,
+    tile: Tile,
+    norm,
+    scale: float,
+    state: dict,
+    threshold: float | None = None,
+    grey_tiles: bool = False,
 ) -> np.ndarray | None:
-    """The tile as the model's (H, W, 3) uint8 input; None if it is empty (``threshold``)."""
+    """The tile as the model's uint8 input, (H, W) if ``grey_tiles`` else (H, W, 3); None if
+    it is empty (``threshold``)."""
     raw = view[tile.slices]
     if raw.dtype.kind == "f" and not state["nan_warned"] and np.isnan(raw).any():
         warnings.warn(
@@ -487,7 +494,9 @@ def _read_tile(
     if threshold is not None and grey.max() <= threshold:
         return None
     grey = _resize(grey, scale)
-    return np.repeat(grey[:, :, None], 3, axis=2)
+    # grey, not x3, where the detector takes it: OpenVINO expands it inside the model
+    # (backends.grey_input_model)
+    return grey if grey_tiles else np.repeat(grey[:, :, None], 3, axis=2)
 
 
 def _to_tile_coords(boxes: np.ndarray, tile: Tile, model_shape: tuple[int, int]) -> np.ndarray:
@@ -557,7 +566,8 @@ def _detect_plane(
         index, tile = index_tile
         if empty is not None and empty[index]:
             return None
-        return _read_tile(view, tile, norm, scale, state, threshold)
+        grey = getattr(detector, "grey_tiles", False)
+        return _read_tile(view, tile, norm, scale, state, threshold, grey)
 
     arrays = _read_ahead(read, list(enumerate(tiles)), depth=params.batch + 1)
     for index, (tile, arr) in enumerate(zip(tiles, arrays, strict=True)):
