@@ -315,7 +315,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
         w = np.clip(np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]), 0, None)
         h = np.clip(np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]), 0, None)
         inter = w * h
-        overlap = inter / (areas[i] + areas[rest] - inter)
+        with np.errstate(invalid="ignore", divide="ignore"):  # two empty boxes: 0/0, kept
+            overlap = inter / (areas[i] + areas[rest] - inter)
         order = rest[~(overlap > iou)]
     return np.asarray(keep, dtype=np.intp)
 
