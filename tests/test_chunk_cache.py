@@ -110,3 +110,7 @@ def test_detection_through_the_cache_equals_in_memory(tmp_path):
     )
     tiles = [k for k in arr.reads if k[0].step in (None, 1)]
     assert len(tiles) == len(set(map(str, tiles))) == 6 * 7  # each 256 px TIFF tile once
+    # the reader's own dask arrays: chunks read from the zarr array they wrap, same answer
+    assert isinstance(image.levels[0].yolocell_source, zarr.Array)
+    direct = detect_image(image.levels, det, params)
+    np.testing.assert_array_equal(direct[["y", "x"]].to_numpy(), got[["y", "x"]].to_numpy())

@@ -288,27 +288,32 @@ class PlaneView:
         self.cache = self._make_cache() if cached else None
 
     def _make_cache(self) -> ChunkCache | None:
-        y_edges = chunk_bounds(self.array, self.layout.y_axis)
-        x_edges = chunk_bounds(self.array, self.layout.x_axis)
+        # A dask array made by our TIFF reader names the zarr array it wraps: reading that
+        # directly saves building and running a dask graph for every chunk.
+        source = getattr(self.array, "yolocell_source", None)
+        if source is None or tuple(source.shape) != tuple(self.array.shape):
+            source = self.array
+        y_edges = chunk_bounds(source, self.layout.y_axis)
+        x_edges = chunk_bounds(source, self.layout.x_axis)
         if y_edges is None or x_edges is None:
             return None  # numpy: already in memory
         depth = 3 if self.layout.rgb and self.channel is None else 1
-        itemsize = np.dtype(self.array.dtype).itemsize
+        itemsize = np.dtype(source.dtype).itemsize
         largest = int(np.diff(y_edges).max()) * int(np.diff(x_edges).max()) * depth * itemsize
         if largest > MAX_CHUNK_BYTES:
             return None
-        return ChunkCache(self._read, y_edges, x_edges)
+        return ChunkCache(lambda ys, xs: self._read(ys, xs, source), y_edges, x_edges)
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         if self.cache is not None and all(k.step in (None, 1) for k in key):
             return self.cache[key]
         return self._read(*key)
 
-    def _read(self, ys: slice, xs: slice) -> np.ndarray:
+    def _read(self, ys: slice, xs: slice, array=None) -> np.ndarray:
         key = (ys, xs)
         index = list(self.template)
         index[self.layout.y_axis], index[self.layout.x_axis] = key
-        data = _materialise(self.array[tuple(index)])
+        data = _materialise((self.array if array is None else array)[tuple(index)])
         if self.layout.rgb:
             data = data[..., self.channel] if self.channel is not None else data[..., :3].max(-1)
         return data

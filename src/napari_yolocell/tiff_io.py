@@ -360,6 +360,9 @@ def _lazy_levels(
             zarr_array = group[str(index)] if isinstance(group, zarr.Group) else group
             arr = da.from_zarr(zarr_array, name=name, inline_array=True)
             arr = _merge_thin_chunks(arr)
+            # the detection engine reads chunks from the zarr array itself (no dask graph per
+            # chunk); napari and everything else use the dask array
+            arr.yolocell_source = zarr_array
         levels.append(arr)
     return levels, handles
 
