@@ -59,6 +59,7 @@ def peak_rss_mb() -> float:
 
 
 def _variant(args) -> dict:
+    from napari_yolocell.backends import as_rgb
     from napari_yolocell.detect import DetectParams, detect_image, resolve_params
     from napari_yolocell.models import load_detector
     from napari_yolocell.normalize import percentile_range, to_uint8
@@ -101,7 +102,7 @@ def _variant(args) -> dict:
             to_uint8(np.asarray(plane[t.slices]), lo, hi) for t in sample[i : i + params.batch]
         ]
         if not getattr(detector, "grey_tiles", False):
-            batch = [np.repeat(t[..., None], 3, axis=2) for t in batch]
+            batch = [as_rgb(t) for t in batch]
         start = time.perf_counter()
         detector.predict(batch, params.conf, params.iou, params.max_det)
         seconds += time.perf_counter() - start

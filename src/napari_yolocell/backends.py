@@ -392,7 +392,11 @@ class _ExportedDetector(Detector):
         """Batched forward pass; see :meth:`Detector.predict`."""
         if not tiles:
             return []
-        return postprocess(self.forward(preprocess(tiles)), tiles, conf, iou, max_det)
+        return postprocess(self.forward(self.input_batch(tiles)), tiles, conf, iou, max_det)
+
+    def input_batch(self, tiles: list[np.ndarray]) -> np.ndarray:
+        """The batch :meth:`forward` takes for these tiles: NCHW float32 (:func:`preprocess`)."""
+        return preprocess(tiles)
 
 
 class OnnxRuntimeDetector(_ExportedDetector):
@@ -511,17 +515,12 @@ class OpenVinoDetector(_ExportedDetector):
             compiled = self._compiled_for(tuple(batch.shape))
             return np.array(compiled(batch)[0], dtype=np.float32, copy=True)
 
-    def predict(
-        self, tiles: list[np.ndarray], conf: float, iou: float, max_det: int
-    ) -> list[np.ndarray]:
-        """Batched forward pass; see :meth:`Detector.predict`. Grey tiles go into the model
-        as uint8 (:func:`grey_input_model`)."""
-        if not tiles:
-            return []
+    def input_batch(self, tiles: list[np.ndarray]) -> np.ndarray:
+        """Grey tiles go into the model as one (N, H, W) uint8 batch (:func:`grey_input_model`);
+        others as NCHW float32."""
         if any(t.ndim != 2 for t in tiles):
-            return super().predict(tiles, conf, iou, max_det)
-        batch = np.stack(pad_batch(tiles)[0])
-        return postprocess(self.forward(batch), tiles, conf, iou, max_det)
+            return preprocess(tiles)
+        return np.stack(pad_batch(tiles)[0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from napari_yolocell.backends import Detector
+from napari_yolocell.backends import Detector, as_rgb
 from napari_yolocell.chunk_cache import MAX_CHUNK_BYTES, ChunkCache, chunk_bounds
 from napari_yolocell.merge import merge_tiles
 from napari_yolocell.models import ModelSpec, load_detector
@@ -526,7 +526,7 @@ def _read_tile(
     grey = _resize(grey, scale)
     # grey, not x3, where the detector takes it: OpenVINO expands it inside the model
     # (backends.grey_input_model)
-    return grey if grey_tiles else np.repeat(grey[:, :, None], 3, axis=2)
+    return grey if grey_tiles else as_rgb(grey)
 
 
 def _to_tile_coords(boxes: np.ndarray, tile: Tile, model_shape: tuple[int, int]) -> np.ndarray:
@@ -592,11 +592,12 @@ def _detect_plane(
             tile_boxes.append((tile, _to_tile_coords(boxes, tile, arr.shape[:2])))
         pending.clear()
 
+    grey = getattr(detector, "grey_tiles", False)
+
     def read(index_tile):
         index, tile = index_tile
         if empty is not None and empty[index]:
             return None
-        grey = getattr(detector, "grey_tiles", False)
         return _read_tile(view, tile, norm, scale, state, threshold, grey)
 
     arrays = _read_ahead(read, list(enumerate(tiles)), depth=params.batch + 1)
