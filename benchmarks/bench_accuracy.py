@@ -23,7 +23,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbbc03
 
 def _load(name: str):
     """``NAME`` or ``NAME@BACKEND`` (e.g. ``v5@openvino-int8``; default PyTorch)."""
-    from napari_yolocell.models import load_detector
+    from napari_yolocell.models.loading import load_detector
 
     model, _, backend = name.partition("@")
     return load_detector(model, device="cpu", backend=backend or "torch")
@@ -35,9 +35,9 @@ def _label(name: str, det) -> str:
 
 
 def run(data: Path, split: str, models: list[str], tile: int = 640) -> list[dict]:
-    from napari_yolocell.detect import DetectParams
-    from napari_yolocell.evaluate import evaluate_model
-    from napari_yolocell.public_data import bbbc039_items
+    from napari_yolocell.analysis.evaluate import evaluate_model
+    from napari_yolocell.data.public import bbbc039_items
+    from napari_yolocell.engine.detect import DetectParams
 
     items = bbbc039_items(data, split, min_area=25)
     results = []
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
             json.dumps([{k: r.get(k) for k in keep} for r in results], indent=2, default=float)
         )
     if args.plots:
-        from napari_yolocell.plots import save_plots
+        from napari_yolocell.analysis.plots import save_plots
 
         save_plots(results, args.plots)
     return 0

@@ -4,7 +4,7 @@ Variants, each run in its own subprocess so peak RSS (``ru_maxrss``) is per vari
 
 a. ``bare``   - batched forward pass only, over tiles cut and normalised beforehand (in RAM);
                 the ceiling any tiling engine can reach with this model.
-b. ``engine`` - :func:`napari_yolocell.detect.detect_image` end to end from the lazy BigTIFF
+b. ``engine`` - :func:`napari_yolocell.engine.detect.detect_image` end to end from the lazy BigTIFF
                 (read tiles, normalise, forward, exact border merge).
 c. ``sahi``   - SAHI ``get_sliced_prediction`` with the same ultralytics model on the same
                 normalised image (loaded whole, as SAHI needs); skipped if SAHI is missing.
@@ -53,9 +53,9 @@ def _best_of(fn, repeat: int) -> tuple[float, object]:
 
 def _setup(args, backend: str = "torch"):
     """Open the TIFF lazily, load the detector and resolve the engine's parameters."""
-    from napari_yolocell.detect import DetectParams, resolve_params
-    from napari_yolocell.models import load_detector
-    from napari_yolocell.tiff_io import open_tiff
+    from napari_yolocell.engine.detect import DetectParams, resolve_params
+    from napari_yolocell.io.tiff import open_tiff
+    from napari_yolocell.models.loading import load_detector
 
     image = open_tiff(args.tiff)
     detector = load_detector(args.model, device=args.device, backend=backend)
@@ -67,15 +67,15 @@ def _setup(args, backend: str = "torch"):
 
 
 def _value_range(image, params) -> tuple[float, float]:
-    from napari_yolocell.normalize import percentile_range
+    from napari_yolocell.engine.normalize import percentile_range
 
     return percentile_range(image.levels[min(1, len(image.levels) - 1)], *params.percentiles)
 
 
 def run_bare(args) -> dict:
     """(a) Forward pass only, over pre-cut, pre-normalised tiles."""
-    from napari_yolocell.normalize import to_uint8
-    from napari_yolocell.tiling import tile_grid
+    from napari_yolocell.engine.normalize import to_uint8
+    from napari_yolocell.engine.tiling import tile_grid
 
     image, detector, params = _setup(args)
     lo, hi = _value_range(image, params)
@@ -103,7 +103,7 @@ def run_bare(args) -> dict:
 
 def run_engine(args) -> dict:
     """(b) Our engine end to end from the lazy BigTIFF."""
-    from napari_yolocell.detect import detect_image
+    from napari_yolocell.engine.detect import detect_image
 
     image, detector, params = _setup(args)
     seconds, df = _best_of(lambda: detect_image(image.levels, detector, params), args.repeat)
@@ -112,7 +112,7 @@ def run_engine(args) -> dict:
 
 def run_default(args) -> dict:
     """(d) Our engine with the default CPU runtime (``backend="auto"``)."""
-    from napari_yolocell.detect import detect_image
+    from napari_yolocell.engine.detect import detect_image
 
     image, detector, params = _setup(args, backend="auto")
     seconds, df = _best_of(lambda: detect_image(image.levels, detector, params), args.repeat)
@@ -126,7 +126,7 @@ def run_sahi(args) -> dict:
         from sahi.predict import get_sliced_prediction
     except ImportError:
         return {"skipped": "sahi not installed"}
-    from napari_yolocell.normalize import to_uint8
+    from napari_yolocell.engine.normalize import to_uint8
 
     image, detector, params = _setup(args)
     model = AutoDetectionModel.from_pretrained(
@@ -249,7 +249,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tiff = Path(args.tiff) if args.tiff else Path(tmp) / "bench.tif"
         if not args.tiff:
-            from napari_yolocell.synthetic import write_synthetic_tiff
+            from napari_yolocell.data.synthetic import write_synthetic_tiff
 
             truth = len(
                 write_synthetic_tiff(tiff, shape=(args.size, args.size), tile=512, levels=3)

@@ -48,7 +48,7 @@ def items(data: Path, ids: dict[str, list[str]]) -> list[tuple]:
     """``(image_path, boxes, name, source, median_diameter)`` for the held-out images."""
     import tifffile
 
-    from napari_yolocell.annotations import boxes_from_labels
+    from napari_yolocell.training.annotations import boxes_from_labels
 
     out = []
     d = data / "dsb2018_stage1_train_fluo"
@@ -73,8 +73,8 @@ def _median_diameter(boxes: np.ndarray) -> float:
 
 def score(model: str, chosen: list[tuple], diameter: str | None) -> dict[str, dict]:
     """Scores per group (all, per source, per size bin) for one model."""
-    from napari_yolocell.detect import DetectParams
-    from napari_yolocell.evaluate import evaluate_model
+    from napari_yolocell.analysis.evaluate import evaluate_model
+    from napari_yolocell.engine.detect import DetectParams
 
     det = _load(model)
     groups = {"all": chosen}

@@ -27,8 +27,8 @@ import json, resource, sys, time
 variant, path = sys.argv[1], sys.argv[2]
 import numpy as np, tifffile  # noqa: E401 - imports are part of the baseline, not of the timing
 if variant != "tifffile.imread (whole file)":
-    from napari_yolocell._reader import read_tiff
-    from napari_yolocell.tiff_io import open_tiff
+    from napari_yolocell.shell.reader import read_tiff
+    from napari_yolocell.io.tiff import open_tiff
 rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t0 = time.perf_counter()
 if variant == "import only":
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = None
     path = args.path
     if path is None or not path.exists():
-        from napari_yolocell.synthetic import write_synthetic_tiff
+        from napari_yolocell.data.synthetic import write_synthetic_tiff
 
         if path is None:
             tmp = tempfile.TemporaryDirectory()

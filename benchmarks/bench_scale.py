@@ -59,12 +59,12 @@ def peak_rss_mb() -> float:
 
 
 def _variant(args) -> dict:
-    from napari_yolocell.backends import as_rgb
-    from napari_yolocell.detect import DetectParams, detect_image, resolve_params
-    from napari_yolocell.models import load_detector
-    from napari_yolocell.normalize import percentile_range, to_uint8
-    from napari_yolocell.tiff_io import open_tiff
-    from napari_yolocell.tiling import tile_grid
+    from napari_yolocell.engine.detect import DetectParams, detect_image, resolve_params
+    from napari_yolocell.engine.normalize import percentile_range, to_uint8
+    from napari_yolocell.engine.tiling import tile_grid
+    from napari_yolocell.io.tiff import open_tiff
+    from napari_yolocell.models.detector import as_rgb
+    from napari_yolocell.models.loading import load_detector
 
     image = open_tiff(args.tiff)
     detector = load_detector(args.model, device="cpu", backend=args.backend)
@@ -143,7 +143,7 @@ def _spawn_variant(args, variant: str, backend: str, tiff: Path) -> dict:
 def part_a(args, work: Path) -> tuple[str, dict]:
     import pandas as pd
 
-    from napari_yolocell.synthetic import write_synthetic_tiff
+    from napari_yolocell.data.synthetic import write_synthetic_tiff
 
     tiff = args.slide or work / "slide.tif"
     levels = max(1, int(np.log2(args.size / 1024)) + 1)
@@ -205,7 +205,7 @@ def part_a(args, work: Path) -> tuple[str, dict]:
 def _write_images(folder: Path, n: int) -> None:
     import tifffile
 
-    from napari_yolocell.synthetic import make_nuclei_image
+    from napari_yolocell.data.synthetic import make_nuclei_image
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -311,7 +311,7 @@ def update_docs(section: str, path: Path = DOCS) -> None:
 
 
 def _resolve_model(args) -> str:
-    from napari_yolocell.models import resolve_model
+    from napari_yolocell.models.registry import resolve_model
 
     try:
         resolve_model(args.model)

@@ -56,13 +56,13 @@ def _median_diameter(boxes: np.ndarray) -> float:
 
 
 def build_samples(data: Path, max_diameter: float = 45.0, val_fraction: float = 0.1):
-    """Yield :class:`~napari_yolocell.yolo_dataset.Sample` objects from the three sources."""
+    """Yield :class:`~napari_yolocell.training.dataset.Sample` objects from the three sources."""
     import tifffile
     from PIL import Image
 
-    from napari_yolocell.annotations import boxes_from_labels
-    from napari_yolocell.public_data import bbbc039_instances
-    from napari_yolocell.yolo_dataset import Sample
+    from napari_yolocell.data.public import bbbc039_instances
+    from napari_yolocell.training.annotations import boxes_from_labels
+    from napari_yolocell.training.dataset import Sample
 
     rng = np.random.default_rng(SEED)
 
@@ -110,7 +110,7 @@ def build_samples(data: Path, max_diameter: float = 45.0, val_fraction: float = 
 
 
 def cmd_build(args) -> None:
-    from napari_yolocell.yolo_dataset import export_dataset
+    from napari_yolocell.training.dataset import export_dataset
 
     samples = list(build_samples(Path(args.data), max_diameter=args.max_diameter))
     diam = [_median_diameter(s.boxes) for s in samples if len(s.boxes)]
@@ -151,7 +151,7 @@ def _threads_from_file(path: Path):
 
 
 def cmd_train(args) -> None:
-    from napari_yolocell.ultralytics_env import import_ultralytics
+    from napari_yolocell.models.ultralytics_env import import_ultralytics
 
     import_ultralytics()
     from ultralytics import YOLO
@@ -249,10 +249,11 @@ def _strip(src: Path, dst: Path, family: str) -> None:
 def _calibrate(weights: Path, spec_kwargs: dict, data: Path) -> tuple[float, dict]:
     """Default confidence from BBBC039 *validation*: lowest count error among thresholds
     whose F1 is within 0.005 of the best (never tuned on test)."""
-    from napari_yolocell.detect import DetectParams
-    from napari_yolocell.evaluate import evaluate_model
-    from napari_yolocell.models import ModelSpec, clear_cache, load_detector
-    from napari_yolocell.public_data import bbbc039_items
+    from napari_yolocell.analysis.evaluate import evaluate_model
+    from napari_yolocell.data.public import bbbc039_items
+    from napari_yolocell.engine.detect import DetectParams
+    from napari_yolocell.models.loading import clear_cache, load_detector
+    from napari_yolocell.models.spec import ModelSpec
 
     clear_cache()
     spec = ModelSpec(path=weights, **spec_kwargs)
@@ -282,9 +283,10 @@ def _int8(pt: Path, spec_kwargs: dict, data: Path, pkg: Path) -> dict:
     """INT8 OpenVINO version of the bundled weights, calibrated on training tiles only."""
     import tifffile
 
-    from napari_yolocell.export_cache import cached_export
-    from napari_yolocell.models import ModelSpec
-    from napari_yolocell.quantize import calibration_tiles, folder_hashes, quantize_openvino
+    from napari_yolocell.models.export_cache import cached_export
+    from napari_yolocell.models.integrity import folder_hashes
+    from napari_yolocell.models.spec import ModelSpec
+    from napari_yolocell.training.quantize import calibration_tiles, quantize_openvino
 
     rng = np.random.default_rng(SEED)
     b = data / "bbbc039"
@@ -324,7 +326,7 @@ def _pack(pt: Path, mode: str) -> tuple[Path, str | None]:
 def cmd_bundle(args) -> None:
     """fp16 weights into the package, default confidence calibrated on validation data,
     registry entry with SHA-256 and metrics."""
-    pkg = Path(__file__).resolve().parents[1] / "src" / "napari_yolocell" / "models"
+    pkg = Path(__file__).resolve().parents[1] / "src" / "napari_yolocell" / "models" / "weights"
     name, family, aliases = FAMILY_INFO[args.family]
     src = Path(args.work) / "runs" / (args.run or args.family) / "weights" / args.weights
     dst = pkg / f"{name.replace('-', '_')}.pt"

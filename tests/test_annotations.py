@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from napari_yolocell.annotations import (
+from napari_yolocell.training.annotations import (
     boxes_from_labels,
     boxes_from_points,
     boxes_from_shapes,

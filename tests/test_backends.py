@@ -17,20 +17,19 @@ import onnxruntime  # noqa: F401  (the backends under test)
 import openvino  # noqa: F401  (the backends under test)
 import pytest
 
-from napari_yolocell import backends, export_cache
-from napari_yolocell.backends import (
-    OnnxRuntimeDetector,
-    OpenVinoDetector,
-    TorchDetector,
+from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.engine.detect import DetectParams, detect_image
+from napari_yolocell.engine.normalize import percentile_range, to_uint8
+from napari_yolocell.models import export_cache, loading
+from napari_yolocell.models.backends import OnnxRuntimeDetector, OpenVinoDetector, TorchDetector
+from napari_yolocell.models.detector import nms, preprocess
+from napari_yolocell.models.loading import (
+    clear_cache,
+    load_detector,
     make_detector,
-    nms,
-    preprocess,
     resolve_backend,
 )
-from napari_yolocell.detect import DetectParams, detect_image
-from napari_yolocell.models import ModelSpec, clear_cache, load_detector
-from napari_yolocell.normalize import percentile_range, to_uint8
-from napari_yolocell.synthetic import make_nuclei_image
+from napari_yolocell.models.spec import ModelSpec
 
 EXPORTED = ("onnxruntime", "openvino")
 
@@ -47,7 +46,7 @@ def _spread_net():
     """Seeded yolov5n (1 class) whose scores spread like a trained model's."""
     import torch
 
-    from napari_yolocell.ultralytics_env import import_ultralytics
+    from napari_yolocell.models.ultralytics_env import import_ultralytics
 
     import_ultralytics()
     from ultralytics.nn.modules.head import Detect
@@ -218,7 +217,7 @@ def test_export_cache_is_reused_without_loading_weights(weights, detectors, monk
     def refuse(path):
         raise AssertionError("weights loaded although the export is cached")
 
-    monkeypatch.setattr(backends, "load_ultralytics", refuse)
+    monkeypatch.setattr(loading, "load_ultralytics", refuse)
     for name in EXPORTED:
         again = make_detector(spec, name, "cpu")
         assert again.folder == folders[name]
@@ -236,7 +235,7 @@ def test_checkpoint_settings_reach_the_spec(weights):
 def test_auto_backend_choice(monkeypatch):
     assert resolve_backend("auto", "cpu") == "openvino"
     assert resolve_backend("auto", "cuda:0") == "torch"
-    monkeypatch.setattr(backends, "_AUTO_CPU_ORDER", ("onnxruntime",))
+    monkeypatch.setattr(loading, "_AUTO_CPU_ORDER", ("onnxruntime",))
     assert resolve_backend("auto", "cpu") == "onnxruntime"
     with pytest.raises(ValueError, match="unknown backend"):
         resolve_backend("tensorrt")
@@ -281,9 +280,9 @@ def test_bundled_model_same_answers_on_bbbc039(tiles, shared_data):
     """Every backend counts the real test images like PyTorch (within 0.5 %)."""
     import tifffile
 
-    from napari_yolocell.detect import DetectParams, detect_image
-    from napari_yolocell.models import resolve_model
-    from napari_yolocell.public_data import bbbc039_items
+    from napari_yolocell.data.public import bbbc039_items
+    from napari_yolocell.engine.detect import DetectParams, detect_image
+    from napari_yolocell.models.registry import resolve_model
 
     spec = resolve_model("default")
     dets = {name: make_detector(spec, name, "cpu") for name in ("torch", *EXPORTED)}

@@ -3,9 +3,9 @@ import pandas as pd
 import pytest
 import tifffile
 
-from napari_yolocell.batch import run_batch
-from napari_yolocell.detect import DetectParams
-from napari_yolocell.synthetic import make_nuclei_image
+from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.engine.batch import run_batch
+from napari_yolocell.engine.detect import DetectParams
 
 PARAMS = DetectParams(tile=256)
 
@@ -110,7 +110,7 @@ def test_local_dask_cluster_matches_plain_run(folder):
 def test_cancel_stops_and_keeps_finished_parts(folder, tmp_path):
     import threading
 
-    from napari_yolocell.batch import BatchCancelled
+    from napari_yolocell.engine.batch import BatchCancelled
 
     paths = _paths(folder)
     stop = threading.Event()

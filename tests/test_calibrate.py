@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_yolocell.calibrate import calibrate_by_count, calibrate_by_points, match_points
-from napari_yolocell.roi import count_in_rois
+from napari_yolocell.analysis.calibrate import calibrate_by_count, calibrate_by_points, match_points
+from napari_yolocell.analysis.roi import count_in_rois
 
 
 def _dets(rows):

@@ -6,13 +6,13 @@ import pytest
 import tifffile
 import zarr
 
-from napari_yolocell.chunk_cache import ChunkCache, chunk_bounds
-from napari_yolocell.detect import DetectParams, detect_image
-from napari_yolocell.models import load_detector
-from napari_yolocell.normalize import to_uint8, uint8_mapping
-from napari_yolocell.synthetic import make_nuclei_image
-from napari_yolocell.tiff_io import open_tiff
-from napari_yolocell.tiling import tile_grid
+from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.engine.detect import DetectParams, detect_image
+from napari_yolocell.engine.normalize import to_uint8, uint8_mapping
+from napari_yolocell.engine.tiling import tile_grid
+from napari_yolocell.io.chunk_cache import ChunkCache, chunk_bounds
+from napari_yolocell.io.tiff import open_tiff
+from napari_yolocell.models.loading import load_detector
 
 
 class CountingChunks:

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 from napari_yolocell.cli import main
-from napari_yolocell.synthetic import make_nuclei_image
+from napari_yolocell.data.synthetic import make_nuclei_image
 
 
 @pytest.fixture

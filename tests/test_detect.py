@@ -8,9 +8,8 @@ import pytest
 from conftest import RecordingArray
 from skimage.transform import downscale_local_mean
 
-from napari_yolocell.backends import Detector
-from napari_yolocell.classical import ClassicalDetector
-from napari_yolocell.detect import (
+from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.engine.detect import (
     COLUMNS,
     DetectionCancelled,
     DetectParams,
@@ -20,9 +19,10 @@ from napari_yolocell.detect import (
     iter_detect,
     resolve_params,
 )
-from napari_yolocell.models import ModelSpec
-from napari_yolocell.synthetic import make_nuclei_image
-from napari_yolocell.tiling import tile_grid
+from napari_yolocell.engine.tiling import tile_grid
+from napari_yolocell.models.classical import ClassicalDetector
+from napari_yolocell.models.detector import Detector
+from napari_yolocell.models.spec import ModelSpec
 
 
 class CentreDetector(Detector):

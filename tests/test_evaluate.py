@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_yolocell.evaluate import (
+from napari_yolocell.analysis.evaluate import (
     box_iou,
     compare_models,
     evaluate_model,
@@ -114,7 +114,7 @@ def test_min_area_leaves_small_objects_out():
 def test_box_iou_matches_ultralytics():
     import torch
 
-    from napari_yolocell.ultralytics_env import import_ultralytics
+    from napari_yolocell.models.ultralytics_env import import_ultralytics
 
     import_ultralytics()
     from ultralytics.utils.metrics import box_iou as ul_box_iou
@@ -134,7 +134,7 @@ def test_no_truth_no_predictions():
 
 @pytest.fixture(scope="module")
 def synthetic_items():
-    from napari_yolocell import synthetic as synthetic
+    from napari_yolocell.data import synthetic
 
     items = []
     for seed in range(2):
@@ -144,7 +144,7 @@ def synthetic_items():
 
 
 def test_evaluate_model_and_compare(synthetic_items):
-    from napari_yolocell import classical as classical
+    from napari_yolocell.models import classical
 
     result = evaluate_model(classical.ClassicalDetector(), synthetic_items, name="classical")
     assert result["n_images"] == 2 and result["n_true"] == sum(
@@ -164,7 +164,7 @@ def test_evaluate_model_and_compare(synthetic_items):
 
 
 def test_save_plots(tmp_path):
-    from napari_yolocell.plots import plot_pr_curve, save_plots
+    from napari_yolocell.analysis.plots import plot_pr_curve, save_plots
 
     a = evaluate_predictions([(TRUTH, [0.9, 0.8, 0.7], TRUTH)], name="perfect")
     b = evaluate_predictions([(TRUTH[:2], [0.9, 0.4], TRUTH)], name="partial")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from napari_yolocell.images import expand_inputs, open_image
+from napari_yolocell.io.images import expand_inputs, open_image
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "I;16"])

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_yolocell.layers import (
+from napari_yolocell.analysis.roi import in_roi
+from napari_yolocell.shell.layers import (
     COUNT_COLUMNS,
     CSV_COLUMNS,
     LARGE_RESULT,
@@ -25,7 +26,6 @@ from napari_yolocell.layers import (
     transform_coords,
     write_csv_atomic,
 )
-from napari_yolocell.roi import in_roi
 
 
 def table(rows, plane_shape=None, n_planes=None) -> pd.DataFrame:
@@ -167,7 +167,7 @@ def test_ellipse_and_shapes_polygons():
 
 
 def test_layers_module_does_not_import_napari():
-    code = "import sys, napari_yolocell.layers; sys.exit('napari' in sys.modules)"
+    code = "import sys, napari_yolocell.shell.layers; sys.exit('napari' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from napari_yolocell.classical import ClassicalDetector
-from napari_yolocell.detect import DetectParams, detect_image
-from napari_yolocell.merge import drop_shared_edge_boxes, ios_suppress, merge_tiles, nms
-from napari_yolocell.normalize import percentile_range, to_uint8
-from napari_yolocell.synthetic import make_nuclei_image
-from napari_yolocell.tiling import Tile, tile_grid
+from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.engine.detect import DetectParams, detect_image
+from napari_yolocell.engine.merge import drop_shared_edge_boxes, ios_suppress, merge_tiles, nms
+from napari_yolocell.engine.normalize import percentile_range, to_uint8
+from napari_yolocell.engine.tiling import Tile, tile_grid
+from napari_yolocell.models.classical import ClassicalDetector
 
 
 def box(x0, y0, x1, y1, conf=0.9):

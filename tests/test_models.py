@@ -5,20 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from napari_yolocell import models
-from napari_yolocell.backends import TorchDetector
-from napari_yolocell.classical import ClassicalDetector
-from napari_yolocell.detect import COLUMNS, DetectParams, detect_image
-from napari_yolocell.models import (
-    ModelSpec,
-    file_sha256,
-    list_models,
-    load_detector,
-    resolve_model,
-    sidecar_path,
-    verify_sha256,
-    write_sidecar,
-)
+from napari_yolocell.engine.detect import COLUMNS, DetectParams, detect_image
+from napari_yolocell.models import loading
+from napari_yolocell.models import registry as registry_module
+from napari_yolocell.models.backends import TorchDetector
+from napari_yolocell.models.classical import ClassicalDetector
+from napari_yolocell.models.integrity import file_sha256, verify_sha256
+from napari_yolocell.models.loading import load_detector
+from napari_yolocell.models.registry import list_models, resolve_model
+from napari_yolocell.models.spec import ModelSpec, sidecar_path, write_sidecar
 
 
 @pytest.fixture
@@ -37,7 +32,7 @@ def registry(tmp_path, monkeypatch):
     }
     path = tmp_path / "registry.json"
     path.write_text(json.dumps({"models": [entry]}))
-    monkeypatch.setattr(models, "REGISTRY_FILE", path)
+    monkeypatch.setattr(registry_module, "REGISTRY_FILE", path)
     return weights
 
 
@@ -76,7 +71,7 @@ def test_corrupt_weights_name_the_file(tmp_path):
 def test_unknown_name(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown model"):
         resolve_model("no-such-model")
-    monkeypatch.setattr(models, "REGISTRY_FILE", tmp_path / "none.json")
+    monkeypatch.setattr(registry_module, "REGISTRY_FILE", tmp_path / "none.json")
     with pytest.raises(ValueError, match="no bundled model"):
         resolve_model("default")
 
@@ -148,11 +143,11 @@ def packed_registry(tmp_path, monkeypatch):
         "default": True,
     }
     (packed.parent / "registry.json").write_text(json.dumps({"models": [entry]}))
-    monkeypatch.setattr(models, "REGISTRY_FILE", packed.parent / "registry.json")
+    monkeypatch.setattr(registry_module, "REGISTRY_FILE", packed.parent / "registry.json")
     monkeypatch.setenv("YOLOCELL_CACHE_DIR", str(tmp_path / "cache"))
-    models.clear_cache()
+    loading.clear_cache()
     yield source, packed
-    models.clear_cache()
+    loading.clear_cache()
 
 
 def test_packed_weights_unpack_to_the_cache_and_match_the_original(packed_registry):
@@ -168,7 +163,7 @@ def test_packed_weights_unpack_to_the_cache_and_match_the_original(packed_regist
     )
 
     # A damaged cache file is replaced, not loaded.
-    models.clear_cache()
+    loading.clear_cache()
     unpacked.write_bytes(b"damaged")
     assert file_sha256(load_detector("packed-v5n", device="cpu").spec.path) == file_sha256(source)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import RecordingArray
 
-from napari_yolocell.normalize import (
+from napari_yolocell.engine.normalize import (
     normalize_image,
     percentile_range,
     sample_stride,

@@ -7,11 +7,14 @@ import shutil
 import numpy as np
 import pytest
 
-from napari_yolocell.backends import OpenVinoDetector, make_detector
-from napari_yolocell.detect import DetectParams, detect_image
-from napari_yolocell.models import ModelSpec, list_models, resolve_model
-from napari_yolocell.quantize import calibration_tiles, folder_hashes, verify_folder
-from napari_yolocell.synthetic import make_nuclei_image
+from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.engine.detect import DetectParams, detect_image
+from napari_yolocell.models.backends import OpenVinoDetector
+from napari_yolocell.models.integrity import folder_hashes, verify_folder
+from napari_yolocell.models.loading import make_detector
+from napari_yolocell.models.registry import list_models, resolve_model
+from napari_yolocell.models.spec import ModelSpec
+from napari_yolocell.training.quantize import calibration_tiles
 
 pytest.importorskip("openvino")
 BUNDLED_INT8 = [m for m in list_models() if m.int8]

@@ -12,9 +12,9 @@ import pytest
 import tifffile
 from tifffile.zarr import ZarrTiffStore
 
-from napari_yolocell._reader import napari_get_reader, read_tiff
-from napari_yolocell.synthetic import write_synthetic_tiff
-from napari_yolocell.tiff_io import TiffReadError, open_tiff, open_tiffs
+from napari_yolocell.data.synthetic import write_synthetic_tiff
+from napari_yolocell.io.tiff import TiffReadError, open_tiff, open_tiffs
+from napari_yolocell.shell.reader import napari_get_reader, read_tiff
 
 RNG = np.random.default_rng(42)
 

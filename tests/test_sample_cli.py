@@ -1,8 +1,8 @@
 """The README's first command: `yolocell detect --sample` counts the bundled sample."""
 
 from napari_yolocell.cli import main
-from napari_yolocell.models import resolve_model
-from napari_yolocell.sample_data import sample_image_path, sample_truth
+from napari_yolocell.data.samples import sample_image_path, sample_truth
+from napari_yolocell.models.registry import resolve_model
 
 
 def test_default_model_is_bundled_and_hash_checked():

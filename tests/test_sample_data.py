@@ -6,7 +6,7 @@ import numpy as np
 from skimage.io import imread
 from skimage.measure import label, regionprops
 
-from napari_yolocell.sample_data import (
+from napari_yolocell.data.samples import (
     DATA_DIR,
     nuclei_sample,
     sample_image_path,

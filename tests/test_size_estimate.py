@@ -7,11 +7,11 @@ import pytest
 import tifffile
 from skimage.transform import rescale
 
-from napari_yolocell.detect import DetectParams, detect_image
-from napari_yolocell.models import load_detector
-from napari_yolocell.sample_data import sample_image_path, sample_truth, sample_truth_boxes
-from napari_yolocell.size_estimate import AUTO_HIGH, auto_diameter, estimate_diameter
-from napari_yolocell.synthetic import make_nuclei_image
+from napari_yolocell.data.samples import sample_image_path, sample_truth, sample_truth_boxes
+from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.engine.detect import DetectParams, detect_image
+from napari_yolocell.engine.size import AUTO_HIGH, auto_diameter, estimate_diameter
+from napari_yolocell.models.loading import load_detector
 
 
 def _median_box_diameter(boxes: np.ndarray) -> float:

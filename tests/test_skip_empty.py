@@ -7,12 +7,12 @@ import pytest
 from skimage.measure import label, regionprops
 from skimage.transform import downscale_local_mean
 
-from napari_yolocell.backends import Detector
-from napari_yolocell.classical import ClassicalDetector
-from napari_yolocell.detect import DetectParams, detect_image, empty_threshold
-from napari_yolocell.models import ModelSpec
-from napari_yolocell.synthetic import make_nuclei_image
-from napari_yolocell.tiling import tile_grid
+from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.engine.detect import DetectParams, detect_image, empty_threshold
+from napari_yolocell.engine.tiling import tile_grid
+from napari_yolocell.models.classical import ClassicalDetector
+from napari_yolocell.models.detector import Detector
+from napari_yolocell.models.spec import ModelSpec
 
 TILE, OVERLAP = 256, 64
 
@@ -161,8 +161,8 @@ def test_pyramid_with_diameter_and_normalisation(normalize):
 
 
 def test_slide_like_synthetic_tiff_skips_background_and_counts_every_nucleus(tmp_path):
-    from napari_yolocell.synthetic import tissue_mask_at, write_synthetic_tiff
-    from napari_yolocell.tiff_io import open_tiff
+    from napari_yolocell.data.synthetic import tissue_mask_at, write_synthetic_tiff
+    from napari_yolocell.io.tiff import open_tiff
 
     shape = (3072, 3072)
     truth = write_synthetic_tiff(

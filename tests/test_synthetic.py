@@ -8,7 +8,7 @@ import tifffile
 from scipy.spatial.distance import pdist
 from skimage.measure import label, regionprops
 
-from napari_yolocell.synthetic import (
+from napari_yolocell.data.synthetic import (
     make_lazy_nuclei_image,
     make_nuclei_image,
     place_nuclei,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from napari_yolocell.tiling import Tile, tile_grid
+from napari_yolocell.engine.tiling import Tile, tile_grid
 
 SHAPES = [(100, 100), (640, 640), (641, 1000), (1000, 333), (1500, 2000), (700, 50)]
 SETTINGS = [(640, 64), (256, 64), (320, 48), (128, 0), (512, 64)]

@@ -17,7 +17,7 @@ import yaml
 from conftest import FIXTURES_DIR as FIXTURES  # noqa: E402
 from PIL import Image
 
-from napari_yolocell.train import (
+from napari_yolocell.training.train import (
     ARCHITECTURES,
     MICROSCOPY_AUGMENT,
     _model_source,
@@ -84,7 +84,7 @@ def test_one_epoch_produces_loadable_best(one_epoch):
     assert result.run_dir.name == "yolov5n"
     assert set(result.metrics) >= {"precision", "recall", "mAP50", "mAP50-95"}
 
-    from napari_yolocell.ultralytics_env import import_ultralytics
+    from napari_yolocell.models.ultralytics_env import import_ultralytics
 
     import_ultralytics()
     from ultralytics import YOLO
@@ -102,9 +102,9 @@ def test_sidecar_and_load_detector(one_epoch):
     assert data["diameter_px"] == pytest.approx(12.0, abs=0.01)  # all boxes are 12 px
     assert result.last.with_name("last.yolocell.json").is_file()
 
-    from napari_yolocell import models as models
+    from napari_yolocell.models.loading import load_detector
 
-    detector = models.load_detector(result.best, device="cpu")
+    detector = load_detector(result.best, device="cpu")
     assert detector.spec.family == "yolov5" and detector.spec.diameter_px == pytest.approx(12.0)
 
 
@@ -158,7 +158,7 @@ def test_model_names_and_errors(tmp_path):
 
 
 def test_yolov6_builds_offline():
-    from napari_yolocell.ultralytics_env import import_ultralytics
+    from napari_yolocell.models.ultralytics_env import import_ultralytics
 
     import_ultralytics()
     from ultralytics import YOLO
@@ -189,8 +189,8 @@ def test_prepare_data_yaml_relocates_roboflow_paths(tmp_path):
 
 
 def test_amp_self_test_never_downloads():
-    from napari_yolocell.train import _patch_amp_check
-    from napari_yolocell.ultralytics_env import import_ultralytics
+    from napari_yolocell.models.ultralytics_env import import_ultralytics
+    from napari_yolocell.training.train import _patch_amp_check
 
     import_ultralytics()
     from ultralytics import YOLO

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import tifffile
 
-import napari_yolocell._widget_batch as wb
-from napari_yolocell._widget_batch import BatchPanel, batch_paths
-from napari_yolocell._widget_detect import DetectWidget
-from napari_yolocell.batch import BatchCancelled
-from napari_yolocell.synthetic import make_nuclei_image
+import napari_yolocell.shell.batch_widget as wb
+from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.engine.batch import BatchCancelled
+from napari_yolocell.shell.batch_widget import BatchPanel, batch_paths
+from napari_yolocell.shell.detect_widget import DetectWidget
 
 TIMEOUT = 30_000
 COUNTS = {"a.tif": 4, "b.tif": 7, "sub/c.tif": 5}
@@ -110,7 +110,7 @@ def test_invalid_settings_do_not_start(panel, tmp_path):
 
 def test_cancel_then_resume(qtbot, panel, tmp_path, monkeypatch):
     """Cancel after the first image; Run again resumes (the first image is not re-detected)."""
-    import napari_yolocell.batch as batch_module
+    import napari_yolocell.engine.batch as batch_module
 
     real_detect, real_run = batch_module.detect_file, wb.run_batch
     detected: list[str] = []

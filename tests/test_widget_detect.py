@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import napari_yolocell._widget_detect as wd
-from napari_yolocell._widget_detect import DetectWidget
-from napari_yolocell.layers import CSV_COLUMNS, KIND_KEY, SOURCE_KEY
-from napari_yolocell.synthetic import make_nuclei_image
+import napari_yolocell.shell.detect_widget as wd
+from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.shell.detect_widget import DetectWidget
+from napari_yolocell.shell.layers import CSV_COLUMNS, KIND_KEY, SOURCE_KEY
 
 TIMEOUT = 30_000
 
@@ -249,7 +249,7 @@ def test_session_models_reach_the_combo(setup, tmp_path):
 
 def test_large_result_boxes_only_in_view(make_napari_viewer):
     """50,000 detections (no model run): every point, boxes only for the visible region."""
-    from napari_yolocell.layers import MAX_BOXES_IN_VIEW
+    from napari_yolocell.shell.layers import MAX_BOXES_IN_VIEW
 
     viewer = make_napari_viewer()
     widget = DetectWidget(viewer)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import napari_yolocell._widget_detect as wd
-import napari_yolocell._widget_train as wt
-from napari_yolocell._widget_train import TrainWidget, layers_to_samples, pump
-from napari_yolocell.synthetic import make_nuclei_image
+import napari_yolocell.shell.detect_widget as wd
+import napari_yolocell.shell.train_widget as wt
+from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.shell.train_widget import TrainWidget, layers_to_samples, pump
 
 TIMEOUT = 60_000
 
@@ -167,7 +167,7 @@ def test_training_cancel_keeps_last_and_resume_is_offered(qtbot, setup, tmp_path
 
 
 def test_train_done_registers_best_in_detect_widget(setup, tmp_path):
-    from napari_yolocell.train import TrainResult
+    from napari_yolocell.training.train import TrainResult
 
     viewer, widget, errors = setup
     detect = wd.DetectWidget(viewer)

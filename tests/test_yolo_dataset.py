@@ -5,15 +5,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from napari_yolocell.synthetic import make_nuclei_image
-from napari_yolocell.yolo_dataset import (
+from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.io.yolo import read_yolo_dataset
+from napari_yolocell.training.dataset import (
     Sample,
     assign_splits,
     crop_boxes,
     export_dataset,
     yolo_lines,
 )
-from napari_yolocell.yolo_import import read_yolo_dataset
 
 
 def test_yolo_line_maths_hand_computed():

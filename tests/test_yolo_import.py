@@ -12,7 +12,7 @@ import pytest
 from conftest import FIXTURES_DIR as FIXTURES  # noqa: E402
 from PIL import Image
 
-from napari_yolocell.yolo_import import (
+from napari_yolocell.io.yolo import (
     locate_splits,
     parse_label_file,
     read_yolo_dataset,
@@ -121,7 +121,7 @@ def test_roboflow_colab_paths_are_relocated():
 
 @needs_roboflow
 def test_to_napari_layers(roboflow):
-    from napari_yolocell.annotations import boxes_from_shapes
+    from napari_yolocell.training.annotations import boxes_from_shapes
 
     sample = roboflow[0].split("val")[0]
     (image, image_kw, image_type), (rects, shapes_kw, shapes_type) = to_napari_layers(sample)

@@ -59,7 +59,7 @@ def _progress_bar(desc: str, disable: bool):
 
 
 def _detect_params(args):
-    from .detect import DetectParams
+    from napari_yolocell.engine.detect import DetectParams
 
     return DetectParams(
         tile=args.tile,
@@ -91,7 +91,7 @@ def _diameter_arg(text: str) -> float | str:
 
 
 def _load_detector(model: str | None, device: str | None = None, backend: str = "auto"):
-    from .models import load_detector
+    from napari_yolocell.models.loading import load_detector
 
     try:
         return load_detector(model or "default", device=device, backend=backend)
@@ -100,8 +100,8 @@ def _load_detector(model: str | None, device: str | None = None, backend: str = 
 
 
 def _detect_one(path: Path, detector, params, quiet: bool) -> pd.DataFrame:
-    from .detect import detect_image
-    from .images import open_image
+    from napari_yolocell.engine.detect import detect_image
+    from napari_yolocell.io.images import open_image
 
     img = open_image(path)
     try:
@@ -135,12 +135,12 @@ def _detect_one(path: Path, detector, params, quiet: bool) -> pd.DataFrame:
 def cmd_detect(args) -> int:
     from tqdm import tqdm
 
-    from .batch import run_batch
-    from .images import expand_inputs
+    from napari_yolocell.engine.batch import run_batch
+    from napari_yolocell.io.images import expand_inputs
 
     inputs = list(args.images)
     if args.sample:
-        from .sample_data import sample_image_path
+        from napari_yolocell.data.samples import sample_image_path
 
         inputs.insert(0, str(sample_image_path()))
     if not inputs:
@@ -256,7 +256,7 @@ def _boxes_from_csv(path: str) -> np.ndarray:
 
 
 def _plane_2d(path: str, channel: int | None) -> np.ndarray:
-    from .images import open_image
+    from napari_yolocell.io.images import open_image
 
     try:
         img = open_image(path)
@@ -277,8 +277,8 @@ def _plane_2d(path: str, channel: int | None) -> np.ndarray:
 
 
 def cmd_export(args) -> int:
-    from .annotations import boxes_from_labels, boxes_from_points
-    from .yolo_dataset import Sample, export_dataset
+    from napari_yolocell.training.annotations import boxes_from_labels, boxes_from_points
+    from napari_yolocell.training.dataset import Sample, export_dataset
 
     image = _plane_2d(args.image, args.channel)
     given = [args.boxes is not None, args.points is not None, args.labels is not None]
@@ -326,7 +326,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    from napari_yolocell.training.train import train
 
     bar = None
     if not args.quiet:
@@ -371,7 +371,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import compare_models
+    from napari_yolocell.analysis.evaluate import compare_models
 
     params = _detect_params(args)
     try:
@@ -394,7 +394,7 @@ def cmd_evaluate(args) -> int:
             json.dumps(table.to_dict(orient="records"), indent=2, default=float)
         )
     if args.plots:
-        from .plots import save_plots
+        from napari_yolocell.analysis.plots import save_plots
 
         for p in save_plots(results, args.plots):
             print(f"plot\t{p}", file=sys.stderr)
@@ -406,7 +406,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import calibrate_by_count, calibrate_by_points
+    from napari_yolocell.analysis.calibrate import calibrate_by_count, calibrate_by_points
 
     if (args.count is None) == (args.points is None):
         raise CliError("give exactly one of --count N or --points CSV")
@@ -428,7 +428,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import list_models
+    from napari_yolocell.models.registry import list_models
 
     for spec in list_models():
         print(f"{spec.name}\t{spec.family}\t{spec.path}")
@@ -489,7 +489,7 @@ def _add_detect_options(p: argparse.ArgumentParser, model: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from napari_yolocell import __version__
 
     parser = argparse.ArgumentParser(
         prog="yolocell", description="Detect and count cell nuclei with tiled YOLO detectors."

@@ -1,7 +1,7 @@
 """Readers for the public labelled nucleus data sets used to train and benchmark the models.
 
 Each returns ``(image_path, truth_boxes, name)`` items, the form
-:func:`napari_yolocell.evaluate.evaluate_model` takes.
+:func:`napari_yolocell.analysis.evaluate.evaluate_model` takes.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .annotations import boxes_from_labels
+from napari_yolocell.training.annotations import boxes_from_labels
 
 __all__ = ["bbbc039_instances", "bbbc039_items"]
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from .synthetic import NucleusField, place_nuclei
+from napari_yolocell.data.synthetic import NucleusField, place_nuclei
 
 __all__ = [
     "SYNTHETIC_SHAPE",
@@ -21,7 +21,7 @@ __all__ = [
     "synthetic_sample",
 ]
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent
 #: Full-resolution shape of :func:`synthetic_sample`.
 SYNTHETIC_SHAPE = (8192, 8192)
 _SYNTHETIC_LEVELS = 4

@@ -395,7 +395,7 @@ def counts_table(
     pandas.DataFrame
         Columns :data:`COUNT_COLUMNS`.
     """
-    from napari_yolocell.roi import count_in_rois
+    from napari_yolocell.analysis.roi import count_in_rois
 
     if n_planes is None:
         n_planes = int(df.attrs.get("n_planes", int(df["plane"].max()) + 1 if len(df) else 1))

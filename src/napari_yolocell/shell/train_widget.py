@@ -3,14 +3,14 @@
 Four tabs, each a thin shell over the core:
 
 - **Export**: image layer + annotation layer (Shapes, Points with a diameter, or Labels) ->
-  :func:`~napari_yolocell.yolo_dataset.export_dataset` (:func:`layers_to_samples` does the
+  :func:`~napari_yolocell.training.dataset.export_dataset` (:func:`layers_to_samples` does the
   napari-free conversion and the checks);
 - **Import**: a YOLO dataset -> Image + Shapes layers for review
   (:func:`import_dataset_layers`);
-- **Train**: :func:`~napari_yolocell.train.train` with a live loss / mAP50 plot, Cancel (keeps a
+- **Train**: :func:`~napari_yolocell.training.train.train` with a live loss / mAP50 plot, Cancel (keeps a
   resumable ``last.pt``) and Resume; the new ``best.pt`` is added to every Detect widget's
-  model list through :func:`~napari_yolocell._widget_detect.register_session_model`;
-- **Evaluate**: :func:`~napari_yolocell.evaluate.compare_models` table and plots.
+  model list through :func:`~napari_yolocell.shell.detect_widget.register_session_model`;
+- **Evaluate**: :func:`~napari_yolocell.analysis.evaluate.compare_models` table and plots.
 
 Long steps run in napari ``thread_worker``\\ s. The core reports progress through callbacks in
 its own thread; :func:`pump` runs such a function in a helper thread and turns the callbacks
@@ -45,11 +45,15 @@ from magicgui.widgets import (
 )
 from qtpy.QtWidgets import QTabWidget, QVBoxLayout, QWidget
 
-from napari_yolocell._widget_detect import _wrap
-from napari_yolocell.annotations import boxes_from_labels, boxes_from_points, boxes_from_shapes
-from napari_yolocell.layers import LayerDataTuple, to_table_coords, transform_coords
-from napari_yolocell.train import ARCHITECTURES
-from napari_yolocell.yolo_dataset import Sample
+from napari_yolocell.shell.detect_widget import _wrap
+from napari_yolocell.shell.layers import LayerDataTuple, to_table_coords, transform_coords
+from napari_yolocell.training.annotations import (
+    boxes_from_labels,
+    boxes_from_points,
+    boxes_from_shapes,
+)
+from napari_yolocell.training.dataset import Sample
+from napari_yolocell.training.train import ARCHITECTURES
 
 if TYPE_CHECKING:
     import napari
@@ -166,7 +170,7 @@ def layers_to_samples(
     ann_translate: Sequence[float] | None = None,
     ann_name: str = "annotations",
 ) -> list[Sample]:
-    """One :class:`~napari_yolocell.yolo_dataset.Sample` per annotated plane of an image.
+    """One :class:`~napari_yolocell.training.dataset.Sample` per annotated plane of an image.
 
     Parameters
     ----------
@@ -278,7 +282,7 @@ def import_dataset_layers(
     dataset : YoloDataset
         With ``problems`` (orphan labels, bad lines...) to report.
     """
-    from napari_yolocell.yolo_import import SPLITS, read_yolo_dataset, to_napari_layers
+    from napari_yolocell.io.yolo import SPLITS, read_yolo_dataset, to_napari_layers
 
     dataset = read_yolo_dataset(path, splits=(split,) if split else SPLITS, warn=False)
     layers: list[LayerDataTuple] = []
@@ -343,7 +347,7 @@ class TrainWidget(QWidget):
         _wrap(self.ex_label, self.im_label, self.tr_label, self.ev_label)
         for event in ("inserted", "removed", "reordered"):
             getattr(self.viewer.layers.events, event).connect(self.reset_choices)
-        from napari_yolocell._widget_detect import _WIDGETS
+        from napari_yolocell.shell.detect_widget import _WIDGETS
 
         _WIDGETS.add(self)  # hear about models trained or added in this session
 
@@ -516,7 +520,7 @@ class TrainWidget(QWidget):
 
     def export(self, _value=None):
         """Export the annotations as a YOLO dataset in a worker; returns the worker or None."""
-        from napari_yolocell.yolo_dataset import export_dataset
+        from napari_yolocell.training.dataset import export_dataset
 
         try:
             out = self._export_target()
@@ -636,7 +640,7 @@ class TrainWidget(QWidget):
     # ================================================================== train
 
     def _build_train(self) -> None:
-        from napari_yolocell._widget_detect import session_models
+        from napari_yolocell.shell.detect_widget import session_models
 
         self.tr_data = FileEdit(label="dataset", mode="d")
         self.tr_model = ComboBox(
@@ -691,7 +695,7 @@ class TrainWidget(QWidget):
         self._draw_history()
 
     def training_kwargs(self, resume: bool = False) -> dict[str, Any]:
-        """Arguments of :func:`napari_yolocell.train.train` from the controls.
+        """Arguments of :func:`napari_yolocell.training.train.train` from the controls.
 
         Raises
         ------
@@ -743,7 +747,7 @@ class TrainWidget(QWidget):
 
     def start_training(self, _value=None, resume: bool = False, **overrides: Any):
         """Start (or resume) training in a worker; ``overrides`` go to ``train``."""
-        from napari_yolocell.train import train
+        from napari_yolocell.training.train import train
 
         try:
             kwargs = {**self.training_kwargs(resume=resume), **overrides}
@@ -815,7 +819,7 @@ class TrainWidget(QWidget):
         self.canvas.draw_idle()
 
     def _train_done(self, outcome: Outcome) -> None:
-        from napari_yolocell._widget_detect import register_session_model
+        from napari_yolocell.shell.detect_widget import register_session_model
 
         if outcome.error is not None:
             self.tr_label.value = f"training failed: {_error_text(outcome.error)}"
@@ -885,8 +889,8 @@ class TrainWidget(QWidget):
         self._add_tab(container, "Evaluate")
 
     def _eval_model_choices(self, _widget=None) -> list[tuple[str, str]]:
-        from napari_yolocell._widget_detect import session_models
-        from napari_yolocell.models import list_models
+        from napari_yolocell.models.registry import list_models
+        from napari_yolocell.shell.detect_widget import session_models
 
         try:
             names = [s.name for s in list_models()]
@@ -898,7 +902,7 @@ class TrainWidget(QWidget):
 
     def evaluate(self, _value=None, **kwargs: Any):
         """Compare the selected models on the dataset in a worker; returns it or None."""
-        from napari_yolocell.evaluate import compare_models
+        from napari_yolocell.analysis.evaluate import compare_models
 
         models = list(self.ev_models.value or [])
         weights = self.ev_weights.value
@@ -941,7 +945,7 @@ class TrainWidget(QWidget):
         self._draw_evaluation()
 
     def _draw_evaluation(self, _value=None) -> None:
-        from napari_yolocell.plots import PLOTS
+        from napari_yolocell.analysis.plots import PLOTS
 
         if self.last_evaluation is None:
             return

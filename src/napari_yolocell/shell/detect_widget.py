@@ -3,16 +3,16 @@
 The widget only gathers parameters, starts a worker and turns results into layers:
 
 - :func:`run_detection` is the plain generator the worker runs (load the model, drive
-  :func:`~napari_yolocell.detect.iter_detect`); it never raises, it returns a
+  :func:`~napari_yolocell.engine.detect.iter_detect`); it never raises, it returns a
   :class:`DetectOutcome` so cancellation and errors reach the GUI thread as values;
 - :meth:`DetectWidget.results_to_layers` returns LayerDataTuples built by
-  :func:`~napari_yolocell.layers.detections_to_layers` (testable without a viewer);
+  :func:`~napari_yolocell.shell.layers.detections_to_layers` (testable without a viewer);
 - counting, ROI counts, CSV export and calibration reuse the table kept from the last run, so
   moving the confidence slider or calibrating never re-runs the model;
-- results above :data:`~napari_yolocell.layers.LARGE_RESULT` nuclei draw boxes only for the
+- results above :data:`~napari_yolocell.shell.layers.LARGE_RESULT` nuclei draw boxes only for the
   visible region (:meth:`DetectWidget.show_boxes_in_view`); the points always hold all;
 - the widget has two tabs: *Image* (this module) and *Batch*
-  (:class:`~napari_yolocell._widget_batch.BatchPanel`, a folder of files -> CSVs).
+  (:class:`~napari_yolocell.shell.batch_widget.BatchPanel`, a folder of files -> CSVs).
 
 Models trained in this session are shared through a module-level registry
 (:func:`register_session_model`): the Train widget pushes ``best.pt`` there and every open
@@ -45,10 +45,13 @@ from magicgui.widgets import (
     Table,
 )
 
-from napari_yolocell._widget_batch import BatchPanel, add_tabs
-from napari_yolocell.calibrate import Calibration, calibrate_by_count, calibrate_by_points
-from napari_yolocell.detect import DetectionCancelled, DetectParams, iter_detect
-from napari_yolocell.layers import (
+from napari_yolocell.analysis.calibrate import Calibration, calibrate_by_count, calibrate_by_points
+from napari_yolocell.analysis.roi import in_roi
+from napari_yolocell.engine.detect import DetectionCancelled, DetectParams, iter_detect
+from napari_yolocell.models.loading import load_detector
+from napari_yolocell.models.registry import list_models, resolve_model
+from napari_yolocell.shell.batch_widget import BatchPanel, add_tabs
+from napari_yolocell.shell.layers import (
     BOXES_KEY,
     KIND_KEY,
     LARGE_RESULT,
@@ -69,8 +72,6 @@ from napari_yolocell.layers import (
     transform_coords,
     write_csv_atomic,
 )
-from napari_yolocell.models import list_models, load_detector, resolve_model
-from napari_yolocell.roi import in_roi
 
 if TYPE_CHECKING:
     import napari
@@ -152,7 +153,7 @@ def run_detection(
     """Load ``model`` and detect; yields ``(done_tiles, total_tiles)``, returns the outcome.
 
     Exceptions are returned, not raised: superqt's worker turns a ``RuntimeError`` (which
-    :class:`~napari_yolocell.detect.DetectionCancelled` is) into a bare warning, and napari
+    :class:`~napari_yolocell.engine.detect.DetectionCancelled` is) into a bare warning, and napari
     would report any other error a second time.
     """
     try:
@@ -709,7 +710,7 @@ class DetectWidget(Container):
     def show_boxes_in_view(self, _value=None) -> int:
         """Redraw the boxes of a large result for the visible region; returns how many.
 
-        Results up to :data:`~napari_yolocell.layers.LARGE_RESULT` nuclei always have every
+        Results up to :data:`~napari_yolocell.shell.layers.LARGE_RESULT` nuclei always have every
         box drawn, so this only matters above it (see docs/widgets.md, "Large results").
         """
         res = self.result()
@@ -984,7 +985,7 @@ def _update_result_layers(
     Above :data:`LARGE_RESULT` rows only the boxes in ``view`` are drawn; ``points=False``
     leaves the points layer alone (only the visible region changed).
     """
-    from napari_yolocell.layers import COLORMAP
+    from napari_yolocell.shell.layers import COLORMAP
 
     drawn, mode = boxes_in_view(shown, view)
     boxes.data = list(to_layer_coords(drawn, res.plane_shape)[1])

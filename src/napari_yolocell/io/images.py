@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .tiff_io import TiffReadError, is_tiff_path, open_tiff
+from napari_yolocell.io.tiff import TiffReadError, is_tiff_path, open_tiff
 
 __all__ = ["IMAGE_SUFFIXES", "OpenedImage", "expand_inputs", "open_image"]
 
@@ -24,7 +24,7 @@ IMAGE_SUFFIXES = TIFF_SUFFIXES + PLAIN_SUFFIXES
 
 @dataclass
 class OpenedImage:
-    """An image ready for :func:`napari_yolocell.detect.detect_image`.
+    """An image ready for :func:`napari_yolocell.engine.detect.detect_image`.
 
     ``levels`` are lazy for TIFFs (level 0 = full resolution); ``axes`` use tifffile's codes.
     """

@@ -1,6 +1,6 @@
 """Evaluation plots: PR curve, F1-confidence, count error-confidence, predicted vs true count.
 
-Every function takes one result dict of :mod:`napari_yolocell.evaluate` or a list of them
+Every function takes one result dict of :mod:`napari_yolocell.analysis.evaluate` or a list of them
 (several models on one axes) and returns a :class:`matplotlib.figure.Figure`. Figures are made
 without ``pyplot`` (no global state, no GUI backend, safe in napari's threads) and use
 matplotlib's bundled DejaVu font, so nothing is downloaded.

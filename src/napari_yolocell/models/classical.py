@@ -19,8 +19,8 @@ from skimage.filters import gaussian, threshold_otsu
 from skimage.measure import regionprops
 from skimage.segmentation import watershed
 
-from napari_yolocell.backends import Detector
-from napari_yolocell.models import CLASSICAL, ModelSpec
+from napari_yolocell.models.detector import Detector
+from napari_yolocell.models.spec import CLASSICAL, ModelSpec
 
 
 def _grey(tile: np.ndarray) -> np.ndarray:
@@ -32,7 +32,7 @@ def _grey(tile: np.ndarray) -> np.ndarray:
 
 
 class ClassicalDetector(Detector):
-    """Otsu + watershed detector with the :class:`~napari_yolocell.backends.Detector` interface.
+    """Otsu + watershed detector with the :class:`~napari_yolocell.models.detector.Detector` interface.
 
     Parameters
     ----------

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .annotations import clip_boxes
-from .normalize import percentile_range, to_uint8
-from .tiling import tile_grid
+from napari_yolocell.engine.normalize import percentile_range, to_uint8
+from napari_yolocell.engine.tiling import tile_grid
+from napari_yolocell.training.annotations import clip_boxes
 
 __all__ = [
     "ExportReport",

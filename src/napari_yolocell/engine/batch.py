@@ -24,6 +24,10 @@ from typing import Any
 
 import pandas as pd
 
+from napari_yolocell.engine.detect import DetectionCancelled, count_per_plane, detect_image
+from napari_yolocell.io.images import open_image
+from napari_yolocell.models.loading import load_detector
+
 __all__ = [
     "COUNT_COLUMNS",
     "DETECTION_COLUMNS",
@@ -67,9 +71,6 @@ def detect_file(
     Runs in worker processes and on dask workers, so it takes plain, picklable arguments and
     reads the pixels itself.
     """
-    from .detect import DetectionCancelled, count_per_plane, detect_image
-    from .images import open_image
-    from .models import load_detector
 
     detector = load_detector(model, device=device, backend=backend)
     try:

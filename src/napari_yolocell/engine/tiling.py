@@ -1,6 +1,6 @@
 """Overlapping tile grid over a 2-D plane.
 
-The grid is what makes exact border merging possible (see :mod:`napari_yolocell.merge`): each
+The grid is what makes exact border merging possible (see :mod:`napari_yolocell.engine.merge`): each
 tile records which of its sides overlap a neighbouring tile, so detections touching such a side
 can be dropped, knowing the neighbour sees that nucleus whole.
 """

@@ -1,6 +1,6 @@
 """Offline ONNX / OpenVINO exports of ultralytics detectors, cached per user.
 
-The ONNX Runtime and OpenVINO backends (:mod:`napari_yolocell.backends`) run an exported copy
+The ONNX Runtime and OpenVINO backends (:mod:`napari_yolocell.models`) run an exported copy
 of the network. Exporting takes seconds, so each export is made once per weights file and kept
 in ``<cache>/<sha256 of the weights>/<format>-v<N>/``:
 
@@ -33,6 +33,9 @@ import threading
 import warnings
 from pathlib import Path
 from typing import Any
+
+from napari_yolocell.models.integrity import file_sha256
+from napari_yolocell.models.ultralytics_env import import_ultralytics, load_ultralytics
 
 FORMATS = ("onnx", "openvino")
 #: Bump when the export recipe changes: old exports are then ignored (and may be deleted).
@@ -67,7 +70,6 @@ def weights_sha256(path: str | Path, expected: str | None = None) -> str:
     """SHA-256 of a weights file, memoised per (path, size, mtime); ``expected`` if known."""
     if expected:
         return expected.lower()
-    from napari_yolocell.models import file_sha256
 
     path = Path(path)
     stat = path.stat()
@@ -130,8 +132,6 @@ def cached_export(spec, fmt: str, model=None, root: Path | None = None) -> Path:
     if model_file(final, fmt).is_file():
         return final
     if model is None:
-        from napari_yolocell.backends import load_ultralytics
-
         model = load_ultralytics(spec.path)
     if fmt == "openvino":
         onnx_dir = cached_export(spec, "onnx", model=model, root=root)
@@ -173,8 +173,6 @@ def export_onnx(model, path: str | Path, opset: int = ONNX_OPSET) -> Path:
         ONNX opset.
     """
     import torch
-
-    from napari_yolocell.ultralytics_env import import_ultralytics
 
     import_ultralytics()
     from ultralytics.nn.modules.head import Detect

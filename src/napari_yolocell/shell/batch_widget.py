@@ -2,7 +2,7 @@
 
 :class:`BatchPanel` gathers a folder, a file pattern and an output folder, takes the model and
 detection settings from the Detect widget's Image tab, and runs
-:func:`~napari_yolocell.batch.run_batch` in a napari worker thread. Results reach the GUI
+:func:`~napari_yolocell.engine.batch.run_batch` in a napari worker thread. Results reach the GUI
 thread through a Qt signal (``run_batch`` reports them through a callback in the worker
 thread), fill a per-image table as they arrive and advance a napari progress bar.
 
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from magicgui.widgets import Container, FileEdit, Label, LineEdit, PushButton, SpinBox, Table
 
-from napari_yolocell.batch import ERROR_COLUMNS, BatchCancelled, ImageResult, run_batch
-from napari_yolocell.detect import DetectParams
-from napari_yolocell.images import IMAGE_SUFFIXES, expand_inputs
-from napari_yolocell.layers import write_csv_atomic
+from napari_yolocell.engine.batch import ERROR_COLUMNS, BatchCancelled, ImageResult, run_batch
+from napari_yolocell.engine.detect import DetectParams
+from napari_yolocell.io.images import IMAGE_SUFFIXES, expand_inputs
+from napari_yolocell.shell.layers import write_csv_atomic
 
 if TYPE_CHECKING:
     from qtpy.QtWidgets import QTabWidget
@@ -86,7 +86,7 @@ def add_tabs(container: Container, pages: Sequence[tuple[str, Container]]) -> QT
 def batch_paths(folder: str | os.PathLike, pattern: str = "*.tif") -> list[Path]:
     """Image files of ``folder`` matching ``pattern`` (``**`` recurses), sorted.
 
-    Files without an image suffix (:data:`~napari_yolocell.images.IMAGE_SUFFIXES`) are
+    Files without an image suffix (:data:`~napari_yolocell.io.images.IMAGE_SUFFIXES`) are
     skipped, so a broad pattern never picks up the CSVs or part files of a previous run.
 
     Raises
@@ -127,7 +127,7 @@ class BatchJob:
 
     @property
     def csvs(self) -> dict[str, Path]:
-        """``out`` / ``counts`` / ``errors`` paths for :func:`~napari_yolocell.batch.run_batch`."""
+        """``out`` / ``counts`` / ``errors`` paths for :func:`~napari_yolocell.engine.batch.run_batch`."""
         return {
             "out": self.output / DETECTIONS_CSV,
             "counts": self.output / COUNTS_CSV,
@@ -149,10 +149,10 @@ def run_batch_job(
     cancel: threading.Event | None = None,
     on_result: Callable[[int, ImageResult], None] | None = None,
 ) -> BatchOutcome:
-    """Run ``job`` with :func:`~napari_yolocell.batch.run_batch`; never raises.
+    """Run ``job`` with :func:`~napari_yolocell.engine.batch.run_batch`; never raises.
 
     Errors come back as values: superqt's worker reduces a ``RuntimeError`` (which
-    :class:`~napari_yolocell.batch.BatchCancelled` is) to a warning. ``errors.csv`` is always
+    :class:`~napari_yolocell.engine.batch.BatchCancelled` is) to a warning. ``errors.csv`` is always
     written (header only when every image was read), so scripts can rely on it.
     """
     try:

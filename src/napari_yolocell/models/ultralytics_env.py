@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from napari_yolocell.models.spec import WeightsError
+
 
 def _config_dir() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(Path.home(), ".config")
@@ -73,3 +75,25 @@ def import_ultralytics():
     except Exception:  # older ultralytics without some keys: settings stay as they are
         pass
     return ultralytics
+
+
+def load_ultralytics(path: str | Path):
+    """Load an ultralytics model from a ``.pt`` checkpoint or a shipped architecture YAML.
+
+    Loading a ``.pt`` file unpickles Python objects: only load weights you trust.
+
+    Raises
+    ------
+    WeightsError
+        (a ValueError) If the file cannot be read as an ultralytics model (names the file).
+    """
+    from napari_yolocell.models.ultralytics_env import import_ultralytics
+
+    ultralytics = import_ultralytics()
+    try:
+        return ultralytics.YOLO(str(path), task="detect")
+    except Exception as err:  # torch/pickle/zip errors vary: report them uniformly
+        raise WeightsError(
+            f"cannot load model weights {str(path)!r}: {type(err).__name__}: {err}. "
+            "Is it an ultralytics detection checkpoint (.pt)?"
+        ) from err

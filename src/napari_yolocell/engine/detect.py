@@ -1,9 +1,9 @@
 """Tiled detection engine: any-size image in, one table of nuclei out.
 
 For each 2-D plane of the image: compute the normalisation range on a sub-sample, cut the plane
-into overlapping tiles (:func:`~napari_yolocell.tiling.tile_grid`), read each tile's window only
+into overlapping tiles (:func:`~napari_yolocell.engine.tiling.tile_grid`), read each tile's window only
 (lazy arrays stay lazy, memory is flat in image size), run them through the detector in batches,
-then merge exactly across tile borders (:mod:`napari_yolocell.merge`).
+then merge exactly across tile borders (:mod:`napari_yolocell.engine.merge`).
 
 :func:`iter_detect` is a generator yielding ``(done_tiles, total_tiles)`` and returning the
 table, for napari ``thread_worker``; :func:`detect_image` drives it with a ``progress``
@@ -40,11 +40,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from napari_yolocell.backends import Detector, as_rgb
-from napari_yolocell.chunk_cache import MAX_CHUNK_BYTES, ChunkCache, chunk_bounds
-from napari_yolocell.merge import merge_tiles
-from napari_yolocell.models import ModelSpec, load_detector
-from napari_yolocell.normalize import (
+from napari_yolocell.engine.merge import merge_tiles
+from napari_yolocell.engine.normalize import (
     check_mode,
     clip_uint8,
     percentile_range,
@@ -52,8 +49,12 @@ from napari_yolocell.normalize import (
     strided_sample,
     uint8_mapping,
 )
-from napari_yolocell.size_estimate import AUTO_HIGH, auto_diameter, estimate_diameter
-from napari_yolocell.tiling import Tile, tile_grid
+from napari_yolocell.engine.size import AUTO_HIGH, auto_diameter, estimate_diameter
+from napari_yolocell.engine.tiling import Tile, tile_grid
+from napari_yolocell.io.chunk_cache import MAX_CHUNK_BYTES, ChunkCache, chunk_bounds
+from napari_yolocell.models.detector import Detector, as_rgb
+from napari_yolocell.models.loading import load_detector
+from napari_yolocell.models.spec import ModelSpec
 
 COLUMNS = ["plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "class"]
 STATS_MAX_PIXELS = 2_000_000
@@ -119,7 +120,7 @@ class DetectParams:
         :func:`empty_threshold`); skipped tiles are counted in ``df.attrs["skipped_tiles"]``.
     auto_diameter : bool
         With ``diameter`` None: measure the typical nucleus size on an overview of the (first)
-        plane (:func:`napari_yolocell.size_estimate.estimate_diameter`) and, only if it is far
+        plane (:func:`napari_yolocell.engine.size.estimate_diameter`) and, only if it is far
         outside the model's range, use it as ``diameter``. ``df.attrs`` reports
         ``measured_diameter`` and the ``diameter`` used (None = the model's scale).
     """
@@ -264,7 +265,7 @@ class PlaneView:
     ``view[ys, xs]`` reads only that window from the underlying array, in one ``__getitem__``,
     and returns a numpy array (RGB reduced to one grey or colour channel). With ``cached``,
     step-1 windows of a chunked array are assembled from decoded chunks kept for the next
-    overlapping tiles (:class:`~napari_yolocell.chunk_cache.ChunkCache`).
+    overlapping tiles (:class:`~napari_yolocell.io.chunk_cache.ChunkCache`).
     """
 
     def __init__(
@@ -760,7 +761,7 @@ def detect_image(
         extra plane axes (Z, T...) and optionally a channel axis. A list of arrays is a
         multiscale pyramid (full resolution first).
     detector : Detector or str
-        A loaded detector (:func:`napari_yolocell.models.load_detector`) or a model name/path.
+        A loaded detector (:func:`napari_yolocell.models.loading.load_detector`) or a model name/path.
     params : DetectParams, optional
         Settings; defaults derived from the model.
     channel_axis : int, optional

@@ -27,6 +27,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from napari_yolocell.engine.detect import DetectParams, detect_image
+from napari_yolocell.io.yolo import YoloDataset, load_image, read_yolo_dataset
+from napari_yolocell.models.loading import load_detector
+from napari_yolocell.models.ultralytics_env import import_ultralytics
+
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 DEFAULT_LOW_CONF = 0.01
 
@@ -271,7 +276,6 @@ def _sweep(images: list[_Image], conf: Sequence[float], column: int = 0) -> dict
 
 def _ap(images: list[_Image]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """AP at the 10 IoU thresholds and the interpolated PR curve (IoU 0.5), via ultralytics."""
-    from napari_yolocell.ultralytics_env import import_ultralytics
 
     import_ultralytics()
     from ultralytics.utils.metrics import ap_per_class
@@ -416,15 +420,12 @@ def _per_image_table(images: list[_Image], at: dict[str, np.ndarray]) -> pd.Data
 
 def _load_model(model: Any):
     if isinstance(model, (str, Path)):
-        from napari_yolocell.models import load_detector
-
         return load_detector(model)
     return model
 
 
 def _truth_items(dataset: Any, split: str | None) -> list[tuple[Any, np.ndarray, str]]:
     """(image or path, truth boxes, name) from a YOLO dataset, its path, or explicit pairs."""
-    from napari_yolocell.yolo_import import YoloDataset, read_yolo_dataset
 
     if isinstance(dataset, (str, Path)):
         dataset = read_yolo_dataset(dataset)
@@ -450,8 +451,6 @@ def _truth_items(dataset: Any, split: str | None) -> list[tuple[Any, np.ndarray,
 
 def _read_image(image: Any) -> np.ndarray:
     if isinstance(image, (str, Path)):
-        from napari_yolocell.yolo_import import load_image
-
         return load_image(image)
     return image
 
@@ -471,17 +470,17 @@ def evaluate_model(
     """Run our tiled detection on every image of a test set and score it.
 
     Each image is read at full resolution and passed to
-    :func:`napari_yolocell.detect.detect_image` once, at ``low_conf``; every metric and curve
+    :func:`napari_yolocell.engine.detect.detect_image` once, at ``low_conf``; every metric and curve
     is derived from that single run (see :func:`evaluate_predictions`).
 
     Parameters
     ----------
     model : Detector, str or Path
-        A loaded detector or anything :func:`napari_yolocell.models.load_detector` accepts.
+        A loaded detector or anything :func:`napari_yolocell.models.loading.load_detector` accepts.
     dataset : YoloDataset, str, Path or sequence
         A YOLO dataset (object, folder or ``data.yaml``), or ``(image, true_boxes[, name])``
         items where ``image`` is an array or an image path (truth from instance masks:
-        :func:`napari_yolocell.annotations.boxes_from_labels`).
+        :func:`napari_yolocell.training.annotations.boxes_from_labels`).
     split : str or None
         Split of a YOLO dataset to use (None: all images).
     params : DetectParams, optional
@@ -504,7 +503,6 @@ def evaluate_model(
         :func:`evaluate_predictions` output plus ``model``, ``split``, ``model_default_conf``,
         ``seconds_per_image``.
     """
-    from napari_yolocell.detect import DetectParams, detect_image
 
     detector = _load_model(model)
     items = _truth_items(dataset, split)
@@ -588,7 +586,7 @@ def compare_models(
     dataset, split, params
         As in :func:`evaluate_model` (not needed when all items are results).
     return_results : bool
-        Also return the full result dicts (for :mod:`napari_yolocell.plots`).
+        Also return the full result dicts (for :mod:`napari_yolocell.analysis.plots`).
     **kwargs
         Passed to :func:`evaluate_model` (``conf``, ``low_conf``, ``min_area``, ``iou``).
 

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_yolocell.models import file_sha256
+from napari_yolocell.engine.normalize import percentile_range, to_uint8
 
-__all__ = ["quantize_openvino", "calibration_tiles", "folder_hashes", "verify_folder"]
+__all__ = ["quantize_openvino", "calibration_tiles"]
 
-INT8_FILES = ("model.xml", "model.bin", "meta.json")
 # Kept in floating point: the last convolution of each box / class branch of the detection
 # head and the DFL decoding. Quantizing them shifted counts on synthetic nuclei by up to 3.7 %;
 # keeping them costs ~3 % of the speed-up (counts then within 0.3 % of PyTorch).
@@ -40,7 +39,6 @@ def calibration_tiles(
     Each 2-D image is percentile-normalised (1-99.8) to 8 bit; ``per_image`` random windows of
     ``tile`` px (zero-padded when the image is smaller) become (1, 3, tile, tile) inputs.
     """
-    from napari_yolocell.normalize import percentile_range, to_uint8
 
     rng = np.random.default_rng(seed)
     out = []
@@ -69,7 +67,7 @@ def quantize_openvino(
     ----------
     fp32_folder : path
         Export folder with ``model.xml`` / ``model.bin`` / ``meta.json``
-        (:func:`napari_yolocell.export_cache.cached_export` with ``"openvino"``).
+        (:func:`napari_yolocell.models.export_cache.cached_export` with ``"openvino"``).
     tiles : sequence of numpy.ndarray
         Calibration inputs (:func:`calibration_tiles`), ~100 are plenty.
     out : path
@@ -113,31 +111,3 @@ def quantize_openvino(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def folder_hashes(folder: str | Path) -> dict[str, str]:
-    """SHA-256 of each file of an INT8 model folder."""
-    return {name: file_sha256(Path(folder) / name) for name in INT8_FILES}
-
-
-def verify_folder(folder: str | Path, expected: dict[str, str]) -> None:
-    """Refuse an INT8 folder whose files differ from the registry's hashes.
-
-    Raises
-    ------
-    FileNotFoundError
-        A file is missing.
-    ValueError
-        A hash differs (the message names the file).
-    """
-    folder = Path(folder)
-    for name, digest in expected.items():
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"INT8 model file not found: {str(path)!r}")
-        actual = file_sha256(path)
-        if actual != digest.lower():
-            raise ValueError(
-                f"SHA-256 mismatch for {str(path)!r}: expected {digest}, got {actual}. The file "
-                "is corrupt or was replaced; reinstall napari-yolocell."
-            )

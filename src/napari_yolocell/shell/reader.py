@@ -7,7 +7,7 @@ Dispatch rule (``napari_get_reader``):
   saved as ``.tif``) -> None, so napari's builtin readers can try it;
 * any other TIFF-named file -> the reader. Corruption found while opening (bad header,
   truncated data, broken IFDs, missing codec) is raised by the reader function as a
-  :class:`~napari_yolocell.tiff_io.TiffReadError` naming the file, so napari shows a clear
+  :class:`~napari_yolocell.io.tiff.TiffReadError` naming the file, so napari shows a clear
   error instead of "no reader found". Only 4 bytes are read to decide;
 * a folder containing TIFFs -> the reader (same-shape files are stacked lazily).
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .tiff_io import TiffImage, is_tiff_path, list_tiffs, open_tiffs
+from napari_yolocell.io.tiff import TiffImage, is_tiff_path, list_tiffs, open_tiffs
 
 LayerData = tuple[Any, dict[str, Any], str]
 PathLike = str | os.PathLike
@@ -88,7 +88,7 @@ def read_tiff(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
 
     Raises
     ------
-    napari_yolocell.tiff_io.TiffReadError
+    napari_yolocell.io.tiff.TiffReadError
         Corrupt/truncated file or unavailable codec; the message names the file.
     """
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)

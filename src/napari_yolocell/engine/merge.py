@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
-from napari_yolocell.tiling import Tile
+from napari_yolocell.engine.tiling import Tile
 
 EMPTY = np.zeros((0, 6), dtype=np.float64)
 

@@ -3,7 +3,7 @@
 Models are built from the architecture YAMLs shipped with ultralytics (``yolov5n.yaml`` ...
 ``yolov6x.yaml``) and trained from scratch, or fine-tuned from a ``.pt`` checkpoint. Nothing
 is downloaded: ultralytics is imported through
-:func:`napari_yolocell.ultralytics_env.import_ultralytics`, plots (which fetch a font) are
+:func:`napari_yolocell.models.ultralytics_env.import_ultralytics`, plots (which fetch a font) are
 off, and the AMP self-test (which fetches ``yolo26n.pt``) never downloads its reference model.
 
 Progress is reported through plain callables so the napari widget can draw a live plot and
@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from napari_yolocell.ultralytics_env import import_ultralytics
+from napari_yolocell.io.yolo import locate_splits, read_yolo_dataset
+from napari_yolocell.models.spec import ModelSpec, sidecar_path, write_sidecar
+from napari_yolocell.models.ultralytics_env import import_ultralytics
 
 FAMILIES = ("yolov5", "yolov6")
 SIZES = ("n", "s", "m", "l", "x")
@@ -142,7 +144,7 @@ def prepare_data_yaml(data: str | Path, out_dir: str | Path) -> tuple[Path, dict
     """Write a ``data.yaml`` with absolute split paths that ultralytics can always resolve.
 
     Exports from Roboflow or Colab carry paths (``../train/images``, ``/content/drive/...``)
-    that are wrong once the folder is moved; :mod:`napari_yolocell.yolo_import` finds the
+    that are wrong once the folder is moved; :mod:`napari_yolocell.io.yolo` finds the
     splits again. A dataset without a ``val`` split validates on ``train`` (with a warning).
 
     Parameters
@@ -159,7 +161,6 @@ def prepare_data_yaml(data: str | Path, out_dir: str | Path) -> tuple[Path, dict
     config : dict
         Its content.
     """
-    from napari_yolocell.yolo_import import locate_splits, read_yolo_dataset
 
     root, names, splits = locate_splits(data)
     if "train" not in splits:
@@ -196,7 +197,6 @@ def prepare_data_yaml(data: str | Path, out_dir: str | Path) -> tuple[Path, dict
 
 def median_diameter(data: str | Path) -> float | None:
     """Median box diameter ``(h + w) / 2`` in pixels over the training split, or None."""
-    from napari_yolocell.yolo_import import read_yolo_dataset
 
     try:
         dataset = read_yolo_dataset(data, splits=("train",), warn=False)
@@ -588,7 +588,7 @@ def write_model_sidecar(
     default_conf: float = 0.25,
     metrics: dict[str, float] | None = None,
 ) -> Path:
-    """Write ``<weights>.yolocell.json`` so :func:`napari_yolocell.models.load_detector`
+    """Write ``<weights>.yolocell.json`` so :func:`napari_yolocell.models.loading.load_detector`
     feeds the model like its training data (percentile-normalised 8-bit, same scale).
 
     Parameters
@@ -611,7 +611,6 @@ def write_model_sidecar(
     Path
         The sidecar file.
     """
-    from napari_yolocell.models import ModelSpec, write_sidecar
 
     weights = Path(weights)
     spec_kwargs: dict[str, Any] = {
@@ -632,7 +631,6 @@ def write_model_sidecar(
 
 def copy_weights(result: TrainResult, dest: str | Path) -> Path:
     """Copy ``best.pt`` (or ``last.pt``) and its sidecar to ``dest`` (a ``.pt`` path)."""
-    from napari_yolocell.models import sidecar_path
 
     src = result.best or result.last
     dest = Path(dest)

@@ -1,0 +1,3 @@
+"""Analysis of detections: counts per ROI, confidence calibration, evaluation against labels,
+plots.
+"""

@@ -1,0 +1,270 @@
+"""Loading a model: resolve its name, verify its files, pick a backend, cache the detector.
+
+:func:`load_detector` is the one entry point the engine, the CLI and the widgets use; it knows
+every implementation (the runtimes of :mod:`~napari_yolocell.models.backends` and the classical
+baseline), so it sits at the top of the models layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import lzma
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+
+from napari_yolocell.models import export_cache
+from napari_yolocell.models.backends import OnnxRuntimeDetector, OpenVinoDetector, TorchDetector
+from napari_yolocell.models.classical import ClassicalDetector
+from napari_yolocell.models.detector import BACKEND_CHOICES, Detector, default_device
+from napari_yolocell.models.export_cache import cache_root
+from napari_yolocell.models.integrity import file_sha256, verify_folder, verify_sha256
+from napari_yolocell.models.registry import resolve_model
+from napari_yolocell.models.spec import CHECKPOINT_KEY, ModelSpec, WeightsError, sidecar_path
+from napari_yolocell.models.ultralytics_env import load_ultralytics
+
+#: Preference of ``backend="auto"`` on a CPU: measured fastest first (``"openvino"`` becomes
+#: ``"openvino-int8"`` for models that ship an INT8 version).
+_AUTO_CPU_ORDER = ("openvino", "onnxruntime")
+
+
+_BACKEND_MODULE = {
+    "torch": "torch",
+    "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+    "openvino-int8": "openvino",
+}
+
+
+def available_backends() -> list[str]:
+    """Backends whose runtime package is installed, fastest on a CPU first."""
+    found = [b for b in _AUTO_CPU_ORDER if importlib.util.find_spec(_BACKEND_MODULE[b])]
+    return [*found, "torch"]
+
+
+def resolve_backend(backend: str = "auto", device: str | None = None) -> str:
+    """The concrete backend for ``backend`` on ``device``.
+
+    ``"auto"``: PyTorch on a GPU; on a CPU the fastest installed runtime, OpenVINO, then ONNX
+    Runtime, then PyTorch.
+
+    Raises
+    ------
+    ValueError
+        Unknown backend name.
+    ImportError
+        The named backend's package is not installed (the message says what to install).
+    """
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"unknown backend {backend!r}; use one of {BACKEND_CHOICES}")
+    if backend == "auto":
+        if not (device or default_device()).lower().startswith("cpu"):
+            return "torch"
+        return available_backends()[0]
+    if importlib.util.find_spec(_BACKEND_MODULE[backend]) is None:
+        raise ImportError(
+            f"backend {backend!r} needs the {_BACKEND_MODULE[backend]!r} package: "
+            f"pip install {_BACKEND_MODULE[backend]}"
+        )
+    return backend
+
+
+def _is_architecture(spec: ModelSpec) -> bool:
+    return spec.path is not None and Path(spec.path).suffix.lower() in (".yaml", ".yml")
+
+
+def _int8_detector(spec: ModelSpec, device: str | None) -> Detector:
+    """The bundled INT8 OpenVINO version of ``spec``, hash-checked."""
+
+    if not spec.int8:
+        raise ValueError(
+            f"model {spec.name!r} has no INT8 version (only bundled models ship one; "
+            "see napari_yolocell.training.quantize); use backend 'openvino'"
+        )
+    folder = Path(spec.int8["dir"])
+    verify_folder(folder, spec.int8.get("sha256") or {})
+    return OpenVinoDetector(spec, folder, device=device)
+
+
+def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = None) -> Detector:
+    """Build a detector for ``spec`` with the chosen backend.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        Resolved model (see :func:`napari_yolocell.models.registry.resolve_model`).
+    backend : {"auto", "torch", "onnxruntime", "openvino", "openvino-int8"}
+        Forward-pass runtime; see :func:`resolve_backend`. The classical detector ignores it.
+        ``"auto"`` on a CPU uses a bundled model's INT8 version when OpenVINO is installed.
+        ONNX Runtime / OpenVINO run a cached export of the weights, made on first use (a few
+        seconds). Untrained architectures (``"yolov5n.yaml"``) get random weights at every load,
+        so they are exported to a temporary folder instead of the cache. With ``"auto"``, a
+        model that cannot be exported falls back to PyTorch with a warning.
+    device : str, optional
+        Device for the backend (default: CUDA if available for PyTorch, else the CPU).
+
+    Raises
+    ------
+    ValueError
+        Unknown backend, or unreadable weights (names the file).
+    ImportError
+        The named backend is not installed.
+    RuntimeError
+        The model could not be exported for the named backend.
+    """
+    if spec.family == "classical":
+        return ClassicalDetector(spec=spec)
+    requested = backend
+    backend = resolve_backend(backend, device)
+    if backend == "torch":
+        return TorchDetector(load_ultralytics(spec.path), spec, device=device)
+    if backend == "openvino-int8" or (requested == "auto" and backend == "openvino" and spec.int8):
+        return _int8_detector(spec, device)
+
+    fmt, cls = {
+        "onnxruntime": ("onnx", OnnxRuntimeDetector),
+        "openvino": ("openvino", OpenVinoDetector),
+    }[backend]
+    model = None
+    try:
+        if _is_architecture(spec):
+            model = load_ultralytics(spec.path)
+            keep = export_cache.temporary_export(model, fmt)
+            return cls(spec, keep.name, device=device, keep=keep)
+        return cls(spec, export_cache.cached_export(spec, fmt), device=device)
+    except WeightsError:
+        raise
+    except Exception as err:  # exporters and runtimes fail in many ways: report them as one
+        if requested != "auto":
+            raise RuntimeError(
+                f"cannot run model {str(spec.path)!r} with {backend}: {type(err).__name__}: {err}"
+            ) from err
+        warnings.warn(
+            f"{backend} backend unavailable for {str(spec.path)!r} ({err}); using PyTorch",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return TorchDetector(model or load_ultralytics(spec.path), spec, device=device)
+
+
+def _with_checkpoint_metadata(detector: Detector) -> Detector:
+    """Apply settings stored in a checkpoint's ``"yolocell"`` entry, if it carries one."""
+    ckpt = getattr(getattr(detector, "model", None), "ckpt", None)
+    meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
+    if isinstance(meta, dict):
+        spec = ModelSpec.from_dict({**meta, "path": str(detector.spec.path)})
+        detector.spec = dataclasses.replace(spec, sha256=detector.spec.sha256)
+    return detector
+
+
+_CACHE: dict[tuple, Detector] = {}
+
+
+_CACHE_SIZE = 4
+
+
+_CACHE_LOCK = threading.Lock()
+
+
+def _cached_detector(spec: ModelSpec, device: str | None, backend: str) -> Detector:
+    """Load once per (weights, file version, device, backend); keeps the last few models."""
+    key = (str(spec.path), _fingerprint(spec), device, backend)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    detector = make_detector(spec, backend=backend, device=device)
+    has_sidecar = spec.path is not None and sidecar_path(spec.path).exists()
+    if spec.sha256 is None and not has_sidecar:
+        detector = _with_checkpoint_metadata(detector)
+    with _CACHE_LOCK:
+        while len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = detector
+    return detector
+
+
+def clear_cache() -> None:
+    """Forget loaded models (frees their memory once no one else holds them)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _fingerprint(spec: ModelSpec) -> str:
+    """Cache key part that changes when the weights file changes."""
+    if spec.sha256:
+        return spec.sha256
+    if spec.path is not None and spec.path.is_file():
+        stat = spec.path.stat()
+        return f"{spec.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return str(spec.path)
+
+
+def load_detector(
+    name_or_path: str | Path | ModelSpec, device: str | None = None, backend: str = "torch"
+) -> Detector:
+    """Resolve, verify and load a model, ready for :func:`napari_yolocell.engine.detect.detect_image`.
+
+    Neural-network detectors are cached (same weights, device and backend -> same object);
+    the classical detector is created fresh (it keeps a per-plane threshold).
+
+    Parameters
+    ----------
+    name_or_path : str, Path or ModelSpec
+        See :func:`resolve_model`.
+    device : str, optional
+        ``"cpu"``, ``"cuda:0"``...; default CUDA if available.
+    backend : str
+        Forward-pass backend (``"torch"``).
+
+    Raises
+    ------
+    FileNotFoundError
+        Missing weights file (the message names it).
+    ValueError
+        Unknown model, SHA-256 mismatch, or unreadable / corrupt weights (names the file).
+    """
+    spec = resolve_model(name_or_path)
+    if spec.family == "classical":
+        return make_detector(spec, backend=backend, device=device)
+    if spec.sha256:
+        verify_sha256(spec.path, spec.sha256)
+    spec = unpack_weights(spec)
+    return _cached_detector(spec, device, backend)
+
+
+def unpack_weights(spec: ModelSpec, root: Path | None = None) -> ModelSpec:
+    """For ``.xz`` weights: the same spec pointing at the unpacked ``.pt`` in the user cache.
+
+    Unpacks once (to a temporary name, then renamed into place) and verifies
+    ``spec.unpacked_sha256`` before every use, so a damaged cache file is replaced, never loaded.
+    Other specs are returned unchanged.
+    """
+    if spec.path is None or Path(spec.path).suffix.lower() != ".xz":
+        return spec
+
+    folder = (root or cache_root()) / "unpacked-weights"
+    folder.mkdir(parents=True, exist_ok=True)
+    key = spec.unpacked_sha256 or spec.sha256 or file_sha256(spec.path)
+    target = folder / f"{Path(spec.path).stem.removesuffix('.pt')}-{key[:16]}.pt"
+    if target.is_file() and spec.unpacked_sha256:
+        if file_sha256(target) != spec.unpacked_sha256.lower():
+            target.unlink()
+    if not target.is_file():
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with lzma.open(spec.path, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (lzma.LZMAError, EOFError) as err:
+            tmp.unlink(missing_ok=True)
+            raise ValueError(f"cannot unpack model weights {str(spec.path)!r}: {err}") from err
+        if spec.unpacked_sha256:
+            try:
+                verify_sha256(tmp, spec.unpacked_sha256)
+            except ValueError:
+                tmp.unlink(missing_ok=True)
+                raise
+        os.replace(tmp, target)
+    return dataclasses.replace(spec, path=target)

@@ -1,0 +1,1 @@
+"""Training: annotations to boxes, YOLO dataset export, ultralytics training, INT8 quantization."""
