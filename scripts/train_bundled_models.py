@@ -257,7 +257,7 @@ def _calibrate(weights: Path, spec_kwargs: dict, data: Path) -> tuple[float, dic
 
     clear_cache()
     spec = ModelSpec(path=weights, **spec_kwargs)
-    det = load_detector(spec)
+    det = load_detector(spec, backend="torch")
     items = bbbc039_items(data / "bbbc039", "validation", min_area=25)
     res = evaluate_model(det, items, split=None, params=DetectParams(), low_conf=0.01)
     c = res["curves"]

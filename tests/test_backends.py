@@ -22,7 +22,7 @@ from napari_yolocell.engine.detect import DetectParams, detect_image
 from napari_yolocell.engine.normalize import percentile_range, to_uint8
 from napari_yolocell.models import export_cache, loading
 from napari_yolocell.models.backends import OnnxRuntimeDetector, OpenVinoDetector, TorchDetector
-from napari_yolocell.models.detector import nms, preprocess
+from napari_yolocell.models.detector import dense_nms, preprocess
 from napari_yolocell.models.loading import (
     clear_cache,
     load_detector,
@@ -189,7 +189,7 @@ def test_numpy_nms_matches_torchvision(n):
     scores = rng.choice(np.linspace(0.2, 1, 50), n).astype(np.float32)  # ties
     for iou in (0.3, 0.5, 0.7):
         ref = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou).numpy()
-        got = nms(boxes, scores, iou)
+        got = dense_nms(boxes, scores, iou)
         assert set(got.tolist()) == set(ref.tolist()), (n, iou)
         assert np.all(np.diff(scores[got]) <= 0)  # best first
 

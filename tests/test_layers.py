@@ -9,22 +9,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_yolocell.analysis.roi import in_roi
-from napari_yolocell.shell.layers import (
+from napari_yolocell.analysis.roi import counts_table, in_roi
+from napari_yolocell.io.tables import (
     COUNT_COLUMNS,
     CSV_COLUMNS,
+    detections_csv_table,
+    write_csv_atomic,
+)
+from napari_yolocell.shell.layers import (
     LARGE_RESULT,
     MAX_BOXES_IN_VIEW,
     boxes_in_view,
-    counts_table,
-    detections_csv_table,
     detections_to_layers,
     ellipse_polygon,
     shapes_to_polygons,
     to_layer_coords,
     to_table_coords,
     transform_coords,
-    write_csv_atomic,
 )
 
 
@@ -138,7 +139,7 @@ def test_counts_table_planes_and_rois():
     square = np.array([[0, 0], [0, 50], [50, 50], [50, 0]], float)
     out = counts_table(df, "img", [square], ["corner"])
     assert list(out.columns) == COUNT_COLUMNS
-    whole = out[out["roi"] == "image"]
+    whole = out[out["roi"] == "all"]
     assert whole["count"].tolist() == [2, 0, 1]  # plane 1 has none but is listed
     corner = out[out["roi"] == "corner"]
     assert corner["plane"].tolist() == [0, 1, 2] and corner["count"].tolist() == [1, 0, 1]

@@ -104,9 +104,9 @@ def test_sidecar_settings_are_read(tmp_path):
 
 @pytest.mark.parametrize("arch", ["yolov5n.yaml", "yolov6n.yaml"])
 def test_untrained_architectures_run(arch):
-    detector = load_detector(arch, device="cpu")
+    detector = load_detector(arch, device="cpu", backend="torch")
     assert isinstance(detector, TorchDetector) and detector.spec.family == arch[:6]
-    assert load_detector(arch, device="cpu") is detector  # cached
+    assert load_detector(arch, device="cpu", backend="torch") is detector  # cached
     tiles = [np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 128, np.uint8)]
     out = detector.predict(tiles, conf=0.001, iou=0.5, max_det=20)
     assert len(out) == 2
@@ -118,7 +118,9 @@ def test_untrained_architectures_run(arch):
 def test_torch_detector_end_to_end_on_small_image():
     image = np.random.default_rng(0).integers(0, 4000, (70, 90), dtype=np.uint16)
     df = detect_image(
-        image, load_detector("yolov5n.yaml", device="cpu"), DetectParams(conf=0.001, max_det=10)
+        image,
+        load_detector("yolov5n.yaml", device="cpu", backend="torch"),
+        DetectParams(conf=0.001, max_det=10),
     )
     assert list(df.columns) == COLUMNS
     assert (df["x1"] <= 90).all() and (df["y1"] <= 70).all()
@@ -152,12 +154,14 @@ def packed_registry(tmp_path, monkeypatch):
 
 def test_packed_weights_unpack_to_the_cache_and_match_the_original(packed_registry):
     source, packed = packed_registry
-    detector = load_detector("packed-v5n", device="cpu")
+    detector = load_detector("packed-v5n", device="cpu", backend="torch")
     unpacked = detector.spec.path
     assert unpacked.suffix == ".pt" and unpacked.parent.parent == packed.parent.parent / "cache"
     assert file_sha256(unpacked) == file_sha256(source)
     tile = [np.asarray(np.random.default_rng(1).integers(0, 255, (96, 96, 3)), np.uint8)]
-    reference = load_detector(source, device="cpu").predict(tile, conf=0.01, iou=0.5, max_det=50)
+    reference = load_detector(source, device="cpu", backend="torch").predict(
+        tile, conf=0.01, iou=0.5, max_det=50
+    )
     np.testing.assert_array_equal(
         detector.predict(tile, conf=0.01, iou=0.5, max_det=50)[0], reference[0]
     )
@@ -165,7 +169,9 @@ def test_packed_weights_unpack_to_the_cache_and_match_the_original(packed_regist
     # A damaged cache file is replaced, not loaded.
     loading.clear_cache()
     unpacked.write_bytes(b"damaged")
-    assert file_sha256(load_detector("packed-v5n", device="cpu").spec.path) == file_sha256(source)
+    assert file_sha256(
+        load_detector("packed-v5n", device="cpu", backend="torch").spec.path
+    ) == file_sha256(source)
 
 
 def test_packed_weights_with_wrong_hash_are_refused(packed_registry):
@@ -174,4 +180,4 @@ def test_packed_weights_with_wrong_hash_are_refused(packed_registry):
     data[-100] ^= 0xFF
     packed.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="SHA-256 mismatch.*nucleus_v5n.pt.xz"):
-        load_detector("packed-v5n", device="cpu")
+        load_detector("packed-v5n", device="cpu", backend="torch")

@@ -104,7 +104,7 @@ def test_sidecar_and_load_detector(one_epoch):
 
     from napari_yolocell.models.loading import load_detector
 
-    detector = load_detector(result.best, device="cpu")
+    detector = load_detector(result.best, device="cpu", backend="torch")
     assert detector.spec.family == "yolov5" and detector.spec.diameter_px == pytest.approx(12.0)
 
 

@@ -12,8 +12,9 @@ import pytest
 
 import napari_yolocell.shell.detect_widget as wd
 from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.io.tables import CSV_COLUMNS
 from napari_yolocell.shell.detect_widget import DetectWidget
-from napari_yolocell.shell.layers import CSV_COLUMNS, KIND_KEY, SOURCE_KEY
+from napari_yolocell.shell.layers import KIND_KEY, SOURCE_KEY
 
 TIMEOUT = 30_000
 
@@ -97,7 +98,7 @@ def test_roi_counts_and_csv_export(qtbot, setup, nuclei, tmp_path):
     truth_left = int((nuclei.centers[:, 1] < 240).sum())
     counts = widget.counts()
     assert list(counts.columns) == ["image", "plane", "roi", "count"]
-    assert counts.loc[counts["roi"] == "image", "count"].item() == 20
+    assert counts.loc[counts["roi"] == "all", "count"].item() == 20
     assert counts.loc[counts["roi"] == "roi_0", "count"].item() == truth_left
     assert not widget.roi_table.native.isHidden()
     assert widget.roi_table.column_headers == ("plane", "roi", "count")

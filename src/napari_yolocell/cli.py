@@ -11,15 +11,15 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-DETECTION_COLUMNS = ["image", "plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "class"]
-COUNT_COLUMNS = ["image", "plane", "roi", "count"]
+from napari_yolocell.engine.detect import DetectParams, param_help
+from napari_yolocell.engine.normalize import MODES as NORMALIZE_MODES
+from napari_yolocell.models.detector import BACKEND_CHOICES
 
 
 class CliError(Exception):
@@ -28,20 +28,6 @@ class CliError(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def _write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write to a temporary file beside ``path`` and rename: a crash never leaves half a CSV."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            df.to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _progress_bar(desc: str, disable: bool):
@@ -59,8 +45,6 @@ def _progress_bar(desc: str, disable: bool):
 
 
 def _detect_params(args):
-    from napari_yolocell.engine.detect import DetectParams
-
     return DetectParams(
         tile=args.tile,
         overlap=args.overlap,
@@ -384,6 +368,7 @@ def cmd_evaluate(args) -> int:
             return_results=True,
             min_area=args.min_area,
             conf=args.conf,
+            backend=args.backend,
         )
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from exc
@@ -439,33 +424,26 @@ def cmd_models(args) -> int:
 # parser
 
 
-def _add_detect_options(p: argparse.ArgumentParser, model: bool = True) -> None:
+def _add_detect_options(
+    p: argparse.ArgumentParser, model: bool = True, backend: str = "auto"
+) -> None:
     if model:
         p.add_argument(
             "--model",
             default=None,
             help="bundled model name (v5, v6, default), a shipped YAML or a .pt path",
         )
-    p.add_argument("--tile", type=int, default=640, help="tile side in pixels (default 640)")
-    p.add_argument(
-        "--overlap",
-        type=int,
-        default=None,
-        help="tile overlap in px; default 3x the typical nucleus diameter",
-    )
-    p.add_argument(
-        "--conf",
-        type=float,
-        default=None,
-        help="confidence threshold; default: the model's calibrated one",
-    )
-    p.add_argument("--iou", type=float, default=0.5, help="NMS IoU threshold (default 0.5)")
-    p.add_argument("--channel", type=int, default=None, help="channel index for multichannel")
+    defaults = DetectParams()
+    for name, kind in (("tile", int), ("overlap", int), ("conf", float), ("iou", float)):
+        p.add_argument(
+            f"--{name}", type=kind, default=getattr(defaults, name), help=param_help(name)
+        )
+    p.add_argument("--channel", type=int, default=defaults.channel, help=param_help("channel"))
     p.add_argument(
         "--normalize",
-        choices=["percentile", "none"],
-        default=None,
-        help="intensity normalisation; default: what the model was trained with",
+        choices=list(NORMALIZE_MODES),
+        default=defaults.normalize,
+        help=param_help("normalize"),
     )
     p.add_argument(
         "--diameter",
@@ -475,15 +453,15 @@ def _add_detect_options(p: argparse.ArgumentParser, model: bool = True) -> None:
         "auto (default): measured on each image, resized only when nuclei are far larger "
         "than the model's; model: never resize",
     )
-    p.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
-    p.add_argument("--level", type=int, default=0, help="pyramid level (0 = full resolution)")
+    p.add_argument("--batch", type=int, default=defaults.batch, help=param_help("batch"))
+    p.add_argument("--level", type=int, default=defaults.level, help=param_help("level"))
     p.add_argument("--device", default=None, help="cpu, cuda:0... (default: CUDA if available)")
     p.add_argument(
         "--backend",
-        default="auto",
-        choices=["auto", "torch", "onnxruntime", "openvino", "openvino-int8"],
-        help="forward-pass runtime; auto = the fastest installed (on a CPU: OpenVINO, "
-        "INT8 for the bundled models)",
+        default=backend,
+        choices=BACKEND_CHOICES,
+        help=f"forward-pass runtime (default {backend}); auto = the fastest installed (on a "
+        "CPU: OpenVINO, INT8 for the bundled models)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -551,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", required=True, help="dataset folder or data.yaml")
     v.add_argument("--split", default="test")
     v.add_argument("--model", action="append", required=True, help="repeat to compare")
-    _add_detect_options(v, model=False)
+    # scores the reference PyTorch forward pass unless a runtime is named
+    _add_detect_options(v, model=False, backend="torch")
     v.add_argument("--min-area", type=float, default=0.0, help="ignore truth boxes under this")
     v.add_argument("--json", default=None, help="write the table as JSON")
     v.add_argument("--plots", default=None, help="folder for PR / F1 / count plots (PNG)")

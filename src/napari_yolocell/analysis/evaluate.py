@@ -418,9 +418,9 @@ def _per_image_table(images: list[_Image], at: dict[str, np.ndarray]) -> pd.Data
 # --------------------------------------------------------------------------- models
 
 
-def _load_model(model: Any):
+def _load_model(model: Any, backend: str):
     if isinstance(model, (str, Path)):
-        return load_detector(model)
+        return load_detector(model, backend=backend)
     return model
 
 
@@ -466,6 +466,7 @@ def evaluate_model(
     min_area: float = 0.0,
     name: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    backend: str = "torch",
 ) -> dict[str, Any]:
     """Run our tiled detection on every image of a test set and score it.
 
@@ -496,6 +497,9 @@ def evaluate_model(
         Model label in tables and plots (default: the model's name).
     progress : callable, optional
         Called as ``progress(done_images, total_images)``.
+    backend : str
+        Forward-pass runtime for a model given by name or path; ``"torch"`` by default, the
+        reference precision (``"auto"`` scores what ``yolocell detect`` runs, e.g. INT8).
 
     Returns
     -------
@@ -504,7 +508,7 @@ def evaluate_model(
         ``seconds_per_image``.
     """
 
-    detector = _load_model(model)
+    detector = _load_model(model, backend)
     items = _truth_items(dataset, split)
     params = dataclasses.replace(params or DetectParams(), conf=float(low_conf))
     per_image, start = [], time.perf_counter()
@@ -588,7 +592,8 @@ def compare_models(
     return_results : bool
         Also return the full result dicts (for :mod:`napari_yolocell.analysis.plots`).
     **kwargs
-        Passed to :func:`evaluate_model` (``conf``, ``low_conf``, ``min_area``, ``iou``).
+        Passed to :func:`evaluate_model` (``conf``, ``low_conf``, ``min_area``, ``iou``,
+        ``backend``).
 
     Returns
     -------

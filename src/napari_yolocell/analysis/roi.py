@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 from skimage.measure import points_in_poly
 
-__all__ = ["count_in_rois", "in_roi"]
+from napari_yolocell.io.tables import COUNT_COLUMNS, WHOLE_IMAGE_ROI, roi_name
+
+__all__ = ["count_in_rois", "counts_table", "in_roi"]
 
 
 def in_roi(yx: np.ndarray, polygon: np.ndarray) -> np.ndarray:
@@ -36,7 +38,7 @@ def count_in_rois(
         Columns ``plane, roi, count``: one row per plane and ROI (a nucleus in two overlapping
         ROIs counts in both).
     """
-    names = list(names) if names is not None else [f"roi_{i}" for i in range(len(polygons))]
+    names = list(names) if names is not None else [roi_name(i) for i in range(len(polygons))]
     planes = sorted(detections["plane"].unique()) if len(detections) else [0]
     rows = []
     for plane in planes:
@@ -45,3 +47,51 @@ def count_in_rois(
         for name, poly in zip(names, polygons, strict=True):
             rows.append({"plane": int(plane), "roi": name, "count": int(in_roi(yx, poly).sum())})
     return pd.DataFrame(rows, columns=["plane", "roi", "count"])
+
+
+def counts_table(
+    df: pd.DataFrame,
+    image: str,
+    polygons: Sequence[np.ndarray] | None = None,
+    names: Sequence[str] | None = None,
+    n_planes: int | None = None,
+) -> pd.DataFrame:
+    """Counts per plane (``roi`` = :data:`~napari_yolocell.io.tables.WHOLE_IMAGE_ROI`) and,
+    with ROIs, per plane and ROI.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Detections already filtered by confidence.
+    image : str
+        Image name for the ``image`` column.
+    polygons : sequence of (M, 2+) arrays, optional
+        ROI vertices in table coordinates (last two = y, x); see :func:`to_table_coords`.
+    names : sequence of str, optional
+        ROI names (default ``roi_0``...).
+    n_planes : int, optional
+        Number of planes (default ``df.attrs["n_planes"]``): planes without detections count 0.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`COUNT_COLUMNS`.
+    """
+    if n_planes is None:
+        n_planes = int(df.attrs.get("n_planes", int(df["plane"].max()) + 1 if len(df) else 1))
+    per_plane = df.groupby("plane").size().reindex(range(n_planes), fill_value=0)
+    rows = [
+        {"image": image, "plane": int(p), "roi": WHOLE_IMAGE_ROI, "count": int(c)}
+        for p, c in per_plane.items()
+    ]
+    out = pd.DataFrame(rows, columns=COUNT_COLUMNS)
+    if polygons:
+        roi = count_in_rois(df, polygons, names)
+        # count_in_rois only lists planes that have detections: complete the grid with zeros.
+        names = list(roi["roi"].unique()) if names is None else list(names)
+        grid = pd.MultiIndex.from_product([range(n_planes), names], names=["plane", "roi"])
+        roi = roi.set_index(["plane", "roi"])["count"].reindex(grid, fill_value=0).reset_index()
+        roi.insert(0, "image", image)
+        out = pd.concat([out, roi[COUNT_COLUMNS]], ignore_index=True)
+    out["count"] = out["count"].astype(np.int64)
+    return out

@@ -15,7 +15,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -24,23 +23,30 @@ from typing import Any
 
 import pandas as pd
 
-from napari_yolocell.engine.detect import DetectionCancelled, count_per_plane, detect_image
+from napari_yolocell.engine.detect import Cancelled, count_per_plane, detect_image
 from napari_yolocell.io.images import open_image
+from napari_yolocell.io.tables import (
+    COUNT_COLUMNS,
+    CSV_COLUMNS,
+    ERROR_COLUMNS,
+    WHOLE_IMAGE_ROI,
+    detections_csv_table,
+    write_csv_atomic,
+    write_text_atomic,
+)
 from napari_yolocell.models.loading import load_detector
 
 __all__ = [
-    "COUNT_COLUMNS",
-    "DETECTION_COLUMNS",
-    "ERROR_COLUMNS",
+    "FOLDER_CSVS",
     "BatchCancelled",
     "ImageResult",
     "detect_file",
+    "folder_outputs",
     "run_batch",
 ]
 
-DETECTION_COLUMNS = ["image", "plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "class"]
-COUNT_COLUMNS = ["image", "plane", "roi", "count"]
-ERROR_COLUMNS = ["image", "error"]
+#: CSV file names of a run that writes into one output folder (the Batch tab of the widget).
+FOLDER_CSVS = {"out": "detections.csv", "counts": "counts.csv", "errors": "errors.csv"}
 
 
 @dataclass
@@ -88,15 +94,14 @@ def detect_file(
             )
         finally:
             img.close()
-    except DetectionCancelled as exc:
-        raise BatchCancelled(str(exc)) from exc
+    except Cancelled:  # a RuntimeError, but it stops the batch: not an error of this image
+        raise
     except (OSError, ValueError, RuntimeError, MemoryError) as exc:
         msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
         return ImageResult(image=str(path), error=msg.splitlines()[0] if msg else repr(exc))
     counts = [int(c) for c in count_per_plane(df).to_numpy()]
-    df.insert(0, "image", str(path))
     return ImageResult(
-        image=str(path), detections=df.reindex(columns=DETECTION_COLUMNS), counts=counts
+        image=str(path), detections=detections_csv_table(df, str(path)), counts=counts
     )
 
 
@@ -112,22 +117,6 @@ def _key(path: str, model: str, params: Any) -> str:
         "params": asdict(params) if params is not None else None,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, df.to_csv(index=False))
 
 
 class _Parts:
@@ -154,9 +143,9 @@ class _Parts:
 
     def save(self, key: str, res: ImageResult) -> None:
         if res.error is None:
-            _atomic_write_text(self.folder / f"{key}.csv", res.detections.to_csv(index=False))
+            write_text_atomic(self.folder / f"{key}.csv", res.detections.to_csv(index=False))
         # the json is written last: its presence marks the image as done
-        _atomic_write_text(
+        write_text_atomic(
             self.folder / f"{key}.json",
             json.dumps({"image": res.image, "counts": res.counts, "error": res.error}),
         )
@@ -202,8 +191,36 @@ def _local_results(
                 yield pending.pop(fut), fut.result()
 
 
-class BatchCancelled(RuntimeError):
-    """Raised when ``cancel`` asks a batch to stop; finished images stay in the part files."""
+#: Raised when ``cancel`` asks a batch to stop; finished images stay in the part files. The
+#: core's one cancellation type (:class:`~napari_yolocell.engine.detect.Cancelled`).
+BatchCancelled = Cancelled
+
+
+def folder_outputs(folder: str | os.PathLike) -> dict[str, Path]:
+    """The ``out`` / ``counts`` / ``errors`` CSVs of a run writing into ``folder``.
+
+    Parameters
+    ----------
+    folder : path
+        Output folder (created by :func:`run_batch` when missing).
+
+    Returns
+    -------
+    dict of str to Path
+        Keyword arguments for :func:`run_batch`, file names :data:`FOLDER_CSVS`.
+
+    Raises
+    ------
+    ValueError
+        No folder given (empty or ``.``), or ``folder`` is a file.
+    """
+    text = str(folder).strip()
+    if not text or text == ".":
+        raise ValueError("choose an output folder")
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output {str(path)!r} is a file, not a folder")
+    return {key: path / name for key, name in FOLDER_CSVS.items()}
 
 
 def _cancelled(cancel: Any) -> bool:
@@ -258,6 +275,7 @@ def run_batch(
     tile_progress: Callable[[str, int, int], None] | None = None,
     cancel: Any = None,
     keep_parts: bool = False,
+    empty_errors: bool = False,
 ) -> list[ImageResult]:
     """Detect nuclei in many images; resumable when ``out`` or ``counts`` is given.
 
@@ -283,6 +301,10 @@ def run_batch(
     cancel : threading.Event or callable, optional
         Stops the run (:class:`BatchCancelled`); images already finished stay in the part
         files, so the same call later resumes where it stopped.
+    empty_errors : bool
+        Write ``errors`` (header only) even when every image was read, so scripts reading
+        an output folder can rely on it; by default it is written only when an image failed
+        (or to replace one of an earlier run).
 
     Returns
     -------
@@ -318,25 +340,25 @@ def run_batch(
         if on_result:
             on_result(i, res)
     final = [r for r in results if r is not None]
-    _merge(final, out, counts, errors)
+    _merge(final, out, counts, errors, empty_errors)
     if parts and not keep_parts:
         shutil.rmtree(parts.folder, ignore_errors=True)
     return final
 
 
-def _merge(results: list[ImageResult], out, counts, errors) -> None:
+def _merge(results: list[ImageResult], out, counts, errors, empty_errors: bool = False) -> None:
     ok = [r for r in results if r.error is None]
     if out:
         frames = [r.detections for r in ok if r.detections is not None and len(r.detections)]
         det = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        _atomic_csv(det.reindex(columns=DETECTION_COLUMNS), Path(out))
+        write_csv_atomic(det.reindex(columns=CSV_COLUMNS), Path(out))
     if counts:
         rows = [
-            {"image": r.image, "plane": plane, "roi": "all", "count": c}
+            {"image": r.image, "plane": plane, "roi": WHOLE_IMAGE_ROI, "count": c}
             for r in ok
             for plane, c in enumerate(r.counts)
         ]
-        _atomic_csv(pd.DataFrame(rows, columns=COUNT_COLUMNS), Path(counts))
+        write_csv_atomic(pd.DataFrame(rows, columns=COUNT_COLUMNS), Path(counts))
     failed = [{"image": r.image, "error": r.error} for r in results if r.error is not None]
-    if errors and (failed or Path(errors).exists()):
-        _atomic_csv(pd.DataFrame(failed, columns=ERROR_COLUMNS), Path(errors))
+    if errors and (failed or empty_errors or Path(errors).exists()):
+        write_csv_atomic(pd.DataFrame(failed, columns=ERROR_COLUMNS), Path(errors))

@@ -1,9 +1,9 @@
 """Tiled detection engine: any-size image in, one table of nuclei out.
 
 For each 2-D plane of the image: compute the normalisation range on a sub-sample, cut the plane
-into overlapping tiles (:func:`~napari_yolocell.engine.tiling.tile_grid`), read each tile's window only
-(lazy arrays stay lazy, memory is flat in image size), run them through the detector in batches,
-then merge exactly across tile borders (:mod:`napari_yolocell.engine.merge`).
+into overlapping tiles (:func:`~napari_yolocell.engine.tiling.tile_grid`), read each tile's window
+only (lazy arrays stay lazy, memory is flat in image size), run them through the detector in
+batches, then merge exactly across tile borders (:mod:`napari_yolocell.engine.merge`).
 
 :func:`iter_detect` is a generator yielding ``(done_tiles, total_tiles)`` and returning the
 table, for napari ``thread_worker``; :func:`detect_image` drives it with a ``progress``
@@ -34,7 +34,7 @@ import threading
 import warnings
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +52,12 @@ from napari_yolocell.engine.normalize import (
 from napari_yolocell.engine.size import AUTO_HIGH, auto_diameter, estimate_diameter
 from napari_yolocell.engine.tiling import Tile, tile_grid
 from napari_yolocell.io.chunk_cache import MAX_CHUNK_BYTES, ChunkCache, chunk_bounds
+from napari_yolocell.io.tables import DETECTION_COLUMNS
 from napari_yolocell.models.detector import Detector, as_rgb
 from napari_yolocell.models.loading import load_detector
 from napari_yolocell.models.spec import ModelSpec
 
-COLUMNS = ["plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "class"]
+COLUMNS = DETECTION_COLUMNS  # the engine's table; defined with the CSVs' in io.tables
 STATS_MAX_PIXELS = 2_000_000
 # Pyramid levels smaller than this are too coarse for reliable percentiles.
 STATS_MIN_PIXELS = 250_000
@@ -74,8 +75,26 @@ SKIP_THRESHOLD_FRACTION = 0.25
 Cancel = Callable[[], bool] | threading.Event | None
 
 
-class DetectionCancelled(RuntimeError):
-    """Raised when the ``cancel`` callable / event asks detection to stop."""
+class Cancelled(RuntimeError):
+    """Raised when a ``cancel`` callable / event asks a long core call to stop.
+
+    The one cancellation type of the core: detection raises it, and so does
+    :func:`~napari_yolocell.engine.batch.run_batch` (as ``BatchCancelled``, the same class).
+    """
+
+
+#: Detection was cancelled (the same class as :class:`Cancelled`).
+DetectionCancelled = Cancelled
+
+
+def _param(default, help: str):
+    """A :class:`DetectParams` field whose help text the CLI and the widget show."""
+    return field(default=default, metadata={"help": help})
+
+
+def param_help(name: str) -> str:
+    """Help text of a :class:`DetectParams` field (one source for CLI options and tooltips)."""
+    return next(f.metadata.get("help", "") for f in fields(DetectParams) if f.name == name)
 
 
 @dataclass
@@ -125,17 +144,21 @@ class DetectParams:
         ``measured_diameter`` and the ``diameter`` used (None = the model's scale).
     """
 
-    tile: int = 640
-    overlap: int | None = None
-    conf: float | None = None
-    iou: float = 0.5
+    tile: int = _param(640, "tile side in pixels (default 640)")
+    overlap: int | None = _param(
+        None, "tile overlap in px; default 3x the typical nucleus diameter"
+    )
+    conf: float | None = _param(None, "confidence threshold; default: the model's calibrated one")
+    iou: float = _param(0.5, "NMS IoU threshold (default 0.5)")
     max_det: int = 1000
-    channel: int | None = None
-    normalize: str | None = None
+    channel: int | None = _param(None, "channel index for multichannel")
+    normalize: str | None = _param(
+        None, "intensity normalisation; default: what the model was trained with"
+    )
     percentiles: tuple[float, float] | None = None
     diameter: float | None = None
-    batch: int = 8
-    level: int = 0
+    batch: int = _param(8, "tiles per forward pass")
+    level: int = _param(0, "pyramid level (0 = full resolution)")
     ios: float | None = 0.7
     margin: float = 2.0
     skip_empty: bool = True
@@ -547,11 +570,6 @@ def _is_cancelled(cancel: Cancel) -> bool:
     return bool(cancel())
 
 
-def _batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def _read_ahead(read, items: list, depth: int):
     """``read(item)`` for each item, in order, computed up to ``depth`` items ahead in one
     background thread: decompressing the next tiles overlaps the model's forward pass
@@ -622,6 +640,7 @@ def _detect_plane(
 
 
 def _frame(plane: int, boxes: np.ndarray, factor: tuple[float, float]) -> pd.DataFrame:
+    """Detector boxes (x first, ``models.detector.BOX_COLUMNS``) -> the y-first table."""
     fy, fx = factor
     x0, y0, x1, y1 = boxes[:, 0] * fx, boxes[:, 1] * fy, boxes[:, 2] * fx, boxes[:, 3] * fy
     return pd.DataFrame(
@@ -761,7 +780,8 @@ def detect_image(
         extra plane axes (Z, T...) and optionally a channel axis. A list of arrays is a
         multiscale pyramid (full resolution first).
     detector : Detector or str
-        A loaded detector (:func:`napari_yolocell.models.loading.load_detector`) or a model name/path.
+        A loaded detector (:func:`napari_yolocell.models.loading.load_detector`) or a model
+        name/path.
     params : DetectParams, optional
         Settings; defaults derived from the model.
     channel_axis : int, optional

@@ -1,6 +1,7 @@
 """Exact merging of per-tile detections into one set for the whole plane.
 
-Boxes are float arrays of shape (n, 6): ``x0, y0, x1, y1, confidence, class``.
+Boxes are float arrays of shape (n, 6) in the detectors' column order
+(:data:`napari_yolocell.models.detector.BOX_COLUMNS`: ``x0, y0, x1, y1, confidence, class``).
 
 The merge has three steps:
 
@@ -119,7 +120,10 @@ def _greedy_suppress(n: int, order: np.ndarray, i: np.ndarray, j: np.ndarray) ->
 
 
 def nms(boxes: np.ndarray, iou: float = 0.5) -> np.ndarray:
-    """Class-agnostic greedy non-maximum suppression.
+    """Class-agnostic greedy non-maximum suppression over a whole plane.
+
+    The rule of :func:`napari_yolocell.models.detector.dense_nms` (torchvision's), with overlap
+    candidates found by a KD-tree so it scales to hundreds of thousands of boxes.
 
     Parameters
     ----------

@@ -1,4 +1,5 @@
-"""The forward-pass runtimes behind the :class:`~napari_yolocell.models.detector.Detector` interface.
+"""The forward-pass runtimes behind the detector interface
+(:class:`~napari_yolocell.models.detector.Detector`).
 
 - :class:`TorchDetector`: PyTorch via ``YOLO.predict`` (CPU or CUDA);
 - :class:`OnnxRuntimeDetector`: ONNX Runtime on an ONNX export of the same weights;

@@ -32,7 +32,8 @@ def _grey(tile: np.ndarray) -> np.ndarray:
 
 
 class ClassicalDetector(Detector):
-    """Otsu + watershed detector with the :class:`~napari_yolocell.models.detector.Detector` interface.
+    """Otsu + watershed detector with the detector interface
+    (:class:`~napari_yolocell.models.detector.Detector`).
 
     Parameters
     ----------

@@ -17,11 +17,17 @@ import numpy as np
 from napari_yolocell.models.spec import ModelSpec
 
 #: Forward-pass runtimes; ``"auto"`` is accepted too (see :func:`resolve_backend`).
-#: ``"openvino-int8"`` runs a model's bundled 8-bit version (:mod:`napari_yolocell.training.quantize`).
+#: ``"openvino-int8"`` runs a model's bundled 8-bit version
+#: (:mod:`napari_yolocell.training.quantize`).
 BACKENDS = ("torch", "onnxruntime", "openvino", "openvino-int8")
 
 
 BACKEND_CHOICES = ("auto", *BACKENDS)
+#: Column order of the ``(k, 6)`` box arrays of detectors and of the tile merge: x first, as the
+#: networks emit them. Result tables are y first
+#: (:data:`napari_yolocell.io.tables.DETECTION_COLUMNS`);
+#: the engine turns one into the other in one place (``engine.detect._frame``).
+BOX_COLUMNS = ("x0", "y0", "x1", "y1", "confidence", "class")
 
 
 class Detector(abc.ABC):
@@ -158,7 +164,7 @@ def postprocess(
             keep = keep[np.argsort(-best[keep], kind="stable")[:MAX_NMS]]
         xywh = pred[:4, keep].T
         boxes = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
-        picked = nms(boxes, best[keep], iou)[:max_det]
+        picked = dense_nms(boxes, best[keep], iou)[:max_det]
         data = np.column_stack([boxes[picked], best[keep][picked], cls[keep][picked]])
         out.append(_clip_to_tile(data.astype(np.float64).reshape(-1, 6), tile.shape[:2]))
     return out
@@ -167,10 +173,12 @@ def postprocess(
 MAX_NMS = 30000  # ultralytics' cap on boxes entering NMS
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+def dense_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Greedy non-maximum suppression (as ``torchvision.ops.nms``): kept indices, best first.
 
-    A box is dropped when its IoU with a higher-scoring kept box is above ``iou``.
+    A box is dropped when its IoU with a higher-scoring kept box is above ``iou``. Dense (each
+    kept box against all the rest): fast for one tile's candidates. The plane-wide merge applies
+    the same rule to 10^5 boxes with :func:`napari_yolocell.engine.merge.nms` (KD-tree pairs).
     """
     order = np.argsort(-scores, kind="stable")
     x0, y0, x1, y1 = boxes.T

@@ -203,9 +203,10 @@ def _fingerprint(spec: ModelSpec) -> str:
 
 
 def load_detector(
-    name_or_path: str | Path | ModelSpec, device: str | None = None, backend: str = "torch"
+    name_or_path: str | Path | ModelSpec, device: str | None = None, backend: str = "auto"
 ) -> Detector:
-    """Resolve, verify and load a model, ready for :func:`napari_yolocell.engine.detect.detect_image`.
+    """Resolve, verify and load a model, ready for
+    :func:`napari_yolocell.engine.detect.detect_image`.
 
     Neural-network detectors are cached (same weights, device and backend -> same object);
     the classical detector is created fresh (it keeps a per-plane threshold).

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -29,7 +28,8 @@ import numpy as np
 import yaml
 
 from napari_yolocell.io.yolo import locate_splits, read_yolo_dataset
-from napari_yolocell.models.spec import ModelSpec, sidecar_path, write_sidecar
+from napari_yolocell.models.detector import default_device
+from napari_yolocell.models.spec import ModelSpec, write_sidecar
 from napari_yolocell.models.ultralytics_env import import_ultralytics
 
 FAMILIES = ("yolov5", "yolov6")
@@ -64,7 +64,6 @@ __all__ = [
     "TrainResult",
     "TrainingCancelled",
     "augmentation_settings",
-    "default_device",
     "prepare_data_yaml",
     "train",
     "write_model_sidecar",
@@ -102,13 +101,6 @@ class TrainResult:
     run_dir: Path
     cancelled: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def default_device() -> str:
-    """``"0"`` when a CUDA GPU is available, else ``"cpu"`` (MPS is left to explicit choice)."""
-    import torch
-
-    return "0" if torch.cuda.is_available() else "cpu"
 
 
 def augmentation_settings(augment: str | dict[str, float] | None) -> dict[str, float]:
@@ -449,6 +441,7 @@ def train(
     from ultralytics import YOLO
 
     _patch_amp_check()
+    # ultralytics takes torch's device names too ("cuda:0" as well as "0")
     device = default_device() if device is None else str(device)
     history: list[dict[str, Any]] = []
     hooks = _Hooks(on_epoch, on_batch, should_stop, history)
@@ -627,15 +620,3 @@ def write_model_sidecar(
     if diameter_px is not None and math.isfinite(diameter_px):
         spec_kwargs["diameter_px"] = round(float(diameter_px), 2)
     return write_sidecar(weights, ModelSpec(**spec_kwargs))
-
-
-def copy_weights(result: TrainResult, dest: str | Path) -> Path:
-    """Copy ``best.pt`` (or ``last.pt``) and its sidecar to ``dest`` (a ``.pt`` path)."""
-
-    src = result.best or result.last
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src, dest)
-    if sidecar_path(src).exists():
-        shutil.copy2(sidecar_path(src), sidecar_path(dest))
-    return dest

@@ -1,0 +1,59 @@
+"""The result tables' columns and how they are written: one place for both.
+
+Detections are y-first (``y, x, y0, x0, y1, x1``) in full-resolution pixels, boxes by pixel
+edges (pixel ``i`` spans ``[i, i + 1)``); the networks' x-first boxes are turned around once, in
+the engine. Every CSV is written to a temporary file beside its target and renamed into place,
+so a crash or a full disk never leaves a truncated file (an existing one is replaced only once
+the new one is complete).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+#: The engine's detection table (one row per nucleus).
+DETECTION_COLUMNS = ["plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "class"]
+#: The detections CSV of the CLI, the batch runner and the widget's Export CSV.
+CSV_COLUMNS = ["image", *DETECTION_COLUMNS]
+#: The counts CSV: one row per plane for the whole image, and per plane and ROI.
+COUNT_COLUMNS = ["image", "plane", "roi", "count"]
+#: The ``roi`` value of whole-image count rows.
+WHOLE_IMAGE_ROI = "all"
+#: ``NAME.errors.csv`` of a batch run: images that failed, with the one-line reason.
+ERROR_COLUMNS = ["image", "error"]
+
+
+def roi_name(index: int) -> str:
+    """Default name of the ``index``-th ROI (``roi_0``, ``roi_1``...)."""
+    return f"roi_{index}"
+
+
+def detections_csv_table(df: pd.DataFrame, image: str) -> pd.DataFrame:
+    """The detections CSV of one image: columns exactly :data:`CSV_COLUMNS`."""
+    out = df.reindex(columns=DETECTION_COLUMNS).copy()
+    out.insert(0, "image", image)
+    return out.reset_index(drop=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_csv_atomic(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write ``table`` as CSV (no index) atomically; see :func:`write_text_atomic`."""
+    return write_text_atomic(path, table.to_csv(index=False))
