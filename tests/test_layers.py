@@ -22,10 +22,13 @@ from napari_yolocell.shell.layers import (
     boxes_in_view,
     detections_to_layers,
     ellipse_polygon,
+    points_to_table,
+    roi_polygons,
     shapes_to_polygons,
     to_layer_coords,
     to_table_coords,
     transform_coords,
+    view_to_table,
 )
 
 
@@ -210,3 +213,36 @@ def test_boxes_in_view_small_results_draw_everything():
     drawn, mode = boxes_in_view(grid_table(LARGE_RESULT + 1), (0.0, 0.0, 1e9, 1e9))
     assert mode == "view" and len(drawn) == 0  # more than MAX_BOXES_IN_VIEW in view
     assert MAX_BOXES_IN_VIEW < LARGE_RESULT
+
+
+def test_roi_polygons_map_shapes_into_the_image_table():
+    """An ROI drawn in world units (no scale) over an image at 2 um/px, shifted by 10 um."""
+    rect = np.array([[10, 10], [10, 50], [30, 50], [30, 10]], float)  # world = layer coords
+    line = np.array([[0, 0], [5, 5]], float)
+    polys, names = roi_polygons(
+        [rect, line, rect + 40],
+        ["rectangle", "line", "ellipse"],
+        image_transform=((2.0, 2.0), (10.0, 10.0)),
+    )
+    assert names == ["roi_0", "roi_2"]  # the line encloses nothing; names keep the index
+    np.testing.assert_allclose(polys[0], (rect - 10) / 2 + 0.5)
+    assert len(polys[1]) > 4  # the ellipse as a polygon
+    yx = np.array([[5.0, 10.0], [5.0, 25.0]])  # table coordinates of the image
+    assert in_roi(yx, polys[0]).tolist() == [True, False]
+    _, named = roi_polygons([rect], ["polygon"], names=["tumour"])
+    assert named == ["tumour"]
+
+
+def test_view_to_table_uses_the_image_transform():
+    # world view y 100..300, x 50..450 over an image at 0.5 um/px starting at (20, 10) um
+    view = view_to_table((200.0, 250.0), (100.0, 200.0), (0.5, 0.5), (20.0, 10.0))
+    assert view == (160.5, 80.5, 560.5, 880.5)
+    assert view_to_table((5.0, 5.0), (5.0, 5.0)) == (0.5, 0.5, 10.5, 10.5)
+
+
+def test_points_to_table_of_a_stack():
+    """Clicks on a 2-D Points layer in world units over a (Z, Y, X) stack at 2 um per plane."""
+    clicks = np.array([[4.0, 10.0, 20.0], [1.9, 0.0, 0.0], [9.0, 5.0, 5.0]])  # (z, y, x) um
+    planes, yx = points_to_table(clicks, image_transform=((2.0, 1.0, 1.0), None), plane_shape=(3,))
+    assert planes.tolist() == [2, 1, 2]  # nearest plane, clipped into the stack
+    np.testing.assert_allclose(yx, clicks[:, 1:] + 0.5)

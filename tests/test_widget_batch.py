@@ -6,6 +6,9 @@ blobs exactly, so the table and CSVs can be compared with the truth.
 
 from __future__ import annotations
 
+import threading
+from functools import partial
+
 import pandas as pd
 import pytest
 import tifffile
@@ -13,7 +16,9 @@ import tifffile
 import napari_yolocell.shell.batch_widget as wb
 from napari_yolocell.data.synthetic import make_nuclei_image
 from napari_yolocell.engine.batch import BatchCancelled
-from napari_yolocell.shell.batch_widget import BatchPanel, batch_paths
+from napari_yolocell.shell import _qt
+from napari_yolocell.shell._worker import outcome_of
+from napari_yolocell.shell.batch_widget import BatchPanel
 from napari_yolocell.shell.detect_widget import DetectWidget
 
 TIMEOUT = 30_000
@@ -32,14 +37,19 @@ def plate(tmp_path_factory):
 
 
 @pytest.fixture
-def panel(make_napari_viewer, plate, tmp_path, monkeypatch) -> BatchPanel:
-    monkeypatch.setattr(wb, "_show_error", lambda message: None)
+def detect(make_napari_viewer, monkeypatch) -> DetectWidget:
+    monkeypatch.setattr(_qt, "show_error", lambda message: None)
     viewer = make_napari_viewer()
     widget = DetectWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.model.value = "classical"
     widget.tile.value = 256
-    batch = widget.batch
+    return widget
+
+
+@pytest.fixture
+def panel(detect, plate, tmp_path) -> BatchPanel:
+    batch = detect.batch
     batch.folder.value = plate
     batch.pattern.value = "**/*.tif"
     batch.output.value = tmp_path / "out"
@@ -55,19 +65,7 @@ def wait(qtbot, panel):
     qtbot.waitUntil(lambda: not panel.running, timeout=TIMEOUT)
 
 
-def test_batch_paths_pattern_and_errors(plate):
-    names = [p.relative_to(plate).as_posix() for p in batch_paths(plate, "**/*.tif")]
-    assert names == ["a.tif", "b.tif", "bad.tif", "sub/c.tif"]
-    assert [p.name for p in batch_paths(plate, "*.tif")] == ["a.tif", "b.tif", "bad.tif"]
-    assert batch_paths(plate, "*") == batch_paths(plate, "*.tif")  # notes.txt skipped
-    with pytest.raises(FileNotFoundError, match="no image file"):
-        batch_paths(plate, "*.png")
-    with pytest.raises(ValueError, match="input folder"):
-        batch_paths("")
-
-
-def test_batch_tab_table_and_csvs(qtbot, panel, tmp_path):
-    detect = panel.detect
+def test_batch_tab_table_and_csvs(qtbot, detect, panel, tmp_path):
     assert detect.tabs.count() == 2 and detect.tabs.tabText(1) == "Batch"
     assert panel.run() is not None
     assert panel.cancel_button.enabled and not panel.run_button.enabled
@@ -161,4 +159,18 @@ def test_run_batch_job_returns_cancellation(monkeypatch, tmp_path):
 
     monkeypatch.setattr(wb, "run_batch", cancelled)
     job = wb.BatchJob(paths=[], model="classical", params=None, output=tmp_path)
-    assert wb.run_batch_job(job).cancelled
+    outcome = outcome_of(partial(wb.run_batch_job, job), lambda *a: None, threading.Event())
+    assert outcome.cancelled and outcome.error is None
+
+
+def test_settings_come_from_the_owner_not_its_controls(detect, panel):
+    """The panel reads nothing of the Detect widget but the settings callable it was given."""
+    detect.model.value = "classical"
+    detect.backend.value = "torch"
+    detect.iou.value = 0.3
+    settings = panel.settings()
+    assert (settings.model, settings.backend, settings.params.iou) == ("classical", "torch", 0.3)
+    job = panel.make_job()
+    assert (job.model, job.backend, job.params) == ("classical", "torch", settings.params)
+    panel.settings = lambda: wb.DetectSettings(model=None, backend="auto", params=settings.params)
+    assert panel.run() is None and "no model selected" in panel.status.value

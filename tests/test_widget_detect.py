@@ -13,6 +13,7 @@ import pytest
 import napari_yolocell.shell.detect_widget as wd
 from napari_yolocell.data.synthetic import make_nuclei_image
 from napari_yolocell.io.tables import CSV_COLUMNS
+from napari_yolocell.shell import _qt, session
 from napari_yolocell.shell.detect_widget import DetectWidget
 from napari_yolocell.shell.layers import KIND_KEY, SOURCE_KEY
 
@@ -153,7 +154,7 @@ def test_cancel_leaves_no_layers(qtbot, make_napari_viewer):
 def test_error_is_shown_and_run_reenabled(qtbot, setup, monkeypatch):
     viewer, widget = setup
     errors = []
-    monkeypatch.setattr(wd, "_show_error", errors.append)
+    monkeypatch.setattr(_qt, "show_error", errors.append)
 
     def broken(name, **_):
         raise ValueError(f"unknown model {name!r}")
@@ -214,20 +215,16 @@ def test_multiscale_level_boxes_in_full_resolution(qtbot, make_napari_viewer, nu
     assert dist.min(axis=1).max() < 2.0  # full-resolution coordinates
 
 
-def test_untrained_yolo_runs(qtbot, make_napari_viewer):
+def test_untrained_yolo_runs(qtbot, make_napari_viewer, monkeypatch):
     viewer = make_napari_viewer()
     viewer.add_image(make_nuclei_image((128, 128), n_nuclei=5, seed=3).image, name="small")
     widget = DetectWidget(viewer)
     viewer.window.add_dock_widget(widget)
     errors = []
-    widget_errors = wd._show_error
-    try:
-        wd._show_error = errors.append
-        widget.model.value = "yolov5n.yaml"
-        widget.tile.value = 128
-        run(qtbot, widget)
-    finally:
-        wd._show_error = widget_errors
+    monkeypatch.setattr(_qt, "show_error", errors.append)
+    widget.model.value = "yolov5n.yaml"
+    widget.tile.value = 128
+    run(qtbot, widget)
     assert errors == []
     assert set(results(viewer, "small")) == {"boxes", "nuclei"}
 
@@ -237,7 +234,7 @@ def test_session_models_reach_the_combo(setup, tmp_path):
     weights = tmp_path / "run" / "weights" / "best.pt"
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"not really a model")
-    key = wd.register_session_model(weights)
+    key = session.register_session_model(weights)
     try:
         assert key in widget.model.choices
         widget.add_model(weights)
@@ -245,7 +242,8 @@ def test_session_models_reach_the_combo(setup, tmp_path):
         with pytest.raises(FileNotFoundError):
             widget.add_model(tmp_path / "missing.pt")
     finally:
-        wd._SESSION_MODELS.remove(key)
+        session.forget_session_model(key)
+    assert key not in widget.model.choices
 
 
 def test_large_result_boxes_only_in_view(make_napari_viewer):
@@ -304,3 +302,47 @@ def test_large_result_boxes_only_in_view(make_napari_viewer):
     viewer.camera.zoom = 0.01  # everything in view: too many boxes, only points
     assert widget.show_boxes_in_view() == 0
     assert "zoom in" in widget.count_label.value
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_untrusted_weights_ask_then_trust_and_run(qtbot, setup, tmp_path, monkeypatch, answer):
+    """A user-added .pt that could run code: the dialog shows path, size and SHA-256."""
+    from napari_yolocell.models.safety import UntrustedModelError, is_trusted
+
+    viewer, widget = setup
+    monkeypatch.setenv("YOLOCELL_CONFIG_DIR", str(tmp_path / "config"))
+    weights = tmp_path / "run" / "weights" / "best.pt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"a pickle that calls os.system" * 10)
+    widget.add_model(weights)
+    real_load = wd.load_detector
+    loads, asked, errors = [], [], []
+
+    def load(model, **kwargs):
+        loads.append(model)
+        if not is_trusted(UntrustedModelError(model, "posix.system").sha256):
+            raise UntrustedModelError(model, "posix.system")
+        return real_load("classical", **kwargs)
+
+    def confirm(path, size, sha256, parent=None):
+        asked.append((path, size, sha256))
+        return answer
+
+    monkeypatch.setattr(wd, "load_detector", load)
+    monkeypatch.setattr(_qt, "confirm_untrusted", confirm)
+    monkeypatch.setattr(_qt, "show_error", errors.append)
+    try:
+        run(qtbot, widget)
+        qtbot.waitUntil(lambda: not widget.running and len(loads) == (2 if answer else 1))
+        ((path, size, sha256),) = asked
+        assert path == weights.resolve() and size == weights.stat().st_size == 290
+        assert len(sha256) == 64
+        if answer:  # trusted: recorded, loaded again, result layers shown
+            assert is_trusted(sha256) and errors == []
+            assert set(results(viewer)) == {"boxes", "nuclei"}
+        else:  # refused: one line, nothing loaded or trusted
+            assert not is_trusted(sha256) and len(errors) == 1
+            assert "refusing to load" in errors[0] and "\n" not in errors[0]
+            assert len(viewer.layers) == 1
+    finally:
+        session.forget_session_model(weights)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 import napari_yolocell.shell.detect_widget as wd
-import napari_yolocell.shell.train_widget as wt
 from napari_yolocell.data.synthetic import make_nuclei_image
-from napari_yolocell.shell.train_widget import TrainWidget, layers_to_samples, pump
+from napari_yolocell.shell import _qt, session
+from napari_yolocell.shell._worker import Outcome
+from napari_yolocell.shell.train_widget import TrainWidget
 
 TIMEOUT = 60_000
 
@@ -34,7 +35,7 @@ def setup(make_napari_viewer, nuclei, monkeypatch):
     widget.ex_annotations.value = viewer.layers["clicked"]
     widget.ex_tile.value = 384
     errors: list[str] = []
-    monkeypatch.setattr(wt, "_show_error", errors.append)
+    monkeypatch.setattr(_qt, "show_error", errors.append)
     return viewer, widget, errors
 
 
@@ -97,53 +98,6 @@ def test_export_errors_write_nothing(qtbot, setup, tmp_path):
     assert not widget.running
 
 
-def test_layers_to_samples_planes_and_checks():
-    stack = np.zeros((3, 64, 64), np.uint16)
-    pts = np.array([[0, 10, 10], [2, 30, 30], [2, 40, 40]], float)
-    samples = layers_to_samples(stack, "my stack", "points", pts, diameter=8)
-    assert [s.name for s in samples] == ["my_stack_p0", "my_stack_p2"]
-    assert [len(s.boxes) for s in samples] == [1, 2]
-    np.testing.assert_allclose(samples[0].boxes[0], [6.5, 6.5, 14.5, 14.5])
-    with pytest.raises(ValueError, match="2-D but the image is 3-D"):
-        layers_to_samples(stack, "s", "points", pts[:, 1:])
-    with pytest.raises(ValueError, match="lies inside"):
-        layers_to_samples(stack, "s", "points", pts + [0, 500, 500])
-    rect = [np.array([[1, 9.5, 9.5], [1, 9.5, 19.5], [1, 19.5, 19.5], [1, 19.5, 9.5]])]
-    (sample,) = layers_to_samples(stack, "s", "shapes", rect, shape_types=["rectangle"])
-    assert sample.name == "s_p1"
-    np.testing.assert_allclose(sample.boxes, [[10, 10, 20, 20]])
-    labels = np.zeros((3, 64, 64), np.int32)
-    labels[1, 5:9, 5:12] = 1
-    (sample,) = layers_to_samples(stack, "s", "labels", labels)
-    np.testing.assert_allclose(sample.boxes, [[5, 5, 9, 12]])
-
-
-def test_pump_forwards_callbacks_and_errors():
-    def work(n, progress):
-        for i in range(n):
-            progress(i + 1, n)
-        return "done"
-
-    gen = pump(work, ["progress"], n=3)
-    messages = []
-    while True:
-        try:
-            messages.append(next(gen))
-        except StopIteration as stop:
-            outcome = stop.value
-            break
-    assert messages == [("progress", (1, 3)), ("progress", (2, 3)), ("progress", (3, 3))]
-    assert outcome.value == "done" and outcome.error is None
-
-    def fail():
-        raise RuntimeError("boom")
-
-    gen = pump(fail)
-    with pytest.raises(StopIteration) as stop:
-        next(gen)
-    assert isinstance(stop.value.value.error, RuntimeError)
-
-
 def test_training_cancel_keeps_last_and_resume_is_offered(qtbot, setup, tmp_path):
     viewer, widget, errors = setup
     out = tmp_path / "ds"
@@ -177,13 +131,13 @@ def test_train_done_registers_best_in_detect_widget(setup, tmp_path):
     best.write_bytes(b"weights")
     result = TrainResult(best=best, last=best, metrics={"mAP50": 0.5}, run_dir=tmp_path / "run")
     try:
-        widget._train_done(wt.Outcome(value=result))
+        widget._train_done(Outcome(value=result))
         key = str(best.resolve())
         assert key in detect.model.choices
         assert key in widget.tr_model.choices  # fine-tune the new model next
         assert "mAP50 0.500" in widget.tr_label.value
     finally:
-        wd._SESSION_MODELS.remove(str(best.resolve()))
+        session.forget_session_model(best)
 
 
 def test_evaluate_classical_table_and_plots(qtbot, setup, tmp_path):

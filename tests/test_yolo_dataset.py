@@ -10,6 +10,7 @@ from napari_yolocell.io.yolo import read_yolo_dataset
 from napari_yolocell.training.dataset import (
     Sample,
     assign_splits,
+    check_out_folder,
     crop_boxes,
     export_dataset,
     yolo_lines,
@@ -113,3 +114,20 @@ def test_failed_export_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="2-D"):
         export_dataset(bad, tmp_path / "ds")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_out_folder_before_any_work(tmp_path):
+    """What export_dataset refuses, checked up front (the widget does, before reading layers)."""
+    assert check_out_folder(tmp_path / "new") == tmp_path / "new"
+    (tmp_path / "empty").mkdir()
+    assert check_out_folder(tmp_path / "empty") == tmp_path / "empty"
+    export_dataset(_samples(2), tmp_path / "ds", tile=256)
+    with pytest.raises(FileExistsError, match=r"not empty.*tick the box to replace it"):
+        check_out_folder(tmp_path / "ds", overwrite_hint="tick the box")
+    assert check_out_folder(tmp_path / "ds", overwrite=True) == tmp_path / "ds"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        check_out_folder(tmp_path / "file", overwrite=True)
+    for nothing in ("", ".", None):
+        with pytest.raises(ValueError, match="choose an output folder"):
+            check_out_folder(nothing)

@@ -6,12 +6,22 @@ detections alone (no re-run): against a known count, or against clicked nucleus 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["Calibration", "calibrate_by_count", "calibrate_by_points", "match_points"]
+from napari_yolocell.analysis.roi import in_any_roi
+
+__all__ = [
+    "Calibration",
+    "calibrate_by_count",
+    "calibrate_by_points",
+    "calibrate_in_rois",
+    "match_points",
+    "separate_planes",
+]
 
 GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
 
@@ -137,3 +147,88 @@ def calibrate_by_points(
         }
     )
     return Calibration(float(grid[best]), int(counts[best]), len(pts), curve)
+
+
+def separate_planes(
+    detections: pd.DataFrame, planes: np.ndarray, yx: np.ndarray
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Shift each plane far apart in y so nuclei of different planes can never match.
+
+    :func:`match_points` compares positions only; shifting plane ``k`` by ``k`` times more than
+    the largest y lets it match a stack's detections and clicks plane by plane in one go.
+
+    Parameters
+    ----------
+    detections : pandas.DataFrame
+        Detections with ``plane, y, y0, y1`` (and the rest of the engine's columns).
+    planes : (N,) int array
+        Plane of each point.
+    yx : (N, 2) array
+        Points in table coordinates.
+
+    Returns
+    -------
+    detections : pandas.DataFrame
+        A copy with ``y, y0, y1`` shifted by plane.
+    yx : (N, 2) array
+        The points, shifted the same way.
+    """
+    pts = np.asarray(yx, dtype=float).reshape(-1, 2)
+    span = float(
+        max(detections["y1"].max() if len(detections) else 0.0, pts[:, 0].max(initial=0.0))
+    )
+    span += 1e3
+    shifted = detections.copy()
+    for col in ("y", "y0", "y1"):
+        shifted[col] = detections[col] + detections["plane"].to_numpy() * span
+    pts = pts.copy()
+    pts[:, 0] += np.asarray(planes) * span
+    return shifted, pts
+
+
+def calibrate_in_rois(
+    detections: pd.DataFrame,
+    *,
+    known_count: int | None = None,
+    points: tuple[np.ndarray, np.ndarray] | None = None,
+    polygons: Sequence[np.ndarray] = (),
+    grid: np.ndarray = GRID,
+) -> Calibration:
+    """Calibrate on the detections inside ROIs: from clicked points, or from a known count.
+
+    Parameters
+    ----------
+    detections : pandas.DataFrame
+        The low-threshold run (table coordinates; ``plane`` for stacks).
+    known_count : int, optional
+        Nuclei in the ROIs (the image without ROIs); used when no ``points`` are given.
+    points : (planes, yx), optional
+        Clicked nucleus centres: flat plane index (N,) and table coordinates (N, 2). Only the
+        points inside the ROIs count; without ROIs every nucleus of the image must be clicked.
+    polygons : sequence of (M, 2+) arrays
+        ROIs in table coordinates; none means the whole image.
+    grid : array
+        Candidate thresholds.
+
+    Returns
+    -------
+    Calibration
+
+    Raises
+    ------
+    ValueError
+        Neither points nor a positive known count, or no clicked point inside the ROIs.
+    """
+    inside = in_any_roi(detections[["y", "x"]].to_numpy(float), polygons)
+    dets = detections[inside]
+    if points is not None:
+        planes, yx = np.asarray(points[0]), np.asarray(points[1], float).reshape(-1, 2)
+        keep = in_any_roi(yx, polygons)
+        if not keep.any():
+            raise ValueError("no clicked nucleus lies inside the ROI")
+        return calibrate_by_points(*separate_planes(dets, planes[keep], yx[keep]), grid=grid)
+    if known_count is None or known_count <= 0:
+        raise ValueError(
+            "give the known number of nuclei, or choose a Points layer of clicked nuclei"
+        )
+    return calibrate_by_count(dets["confidence"].to_numpy(float), int(known_count), grid=grid)

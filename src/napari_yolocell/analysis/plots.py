@@ -22,8 +22,12 @@ __all__ = [
     "plot_count_scatter",
     "plot_f1_curve",
     "plot_pr_curve",
+    "plot_training_history",
     "save_plots",
 ]
+
+#: Training losses drawn by :func:`plot_training_history` (keys of the ``on_epoch`` dicts).
+LOSS_KEYS = ("box_loss", "cls_loss", "dfl_loss")
 
 
 def _as_list(results: Result | Sequence[Result]) -> list[Result]:
@@ -126,6 +130,43 @@ def plot_count_scatter(results: Result | Sequence[Result]) -> Figure:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="upper left")
+    return fig
+
+
+def plot_training_history(
+    history: Sequence[dict[str, Any]], figure: Figure | None = None
+) -> Figure:
+    """Training loss and validation mAP50 per epoch, side by side.
+
+    Parameters
+    ----------
+    history : sequence of dict
+        The ``on_epoch`` dicts of :func:`napari_yolocell.training.train.train` (``epoch``,
+        :data:`LOSS_KEYS`, ``mAP50``); missing values are left out.
+    figure : matplotlib.figure.Figure, optional
+        Redrawn in place (cleared first), e.g. the widget's live plot; default a new figure.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    fig = figure if figure is not None else Figure(figsize=(5, 3), layout="constrained")
+    fig.clear()
+    ax, bx = fig.subplots(1, 2)
+    epochs = [h["epoch"] for h in history]
+    for key in LOSS_KEYS:
+        values = [h.get(key, np.nan) for h in history]
+        if any(np.isfinite(values)):
+            ax.plot(epochs, values, marker=".", label=key.replace("_loss", ""))
+    bx.plot(epochs, [h.get("mAP50", np.nan) for h in history], marker=".", color="tab:green")
+    ax.set_title("training loss", fontsize=9)
+    bx.set_title("val mAP50", fontsize=9)
+    bx.set_ylim(0, 1)
+    for axis in (ax, bx):
+        axis.set_xlabel("epoch", fontsize=8)
+        axis.tick_params(labelsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
     return fig
 
 

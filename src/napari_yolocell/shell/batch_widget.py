@@ -1,10 +1,10 @@
 """Batch tab of the Detect widget: detect and count nuclei in every image of a folder.
 
 :class:`BatchPanel` gathers a folder, a file pattern and an output folder, takes the model and
-detection settings from the Detect widget's Image tab, and runs
-:func:`~napari_yolocell.engine.batch.run_batch` in a napari worker thread. Results reach the GUI
-thread through a Qt signal (``run_batch`` reports them through a callback in the worker
-thread), fill a per-image table as they arrive and advance a napari progress bar.
+detection settings from a callable its owner gives it (the Detect widget's Image tab), and runs
+:func:`~napari_yolocell.engine.batch.run_batch` through the shared
+:mod:`~napari_yolocell.shell._worker`: each finished image arrives as a progress report, fills
+its row of the table and advances the progress bar.
 
 ``run_batch`` keeps every finished image in part files next to the output CSVs, so a cancelled
 (or crashed) run resumes where it stopped when it is started again with the same settings.
@@ -12,105 +12,41 @@ thread), fill a per-image table as they arrive and advance a napari progress bar
 
 from __future__ import annotations
 
-import dataclasses
-import glob
-import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from magicgui.widgets import Container, FileEdit, Label, LineEdit, PushButton, SpinBox, Table
 
-from napari_yolocell.engine.batch import ERROR_COLUMNS, BatchCancelled, ImageResult, run_batch
+from napari_yolocell.engine.batch import (
+    FOLDER_CSVS,
+    SUMMARY_COLUMNS,
+    ImageResult,
+    folder_outputs,
+    run_batch,
+    summary_table,
+)
 from napari_yolocell.engine.detect import DetectParams
-from napari_yolocell.io.images import IMAGE_SUFFIXES, expand_inputs
-from napari_yolocell.shell.layers import write_csv_atomic
+from napari_yolocell.io.images import glob_images
+from napari_yolocell.shell import _qt
+from napari_yolocell.shell._worker import Outcome, Progress, Task, start
 
-if TYPE_CHECKING:
-    from qtpy.QtWidgets import QTabWidget
+__all__ = ["BatchJob", "BatchPanel", "DetectSettings", "run_batch_job"]
 
-__all__ = [
-    "COUNTS_CSV",
-    "DETECTIONS_CSV",
-    "ERRORS_CSV",
-    "BatchJob",
-    "BatchOutcome",
-    "BatchPanel",
-    "add_tabs",
-    "batch_paths",
-    "run_batch_job",
-]
-
-log = logging.getLogger(__name__)
-
-DETECTIONS_CSV = "detections.csv"
-COUNTS_CSV = "counts.csv"
-ERRORS_CSV = "errors.csv"
-TABLE_COLUMNS = ("image", "count", "error")
+DETECTIONS_CSV, COUNTS_CSV, ERRORS_CSV = (FOLDER_CSVS[k] for k in ("out", "counts", "errors"))
 
 
-def add_tabs(container: Container, pages: Sequence[tuple[str, Container]]) -> QTabWidget:
-    """Show ``pages`` as tabs of ``container`` (which must have ``labels=False``).
+@dataclass
+class DetectSettings:
+    """What a batch takes from its owner: the model, its runtime and the detection settings."""
 
-    The pages stay magicgui children of ``container`` (so ``reset_choices`` and attribute
-    access reach them); only their Qt widgets move into a ``QTabWidget``, each in its own
-    vertical scroll area (a long tab scrolls under a tab bar that stays in sight).
-    """
-    from qtpy.QtCore import Qt
-    from qtpy.QtWidgets import QFrame, QScrollArea, QTabWidget
-
-    container.extend([page for _, page in pages])
-    tabs = QTabWidget()
-    for title, page in pages:
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QFrame.Shape.NoFrame)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        page.native.layout().addStretch()  # rows stay together at the top of a tall tab
-        scroll.setWidget(page.native)  # re-parenting takes it out of the container's layout
-        # as wide as the page needs: no horizontal scrolling, nothing cut off on the right
-        scroll.setMinimumWidth(
-            page.native.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width()
-        )
-        tabs.addTab(scroll, title)
-    container.native.layout().addWidget(tabs)
-    container.native.layout().setContentsMargins(0, 0, 0, 0)
-    return tabs
-
-
-def batch_paths(folder: str | os.PathLike, pattern: str = "*.tif") -> list[Path]:
-    """Image files of ``folder`` matching ``pattern`` (``**`` recurses), sorted.
-
-    Files without an image suffix (:data:`~napari_yolocell.io.images.IMAGE_SUFFIXES`) are
-    skipped, so a broad pattern never picks up the CSVs or part files of a previous run.
-
-    Raises
-    ------
-    ValueError
-        No folder given, or it is not a folder.
-    FileNotFoundError
-        Nothing matches.
-    """
-    if not str(folder).strip() or str(folder) == ".":
-        raise ValueError("choose an input folder")
-    root = Path(folder).expanduser()
-    if not root.is_dir():
-        raise ValueError(f"input folder {str(root)!r} is not a folder")
-    pattern = pattern.strip() or "*.tif"
-    # escape the folder: brackets in a folder name are not a pattern
-    try:
-        found = [Path(p) for p in expand_inputs([os.path.join(glob.escape(str(root)), pattern)])]
-    except FileNotFoundError:
-        found = []
-    images = [p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    if not images:
-        raise FileNotFoundError(f"no image file matches {pattern!r} in {str(root)!r}")
-    return images
+    model: str | None
+    backend: str
+    params: DetectParams
 
 
 @dataclass
@@ -125,69 +61,32 @@ class BatchJob:
     root: Path | None = None
     backend: str = "auto"
 
-    @property
-    def csvs(self) -> dict[str, Path]:
-        """``out`` / ``counts`` / ``errors`` paths for :func:`~napari_yolocell.engine.batch.run_batch`."""
-        return {
-            "out": self.output / DETECTIONS_CSV,
-            "counts": self.output / COUNTS_CSV,
-            "errors": self.output / ERRORS_CSV,
-        }
-
-
-@dataclass
-class BatchOutcome:
-    """What a batch run ended with: the results (input order), a cancellation or an error."""
-
-    results: list[ImageResult] | None = None
-    cancelled: bool = False
-    error: BaseException | None = None
-
 
 def run_batch_job(
-    job: BatchJob,
-    cancel: threading.Event | None = None,
-    on_result: Callable[[int, ImageResult], None] | None = None,
-) -> BatchOutcome:
-    """Run ``job`` with :func:`~napari_yolocell.engine.batch.run_batch`; never raises.
+    job: BatchJob, report: Callable[..., None], cancel: threading.Event
+) -> list[ImageResult]:
+    """Run ``job`` (the worker thread's part); each finished image is reported as it ends.
 
-    Errors come back as values: superqt's worker reduces a ``RuntimeError`` (which
-    :class:`~napari_yolocell.engine.batch.BatchCancelled` is) to a warning. ``errors.csv`` is always
+    Reports are ``(images done, images, "", (index, ImageResult))``. ``errors.csv`` is always
     written (header only when every image was read), so scripts can rely on it.
     """
-    try:
-        csvs = job.csvs
-        results = run_batch(
-            [str(p) for p in job.paths],
-            job.model,
-            job.params,
-            **csvs,
-            workers=job.workers,
-            backend=job.backend,
-            on_result=on_result,
-            cancel=cancel,
-        )
-        if not csvs["errors"].exists():
-            write_csv_atomic(pd.DataFrame(columns=ERROR_COLUMNS), csvs["errors"])
-    except BatchCancelled:
-        return BatchOutcome(cancelled=True)
-    except Exception as exc:  # noqa: BLE001 - every failure is shown to the user
-        log.debug("batch failed", exc_info=True)
-        return BatchOutcome(error=exc)
-    return BatchOutcome(results=results)
+    done = [0]
 
+    def on_result(index: int, res: ImageResult) -> None:
+        done[0] += 1
+        report(done[0], len(job.paths), "", (index, res))
 
-def _relay():
-    """A QObject whose signal carries ``(index, ImageResult)`` from the worker thread.
-
-    Created in the GUI thread, so connected slots run there (queued connection).
-    """
-    from qtpy.QtCore import QObject, Signal
-
-    class _Relay(QObject):
-        result = Signal(int, object)
-
-    return _Relay()
+    return run_batch(
+        [str(p) for p in job.paths],
+        job.model,
+        job.params,
+        **folder_outputs(job.output),
+        workers=job.workers,
+        backend=job.backend,
+        on_result=on_result,
+        cancel=cancel,
+        empty_errors=True,
+    )
 
 
 class BatchPanel(Container):
@@ -195,20 +94,17 @@ class BatchPanel(Container):
 
     Parameters
     ----------
-    detect : DetectWidget
-        The Detect widget whose model and settings (Image tab) are used.
+    settings : callable
+        Returns the :class:`DetectSettings` to run with, when Run is pressed.
     """
 
-    def __init__(self, detect: Any) -> None:
+    def __init__(self, settings: Callable[[], DetectSettings]) -> None:
         super().__init__(labels=False)  # the settings sub-container has the labels
-        self.detect = detect
+        self.settings = settings
         self.job: BatchJob | None = None
         self.results: list[ImageResult | None] = []
-        self._worker = None
-        self._cancel: threading.Event | None = None
-        self._pbar = None
-        self._relay = _relay()
-        self._relay.result.connect(self._on_result)
+        self.task: Task | None = None
+        self._run_again = False  # the user trusted a model file: run again once finished
 
         self.folder = FileEdit(label="input folder", mode="d")
         self.pattern = LineEdit(
@@ -232,7 +128,7 @@ class BatchPanel(Container):
         self.run_button = PushButton(text="Run batch")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
-        self.table = Table(value={c: [] for c in TABLE_COLUMNS})
+        self.table = Table(value={c: [] for c in SUMMARY_COLUMNS})
         self.total_label = Label(value="")
         self.extend(
             [
@@ -248,23 +144,15 @@ class BatchPanel(Container):
         )
         self.table.native.setMinimumHeight(160)
         self.table.native.horizontalHeader().setStretchLastSection(True)  # room for errors
-        for label in (self.settings_label, self.status, self.total_label):
-            label.native.setWordWrap(True)
+        _qt.wrap_labels(self.settings_label, self.status, self.total_label)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
 
     # ------------------------------------------------------------------ settings
 
     def params(self) -> DetectParams:
-        """The Image tab's settings, for files: the shown confidence, full resolution.
-
-        The CSVs are final (nothing re-filters them), so they use the slider's confidence, not
-        the low run threshold of the Image tab; the pyramid level of the open image says
-        nothing about other files, so level 0.
-        """
-        return dataclasses.replace(
-            self.detect.detect_params(), conf=float(self.detect.conf.value), level=0
-        )
+        """The detection settings a run would use now."""
+        return self.settings().params
 
     def make_job(self) -> BatchJob:
         """Capture the current settings.
@@ -274,22 +162,17 @@ class BatchPanel(Container):
         ValueError, FileNotFoundError
             A missing folder, output folder or model, or no file matches.
         """
-        paths = batch_paths(self.folder.value, self.pattern.value)
-        out = str(self.output.value).strip()
-        if not out or out == ".":
-            raise ValueError("choose an output folder")
-        output = Path(out).expanduser()
-        if output.exists() and not output.is_dir():
-            raise ValueError(f"output {str(output)!r} is a file, not a folder")
-        model = self.detect.model.value
-        if model is None:
+        paths = glob_images(self.folder.value, self.pattern.value)
+        output = folder_outputs(self.output.value)["out"].parent
+        settings = self.settings()
+        if settings.model is None:
             raise ValueError("no model selected (Image tab)")
         return BatchJob(
             paths=paths,
-            model=str(model),
-            params=self.params(),
+            model=settings.model,
+            params=settings.params,
             output=output,
-            backend=str(self.detect.backend.value),
+            backend=settings.backend,
             workers=int(self.workers.value),
             root=Path(self.folder.value).expanduser(),
         )
@@ -298,43 +181,37 @@ class BatchPanel(Container):
 
     @property
     def running(self) -> bool:
-        """Whether a batch worker is running."""
-        return self._worker is not None
+        """Whether a batch is running."""
+        return self.task is not None and self.task.running
 
-    def run(self, _value=None):
+    def run(self, _value=None) -> Task | None:
         """Start the batch in a worker thread (resumes a stopped run with the same settings).
 
         Returns
         -------
-        FunctionWorker or None
-            The started worker (None when the settings are invalid or a batch is running).
+        Task or None
+            The started task (None when the settings are invalid or a batch is running).
         """
-        from napari.qt.threading import create_worker
-        from napari.utils import progress
-
         if self.running:
             return None
         try:
             job = self.make_job()
         except (ValueError, FileNotFoundError) as exc:
             self.status.value = f"Cannot run: {exc}"
-            _show_error(f"Cannot run batch: {exc}")
+            _qt.show_error(f"Cannot run batch: {exc}")
             return None
         self.job = job
         self.results = [None] * len(job.paths)
-        self.table.value = {
-            "image": [self._display_name(p) for p in job.paths],
-            "count": [""] * len(job.paths),
-            "error": [""] * len(job.paths),
-        }
-        self._cancel = threading.Event()
-        worker = create_worker(
-            run_batch_job, job, self._cancel, self._relay.result.emit, _start_thread=False
+        names, blank = [self._display_name(p) for p in job.paths], [""] * len(job.paths)
+        self.table.value = dict(zip(SUMMARY_COLUMNS, (names, blank, blank), strict=True))
+        self.task = start(
+            partial(run_batch_job, job),
+            partial(self._on_done, job),
+            on_progress=self._on_result,
+            on_finished=self._on_finished,
+            desc="Batch detection (images)",
+            total=len(job.paths),
         )
-        worker.returned.connect(partial(self._on_returned, job))
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self._pbar = progress(total=len(job.paths), desc="Batch detection (images)")
         self._set_running(True)
         p = job.params
         self.settings_label.value = (
@@ -343,14 +220,12 @@ class BatchPanel(Container):
         )
         self.status.value = f"running on {len(job.paths)} images..."
         self._update_total()
-        worker.start()
-        return worker
+        return self.task
 
     def cancel(self, _value=None) -> None:
         """Ask the batch to stop (after the current tiles; with workers, the current images)."""
-        if self._cancel is not None:
-            self._cancel.set()
         if self.running:
+            self.task.cancel()
             self.status.value = "cancelling..."
 
     def _set_running(self, running: bool) -> None:
@@ -366,14 +241,13 @@ class BatchPanel(Container):
         except ValueError:
             return str(path)
 
-    def _on_result(self, index: int, res: ImageResult) -> None:
+    def _on_result(self, item: Progress) -> None:
+        index, res = item.data
         if not 0 <= index < len(self.results):
             return
         self.results[index] = res
         self.table.data[index, 1] = "" if res.error is not None else res.count
         self.table.data[index, 2] = res.error or ""
-        if self._pbar is not None:
-            self._pbar.update(1)
         self._update_total()
 
     def _update_total(self) -> None:
@@ -385,55 +259,34 @@ class BatchPanel(Container):
             text += f", {failed} unreadable (see {ERRORS_CSV})"
         self.total_label.value = text
 
-    def _on_returned(self, job: BatchJob, outcome: BatchOutcome) -> None:
-        n_done = sum(r is not None for r in self.results)
+    def _on_done(self, job: BatchJob, outcome: Outcome) -> None:
         if outcome.cancelled:
+            n_done = sum(r is not None for r in self.results)
             self.status.value = (
                 f"Cancelled with {n_done} of {len(job.paths)} images done; they are kept. "
                 "Press Run batch again with the same folder, pattern, output folder, model and "
                 "settings to resume where it stopped."
             )
-            return
-        if outcome.error is not None:
-            self.status.value = f"Batch failed: {_error_text(outcome.error)}"
-            _show_error(f"Batch detection failed: {_error_text(outcome.error)}")
-            return
-        failed = sum(r.error is not None for r in outcome.results or [])
-        self.status.value = (
-            f"Done: wrote {DETECTIONS_CSV}, {COUNTS_CSV} and {ERRORS_CSV} "
-            f"to {job.output}" + (f" ({failed} image(s) could not be read)" if failed else "")
-        )
+        elif outcome.error is not None:
+            self._run_again = _qt.trusted_after_asking(outcome.error, self.native)
+            if not self._run_again:
+                self.status.value = f"Batch failed: {_qt.error_text(outcome.error)}"
+                _qt.show_error(f"Batch detection failed: {_qt.error_text(outcome.error)}")
+        else:
+            failed = sum(r.error is not None for r in outcome.value)
+            self.status.value = (
+                f"Done: wrote {DETECTIONS_CSV}, {COUNTS_CSV} and {ERRORS_CSV} "
+                f"to {job.output}" + (f" ({failed} image(s) could not be read)" if failed else "")
+            )
 
     def _on_finished(self) -> None:
-        self._worker = None
-        self._cancel = None
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
         self._set_running(False)
+        if self._run_again:
+            self._run_again = False
+            self.run()
 
     # ------------------------------------------------------------------ results
 
     def results_table(self) -> pd.DataFrame:
         """Finished images so far: ``image`` (path), ``count`` (None on error), ``error``."""
-        rows = [
-            {"image": r.image, "count": None if r.error else r.count, "error": r.error}
-            for r in self.results
-            if r is not None
-        ]
-        return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-
-
-def _error_text(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return (
-        text
-        if isinstance(exc, (ValueError, FileNotFoundError, OSError))
-        else f"{type(exc).__name__}: {text}"
-    )
-
-
-def _show_error(message: str) -> None:
-    from napari.utils.notifications import show_error
-
-    show_error(message)
+        return summary_table(self.results)

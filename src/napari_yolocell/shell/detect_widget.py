@@ -1,10 +1,10 @@
 """napari dock widget: detect and count nuclei in an image layer (the thin shell).
 
-The widget only gathers parameters, starts a worker and turns results into layers:
+The widget only gathers parameters, starts a task and turns results into layers:
 
-- :func:`run_detection` is the plain generator the worker runs (load the model, drive
-  :func:`~napari_yolocell.engine.detect.iter_detect`); it never raises, it returns a
-  :class:`DetectOutcome` so cancellation and errors reach the GUI thread as values;
+- :func:`run_detection` is what the task runs (load the model, then
+  :func:`~napari_yolocell.engine.detect.detect_image`), through the shared
+  :mod:`~napari_yolocell.shell._worker` (progress, Cancel, one outcome);
 - :meth:`DetectWidget.results_to_layers` returns LayerDataTuples built by
   :func:`~napari_yolocell.shell.layers.detections_to_layers` (testable without a viewer);
 - counting, ROI counts, CSV export and calibration reuse the table kept from the last run, so
@@ -12,20 +12,19 @@ The widget only gathers parameters, starts a worker and turns results into layer
 - results above :data:`~napari_yolocell.shell.layers.LARGE_RESULT` nuclei draw boxes only for the
   visible region (:meth:`DetectWidget.show_boxes_in_view`); the points always hold all;
 - the widget has two tabs: *Image* (this module) and *Batch*
-  (:class:`~napari_yolocell.shell.batch_widget.BatchPanel`, a folder of files -> CSVs).
+  (:class:`~napari_yolocell.shell.batch_widget.BatchPanel`, a folder of files -> CSVs), which
+  gets its model and settings from :meth:`DetectWidget.batch_settings`.
 
-Models trained in this session are shared through a module-level registry
-(:func:`register_session_model`): the Train widget pushes ``best.pt`` there and every open
-Detect widget refreshes its model list.
+Models trained or picked in this session are listed through
+:mod:`~napari_yolocell.shell.session`.
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import threading
-import weakref
-from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,128 +44,64 @@ from magicgui.widgets import (
     Table,
 )
 
-from napari_yolocell.analysis.calibrate import Calibration, calibrate_by_count, calibrate_by_points
-from napari_yolocell.analysis.roi import in_roi
-from napari_yolocell.engine.detect import DetectionCancelled, DetectParams, iter_detect
+from napari_yolocell.analysis.calibrate import Calibration, calibrate_in_rois
+from napari_yolocell.analysis.roi import counts_table
+from napari_yolocell.engine.detect import DetectParams, detect_image
+from napari_yolocell.io.coords import to_table_coords
+from napari_yolocell.io.tables import (
+    COUNT_COLUMNS,
+    DETECTION_COLUMNS,
+    WHOLE_IMAGE_ROI,
+    detections_csv_table,
+    write_csv_atomic,
+)
+from napari_yolocell.models.detector import BACKEND_CHOICES
 from napari_yolocell.models.loading import load_detector
-from napari_yolocell.models.registry import list_models, resolve_model
-from napari_yolocell.shell.batch_widget import BatchPanel, add_tabs
+from napari_yolocell.models.registry import resolve_model
+from napari_yolocell.shell import _qt, session
+from napari_yolocell.shell._worker import Outcome, Task, start
+from napari_yolocell.shell.batch_widget import BatchPanel, DetectSettings
 from napari_yolocell.shell.layers import (
     BOXES_KEY,
     KIND_KEY,
     LARGE_RESULT,
     MAX_BOXES_IN_VIEW,
-    PIXEL_CENTER,
     SOURCE_KEY,
     LayerDataTuple,
-    boxes_in_view,
-    boxes_name,
-    counts_table,
-    detections_csv_table,
     detections_to_layers,
     filter_detections,
-    result_names,
-    shapes_to_polygons,
-    to_layer_coords,
-    to_table_coords,
-    transform_coords,
-    write_csv_atomic,
+    points_to_table,
+    roi_polygons,
+    update_result_layers,
 )
 
 if TYPE_CHECKING:
     import napari
 
-__all__ = [
-    "LOW_CONF",
-    "DetectOutcome",
-    "DetectWidget",
-    "register_session_model",
-    "run_detection",
-    "session_models",
-]
-
-log = logging.getLogger(__name__)
+__all__ = ["LOW_CONF", "DetectWidget", "run_detection"]
 
 #: Runs use at most this confidence, so the slider and calibration can go down to it later
 #: without re-running (the calibration grid starts at 0.05 too).
 LOW_CONF = 0.05
 UNTRAINED = ("yolov5n.yaml", "yolov6n.yaml")
-
-# --------------------------------------------------------------------------- session models
-
-_SESSION_MODELS: list[str] = []
-# Open widgets that list models (anything with ``refresh_models()``), told about new ones.
-_WIDGETS: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def session_models() -> list[str]:
-    """Weights files added in this session (trained or picked), oldest first."""
-    return list(_SESSION_MODELS)
-
-
-def register_session_model(path: str | Path) -> str:
-    """Add a weights file to the session's model list and refresh every open widget listing it.
-
-    Call from the GUI thread (the Train widget does, when a run ends).
-
-    Returns
-    -------
-    str
-        The absolute path as it appears in the model choices.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"model weights file not found: {str(path)!r}")
-    key = str(path.resolve())
-    if key not in _SESSION_MODELS:
-        _SESSION_MODELS.append(key)
-    for widget in list(_WIDGETS):
-        try:
-            widget.refresh_models()
-        except RuntimeError:  # its Qt side was deleted (dock closed): forget it
-            _WIDGETS.discard(widget)
-    return key
-
-
-# --------------------------------------------------------------------------- computation
+#: The ROI table: the counts CSV's columns without the image's name.
+ROI_COLUMNS = [c for c in COUNT_COLUMNS if c != "image"]
 
 
 @dataclass
-class DetectOutcome:
-    """What a detection run ended with: a table, a cancellation or an error."""
+class _Job:
+    """One run's settings, captured when Run is pressed (plain values for the worker)."""
 
-    df: pd.DataFrame | None = None
-    cancelled: bool = False
-    error: BaseException | None = None
-
-
-def run_detection(
-    image: Any,
-    model: str,
-    params: DetectParams,
-    *,
-    rgb: bool | None = None,
-    planes: Sequence[int] | None = None,
-    cancel: threading.Event | None = None,
-    backend: str = "auto",
-) -> Generator[tuple[int, int], None, DetectOutcome]:
-    """Load ``model`` and detect; yields ``(done_tiles, total_tiles)``, returns the outcome.
-
-    Exceptions are returned, not raised: superqt's worker turns a ``RuntimeError`` (which
-    :class:`~napari_yolocell.engine.detect.DetectionCancelled` is) into a bare warning, and napari
-    would report any other error a second time.
-    """
-    try:
-        detector = load_detector(model, backend=backend)
-        if cancel is not None and cancel.is_set():
-            return DetectOutcome(cancelled=True)
-        df = yield from iter_detect(image, detector, params, rgb=rgb, planes=planes, cancel=cancel)
-    except DetectionCancelled:
-        return DetectOutcome(cancelled=True)
-    except Exception as exc:  # noqa: BLE001 - every failure is shown to the user
-        log.debug("detection failed", exc_info=True)
-        return DetectOutcome(error=exc)
-    return DetectOutcome(df=df)
+    source: str
+    image: Any
+    model: str
+    backend: str
+    params: DetectParams
+    rgb: bool
+    planes: list[int] | None
+    scale: list[float]
+    translate: list[float]
+    plane_shape: tuple[int, ...]
 
 
 @dataclass
@@ -181,33 +116,19 @@ class _Result:
     translate: list[float] | None
     plane_shape: tuple[int, ...]
     n_planes: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class _Job:
-    source: str
-    image: Any
-    model: str
-    backend: str
-    params: DetectParams
-    rgb: bool
-    planes: list[int] | None
-    scale: list[float]
-    translate: list[float]
-    plane_shape: tuple[int, ...]
-
-
-def _is_result(layer) -> bool:
-    return SOURCE_KEY in getattr(layer, "metadata", {})
-
-
-def _error_text(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return (
-        text
-        if isinstance(exc, (ValueError, FileNotFoundError))
-        else f"{type(exc).__name__}: {text}"
+def run_detection(job: _Job, report: Callable[..., None], cancel: threading.Event) -> pd.DataFrame:
+    """Load the job's model and detect (the worker thread's part of a run)."""
+    detector = load_detector(job.model, backend=job.backend)
+    return detect_image(
+        job.image,
+        detector,
+        job.params,
+        rgb=job.rgb,
+        planes=job.planes,
+        progress=report,
+        cancel=cancel,
     )
 
 
@@ -228,14 +149,13 @@ class DetectWidget(Container):
         self._results: dict[str, _Result] = {}
         self._active: str | None = None
         self._calibrated: dict[str, float] = {}
-        self._worker = None
-        self._cancel: threading.Event | None = None
-        self._pbar = None
+        self.task: Task | None = None
         self._calibrate_after_run = False
+        self._run_again = False
         self.last_calibration: Calibration | None = None
 
         # --- input
-        self.image = ComboBox(label="image", choices=self._image_choices)
+        self.image = ComboBox(label="image", choices=lambda _w: _qt.layers_of(self.viewer, "image"))
         self.level = ComboBox(
             label="level",
             choices=self._level_choices,
@@ -252,7 +172,9 @@ class DetectWidget(Container):
             tooltip="RGB images: colour channel holding the nuclei",
         )
         # --- model
-        self.model = ComboBox(label="model", choices=self._model_choices)
+        self.model = ComboBox(
+            label="model", choices=lambda _w: session.model_choices(untrained=UNTRAINED)
+        )
         self.model_file = FileEdit(
             label="add .pt",
             mode="r",
@@ -262,7 +184,7 @@ class DetectWidget(Container):
         self.backend = ComboBox(
             label="runtime",
             value="auto",
-            choices=["auto", "openvino-int8", "openvino", "onnxruntime", "torch"],
+            choices=[BACKEND_CHOICES[0], *reversed(BACKEND_CHOICES[1:])],  # auto, fastest first
             tooltip="forward-pass runtime; auto = the fastest installed (OpenVINO on CPU, "
             "INT8 for the bundled models; PyTorch on a CUDA GPU)",
         )
@@ -292,7 +214,11 @@ class DetectWidget(Container):
             label="normalisation",
             choices=[("model default", None), ("percentile", "percentile"), ("none", "none")],
         )
-        self.roi = ComboBox(label="ROI (Shapes)", choices=self._roi_choices, nullable=True)
+        self.roi = ComboBox(
+            label="ROI (Shapes)",
+            choices=lambda _w: _qt.layers_of(self.viewer, "shapes", results=False),
+            nullable=True,
+        )
         # --- run
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -303,7 +229,7 @@ class DetectWidget(Container):
             tooltip=f"results above {LARGE_RESULT:,} nuclei draw boxes only for the visible "
             f"region (at most {MAX_BOXES_IN_VIEW:,}); press after panning or zooming",
         )
-        self.roi_table = Table(value={"plane": [], "roi": [], "count": []}, visible=False)
+        self.roi_table = Table(value={c: [] for c in ROI_COLUMNS}, visible=False)
         self.export_detections_button = PushButton(text="Export detections CSV...")
         self.export_counts_button = PushButton(text="Export counts CSV...")
         # --- calibrate
@@ -316,12 +242,15 @@ class DetectWidget(Container):
         )
         self.clicked = ComboBox(
             label="or clicked nuclei",
-            choices=self._points_choices,
+            choices=lambda _w: _qt.layers_of(self.viewer, "points", results=False),
             nullable=True,
             tooltip="Points layer with every nucleus of the ROI clicked",
         )
         self.calibrate_button = PushButton(text="Calibrate confidence")
         self.calibration_label = Label(value="")
+
+        def row(*widgets):
+            return Container(widgets=list(widgets), layout="horizontal", labels=False)
 
         self.single = Container(
             widgets=[
@@ -343,19 +272,11 @@ class DetectWidget(Container):
                 Container(
                     labels=False,
                     widgets=[
-                        Container(
-                            widgets=[self.run_button, self.cancel_button],
-                            layout="horizontal",
-                            labels=False,
-                        ),
+                        row(self.run_button, self.cancel_button),
                         self.count_label,
                         self.boxes_button,
                         self.roi_table,
-                        Container(
-                            widgets=[self.export_detections_button, self.export_counts_button],
-                            layout="horizontal",
-                            labels=False,
-                        ),
+                        row(self.export_detections_button, self.export_counts_button),
                     ],
                 ),
                 self.known_count,
@@ -363,11 +284,11 @@ class DetectWidget(Container):
                 Container(labels=False, widgets=[self.calibrate_button, self.calibration_label]),
             ]
         )
-        self.batch = BatchPanel(self)
-        self.tabs = add_tabs(self, [("Image", self.single), ("Batch", self.batch)])
+        self.batch = BatchPanel(self.batch_settings)
+        self.tabs = _qt.add_tabs(self, [("Image", self.single), ("Batch", self.batch)])
         self.roi_table.native.setMaximumHeight(140)
 
-        _wrap(self.count_label, self.calibration_label)
+        _qt.wrap_labels(self.count_label, self.calibration_label)
         self.image.changed.connect(self._on_image_changed)
         self.model.changed.connect(self._on_model_changed)
         self.model_file.changed.connect(self._on_model_file)
@@ -384,35 +305,12 @@ class DetectWidget(Container):
         )
         self.calibrate_button.changed.connect(self._on_calibrate_clicked)
         for event in ("inserted", "removed", "reordered"):
-            getattr(self.viewer.layers.events, event).connect(self._on_layers_changed)
-        _WIDGETS.add(self)
+            getattr(self.viewer.layers.events, event).connect(lambda _e: self.reset_choices())
+        session.watch_models(self)
         self._on_image_changed()
         self._on_model_changed()
 
     # ------------------------------------------------------------------ choices
-
-    def _image_choices(self, _widget=None) -> list[tuple[str, Any]]:
-        from napari.layers import Image
-
-        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
-
-    def _roi_choices(self, _widget=None) -> list[tuple[str, Any]]:
-        from napari.layers import Shapes
-
-        return [
-            (layer.name, layer)
-            for layer in self.viewer.layers
-            if isinstance(layer, Shapes) and not _is_result(layer)
-        ]
-
-    def _points_choices(self, _widget=None) -> list[tuple[str, Any]]:
-        from napari.layers import Points
-
-        return [
-            (layer.name, layer)
-            for layer in self.viewer.layers
-            if isinstance(layer, Points) and not _is_result(layer)
-        ]
 
     def _level_choices(self, _widget=None) -> list[tuple[str, int]]:
         layer = self.image.value if hasattr(self, "image") else None
@@ -422,22 +320,6 @@ class DetectWidget(Container):
             (f"{i}: {' x '.join(str(n) for n in level.shape)}", i)
             for i, level in enumerate(layer.data)
         ]
-
-    def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
-        try:
-            specs = list_models()
-        except Exception as exc:  # noqa: BLE001 - a broken registry must not break the widget
-            log.warning("cannot read the model registry: %s", exc)
-            specs = [resolve_model("classical")]
-        specs = sorted(specs, key=lambda s: not s.default)  # the default model first
-        choices = [
-            (s.name if s.family == "classical" else f"{s.name} ({s.family})", s.name) for s in specs
-        ]
-        choices += [(f"{name} (untrained)", name) for name in UNTRAINED]
-        for path in _SESSION_MODELS:
-            p = Path(path)
-            choices.append((f"{p.parent.parent.name}/{p.name}", path))
-        return choices
 
     def refresh_models(self) -> None:
         """Re-read the registry and session models into the model list (keeps the selection)."""
@@ -451,13 +333,10 @@ class DetectWidget(Container):
         FileNotFoundError
             If the file does not exist.
         """
-        key = register_session_model(path)
+        key = session.register_session_model(path)
         if select:
             self.model.value = key
         return key
-
-    def _on_layers_changed(self, _event=None) -> None:
-        self.reset_choices()
 
     def _on_image_changed(self, _value=None) -> None:
         layer = self.image.value
@@ -486,7 +365,7 @@ class DetectWidget(Container):
         try:
             self.add_model(value)
         except (FileNotFoundError, ValueError) as exc:
-            _show_error(f"Cannot add model: {_error_text(exc)}")
+            _qt.show_error(f"Cannot add model: {_qt.error_text(exc)}")
 
     # ------------------------------------------------------------------ parameters
 
@@ -505,15 +384,20 @@ class DetectWidget(Container):
             level=int(self.level.value or 0),
         )
 
-    def _plane_shape(self, layer) -> tuple[int, ...]:
-        full = layer.data[0] if layer.multiscale else layer.data
-        return tuple(int(n) for n in full.shape[: layer.ndim - 2])
+    def batch_settings(self) -> DetectSettings:
+        """Model and settings for the Batch tab: the shown confidence, full resolution.
 
-    def _current_plane(self, layer, plane_shape: tuple[int, ...]) -> int:
-        point = np.asarray(self.viewer.dims.point, dtype=float)[-layer.ndim :]
-        data = np.asarray(layer.world_to_data(point), dtype=float)[: len(plane_shape)]
-        index = np.clip(np.rint(data).astype(int), 0, np.asarray(plane_shape) - 1)
-        return int(np.ravel_multi_index(tuple(index), plane_shape))
+        The CSVs are final (nothing re-filters them), so they use the slider's confidence, not
+        the low run threshold of the Image tab; the pyramid level of the open image says
+        nothing about other files, so level 0.
+        """
+        params = dataclasses.replace(self.detect_params(), conf=float(self.conf.value), level=0)
+        model = self.model.value
+        return DetectSettings(
+            model=None if model is None else str(model),
+            backend=str(self.backend.value),
+            params=params,
+        )
 
     def _make_job(self) -> _Job:
         layer = self.image.value
@@ -521,10 +405,13 @@ class DetectWidget(Container):
             raise ValueError("no image layer: open an image first")
         if self.model.value is None:
             raise ValueError("no model selected")
-        plane_shape = self._plane_shape(layer)
+        full = layer.data[0] if layer.multiscale else layer.data
+        plane_shape = tuple(int(n) for n in full.shape[: layer.ndim - 2])
         planes = None
         if plane_shape and self.current_plane.value:
-            planes = [self._current_plane(layer, plane_shape)]
+            # the plane shown: the viewer's world point in the layer's data coordinates
+            point = np.asarray(self.viewer.dims.point, dtype=float)[-layer.ndim :]
+            planes = [int(to_table_coords([layer.world_to_data(point)], plane_shape)[0][0])]
         return _Job(
             source=layer.name,
             image=list(layer.data) if layer.multiscale else layer.data,
@@ -542,54 +429,38 @@ class DetectWidget(Container):
 
     @property
     def running(self) -> bool:
-        """Whether a detection worker is running."""
-        return self._worker is not None
+        """Whether a detection is running."""
+        return self.task is not None and self.task.running
 
-    def run(self, _value=None):
+    def run(self, _value=None) -> Task | None:
         """Start detection on the chosen image in a worker thread.
 
         Returns
         -------
-        GeneratorWorker or None
-            The started worker (None when the settings are invalid or a run is going on).
+        Task or None
+            The started task (None when the settings are invalid or a run is going on).
         """
-        from napari.qt.threading import create_worker
-        from napari.utils import progress
-
         if self.running:
             return None
         try:
             job = self._make_job()
         except ValueError as exc:
-            _show_error(f"Cannot run detection: {exc}")
+            _qt.show_error(f"Cannot run detection: {exc}")
             return None
-        self._cancel = threading.Event()
-        worker = create_worker(
-            run_detection,
-            job.image,
-            job.model,
-            job.params,
-            rgb=job.rgb,
-            planes=job.planes,
-            cancel=self._cancel,
-            backend=job.backend,
-            _start_thread=False,
+        self.task = start(
+            partial(run_detection, job),
+            partial(self._on_done, job),
+            on_finished=self._on_finished,
+            desc=f"Detecting nuclei in {job.source}",
         )
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(partial(self._on_returned, job))
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
-        self._pbar = progress(total=0, desc=f"Detecting nuclei in {job.source}")
         self._set_running(True)
         self.count_label.value = f"detecting with {Path(job.model).name}..."
-        worker.start()
-        return worker
+        return self.task
 
     def cancel(self, _value=None) -> None:
         """Ask the running detection to stop after the current batch of tiles."""
-        if self._cancel is not None:
-            self._cancel.set()
         if self.running:
+            self.task.cancel()
             self.count_label.value = "cancelling..."
 
     def _set_running(self, running: bool) -> None:
@@ -597,30 +468,24 @@ class DetectWidget(Container):
         self.calibrate_button.enabled = not running
         self.cancel_button.enabled = running
 
-    def _on_progress(self, value: tuple[int, int]) -> None:
-        done, total = value
-        if self._pbar is None:
-            return
-        if self._pbar.total != total:
-            self._pbar.total = total
-        self._pbar.update(done - self._pbar.n)
-
-    def _on_returned(self, job: _Job, outcome: DetectOutcome) -> None:
+    def _on_done(self, job: _Job, outcome: Outcome) -> None:
         if outcome.cancelled:
             self._calibrate_after_run = False
             self.count_label.value = "detection cancelled"
-            _show_info("Detection cancelled; no layers were changed.")
+            _qt.show_info("Detection cancelled; no layers were changed.")
             return
         if outcome.error is not None:
+            if _qt.trusted_after_asking(outcome.error, self.native):
+                self._run_again = True  # once this task has finished
+                return
             self._calibrate_after_run = False
             self.count_label.value = "detection failed"
-            _show_error(
+            _qt.show_error(
                 f"Detection failed on {job.source!r} with model "
-                f"{Path(job.model).name!r}: {_error_text(outcome.error)}"
+                f"{Path(job.model).name!r}: {_qt.error_text(outcome.error)}"
             )
             return
-        df = outcome.df
-        n_planes = int(df.attrs.get("n_planes", max(1, int(np.prod(job.plane_shape)))))
+        df = outcome.value
         self._results[job.source] = _Result(
             source=job.source,
             df=df,
@@ -629,7 +494,7 @@ class DetectWidget(Container):
             scale=job.scale,
             translate=job.translate,
             plane_shape=job.plane_shape,
-            n_planes=n_planes,
+            n_planes=int(df.attrs.get("n_planes", max(1, int(np.prod(job.plane_shape))))),
         )
         self._active = job.source
         self._replace_layers(job.source, self.results_to_layers(job.source))
@@ -639,12 +504,10 @@ class DetectWidget(Container):
             self._calibrate_and_report()
 
     def _on_finished(self) -> None:
-        self._worker = None
-        self._cancel = None
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
         self._set_running(False)
+        if self._run_again:
+            self._run_again = False
+            self.run()
 
     # ------------------------------------------------------------------ layers
 
@@ -661,9 +524,7 @@ class DetectWidget(Container):
         """Detections of ``source`` at the slider's confidence (empty table if none)."""
         res = self.result(source)
         if res is None:
-            return pd.DataFrame(
-                columns=["plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "class"]
-            )
+            return pd.DataFrame(columns=DETECTION_COLUMNS)
         return filter_detections(res.df, float(self.conf.value))
 
     def results_to_layers(self, source: str | None = None) -> list[LayerDataTuple]:
@@ -688,24 +549,7 @@ class DetectWidget(Container):
         before the canvas has drawn; None in a 3-D view or when Y/X are not the displayed axes.
         """
         res = res if res is not None else self.result()
-        dims = self.viewer.dims
-        if res is None or dims.ndisplay != 2:
-            return None
-        ndim = dims.ndim
-        displayed = list(dims.displayed)
-        if sorted(displayed) != [ndim - 2, ndim - 1]:
-            return None
-        centre = np.asarray(self.viewer.camera.center, float)[-2:]
-        size = np.asarray(self.viewer.canvas.viewbox_size(self.viewer.layers), float)
-        half = size / max(float(self.viewer.camera.zoom), 1e-12) / 2
-        if displayed != [ndim - 2, ndim - 1]:  # transposed view: put (y, x) back in order
-            centre, half = centre[::-1], half[::-1]
-        scale = np.asarray(res.scale if res.scale is not None else [1.0, 1.0], float)[-2:]
-        shift = np.asarray(res.translate if res.translate is not None else [0.0, 0.0], float)[-2:]
-        a = (centre - half - shift) / scale + PIXEL_CENTER
-        b = (centre + half - shift) / scale + PIXEL_CENTER
-        lo, hi = np.minimum(a, b), np.maximum(a, b)
-        return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+        return None if res is None else _qt.visible_region(self.viewer, res.scale, res.translate)
 
     def show_boxes_in_view(self, _value=None) -> int:
         """Redraw the boxes of a large result for the visible region; returns how many.
@@ -713,6 +557,13 @@ class DetectWidget(Container):
         Results up to :data:`~napari_yolocell.shell.layers.LARGE_RESULT` nuclei always have every
         box drawn, so this only matters above it (see docs/widgets.md, "Large results").
         """
+        return self._redraw(points=False)
+
+    def _apply_conf(self, _value=None) -> None:
+        """Re-filter the shown result in place (no re-run) and update the counts."""
+        self._redraw(points=True)
+
+    def _redraw(self, points: bool) -> int:
         res = self.result()
         if res is None:
             return 0
@@ -721,14 +572,15 @@ class DetectWidget(Container):
             self._replace_layers(res.source, self.results_to_layers(res.source))
             layers = self.result_layers(res.source)
         else:
-            _update_result_layers(
+            update_result_layers(
                 layers["boxes"],
                 layers["nuclei"],
                 self.filtered(res.source),
-                res,
+                res.source,
+                res.plane_shape,
                 float(self.conf.value),
                 view=self.view_region(res),
-                points=False,
+                points=points,
             )
         self._refresh_counts()
         return len(layers["boxes"].data)
@@ -740,7 +592,7 @@ class DetectWidget(Container):
         return {
             layer.metadata[KIND_KEY]: layer
             for layer in self.viewer.layers
-            if _is_result(layer) and layer.metadata[SOURCE_KEY] == name
+            if _qt.is_result(layer) and layer.metadata[SOURCE_KEY] == name
         }
 
     def _replace_layers(self, source: str, tuples: list[LayerDataTuple]) -> None:
@@ -749,32 +601,12 @@ class DetectWidget(Container):
         # Build first, then swap: a failure leaves the previous result in place.
         new = [Layer.create(data, meta, kind) for data, meta, kind in tuples]
         for layer in list(self.viewer.layers):
-            if _is_result(layer) and layer.metadata[SOURCE_KEY] == source:
+            if _qt.is_result(layer) and layer.metadata[SOURCE_KEY] == source:
                 self.viewer.layers.remove(layer)
         for layer in new:
             self.viewer.add_layer(layer)
         if self.image.value is not None:  # keep the analysed image selected for the next run
             self.viewer.layers.selection.active = self.image.value
-
-    def _apply_conf(self, _value=None) -> None:
-        """Re-filter the shown result in place (no re-run) and update the counts."""
-        res = self.result()
-        if res is None:
-            return
-        layers = self.result_layers(res.source)
-        if set(layers) != {"boxes", "nuclei"}:
-            self._replace_layers(res.source, self.results_to_layers(res.source))
-        else:
-            shown = filter_detections(res.df, float(self.conf.value))
-            _update_result_layers(
-                layers["boxes"],
-                layers["nuclei"],
-                shown,
-                res,
-                float(self.conf.value),
-                view=self.view_region(res),
-            )
-        self._refresh_counts()
 
     # ------------------------------------------------------------------ counting
 
@@ -783,30 +615,23 @@ class DetectWidget(Container):
         roi = self.roi.value
         if roi is None or len(roi.data) == 0:
             return [], []
-        names_col = roi.features["name"] if "name" in roi.features else None
-        polys, names = [], []
-        kept = shapes_to_polygons(roi.data, roi.shape_type)
-        index = [i for i, k in enumerate(roi.shape_type) if k not in ("line", "path")]
-        for i, poly in zip(index, kept, strict=True):
-            verts = transform_coords(poly, roi.scale, roi.translate, res.scale, res.translate)
-            _, yx = to_table_coords(verts[:, -2:])
-            polys.append(yx)
-            names.append(str(names_col.iloc[i]) if names_col is not None else f"roi_{i}")
-        return polys, names
+        names = roi.features["name"].tolist() if "name" in roi.features else None
+        return roi_polygons(
+            roi.data,
+            roi.shape_type,
+            names,
+            (roi.scale, roi.translate),
+            (res.scale, res.translate),
+        )
 
     def counts(self, source: str | None = None) -> pd.DataFrame:
         """Counts table (``image, plane, roi, count``) at the current confidence."""
         res = self.result(source)
         if res is None:
-            return pd.DataFrame(columns=["image", "plane", "roi", "count"])
+            return pd.DataFrame(columns=COUNT_COLUMNS)
         polys, names = self._roi_polygons(res)
-        return counts_table(
-            self.filtered(res.source),
-            res.source,
-            polys or None,
-            names or None,
-            n_planes=res.n_planes,
-        )
+        shown = self.filtered(res.source)
+        return counts_table(shown, res.source, polys or None, names or None, res.n_planes)
 
     def _refresh_counts(self, _value=None) -> None:
         res = self.result()
@@ -814,9 +639,8 @@ class DetectWidget(Container):
             return
         shown = self.filtered(res.source)
         text = f"{res.source}: {len(shown)} nuclei at confidence >= {self.conf.value:.2f}"
-        planes = shown["plane"].nunique()
         if res.n_planes > 1:
-            text += f" ({planes} of {res.n_planes} planes with nuclei)"
+            text += f" ({shown['plane'].nunique()} of {res.n_planes} planes with nuclei)"
         if self.conf.value < res.run_conf - 1e-9:
             text += f"; run used {res.run_conf:.2f}, re-run to see lower ones"
         measured, used = res.df.attrs.get("measured_diameter"), res.df.attrs.get("diameter")
@@ -834,19 +658,16 @@ class DetectWidget(Container):
                     "zoom in and press 'Show boxes in view'"
                 )
         self.count_label.value = text
-        polys, _ = self._roi_polygons(res)
-        if polys:
-            table = self.counts(res.source)
-            table = table[table["roi"] != "image"][["plane", "roi", "count"]]
-            self.roi_table.value = {c: table[c].tolist() for c in ("plane", "roi", "count")}
-            self.roi_table.visible = True
-        else:
-            self.roi_table.visible = False
+        table = self.counts(res.source)
+        table = table[table["roi"] != WHOLE_IMAGE_ROI]
+        self.roi_table.visible = bool(len(table))
+        if len(table):
+            self.roi_table.value = {c: table[c].tolist() for c in ROI_COLUMNS}
 
     # ------------------------------------------------------------------ export
 
     def export_detections(self, path: str | Path, source: str | None = None) -> Path:
-        """Write the shown detections as CSV (``image,plane,y,x,y0,x0,y1,x1,confidence,class``).
+        """Write the shown detections as CSV (:data:`~napari_yolocell.io.tables.CSV_COLUMNS`).
 
         Coordinates are full-resolution pixels of the image (y0/x0 inclusive edges, y1/x1
         exclusive), like the command line's output. Written atomically.
@@ -855,9 +676,9 @@ class DetectWidget(Container):
         return write_csv_atomic(detections_csv_table(self.filtered(res.source), res.source), path)
 
     def export_counts(self, path: str | Path, source: str | None = None) -> Path:
-        """Write counts per plane (``roi = image``) and per ROI as CSV.
+        """Write counts per plane (``roi = all``) and per ROI as CSV, atomically.
 
-        Columns ``image,plane,roi,count``; written atomically.
+        Columns :data:`~napari_yolocell.io.tables.COUNT_COLUMNS`.
         """
         res = self._require_result(source)
         return write_csv_atomic(self.counts(res.source), path)
@@ -869,22 +690,20 @@ class DetectWidget(Container):
         return res
 
     def _export_dialog(self, export, what: str, _value=None) -> None:
-        from qtpy.QtWidgets import QFileDialog
-
         res = self.result()
         if res is None:
-            _show_error("Nothing to export: run the detection first.")
+            _qt.show_error("Nothing to export: run the detection first.")
             return
-        default = f"{res.source}_{what}.csv"
-        path, _ = QFileDialog.getSaveFileName(self.native, f"Export {what}", default, "CSV (*.csv)")
+        title, default = f"Export {what}", f"{res.source}_{what}.csv"
+        path = _qt.save_file_dialog(self.native, title, default, "CSV (*.csv)")
         if not path:
             return
         try:
             written = export(path)
         except (OSError, ValueError) as exc:
-            _show_error(f"Export failed: {exc}")
+            _qt.show_error(f"Export failed: {exc}")
             return
-        _show_info(f"Wrote {written}")
+        _qt.show_info(f"Wrote {written}")
 
     # ------------------------------------------------------------------ calibrate
 
@@ -903,38 +722,18 @@ class DetectWidget(Container):
         res = self.result(source)
         if res is None:
             raise ValueError("run the detection first")
-        df = res.df
         polys, _ = self._roi_polygons(res)
-        inside = np.ones(len(df), bool)
-        if polys:
-            yx = df[["y", "x"]].to_numpy(float)
-            inside = np.any([in_roi(yx, p) for p in polys], axis=0)
-        points_layer = self.clicked.value
-        if points_layer is not None:
-            coords = transform_coords(
-                points_layer.data,
-                points_layer.scale,
-                points_layer.translate,
-                res.scale,
-                res.translate,
-            )
-            planes, yx = to_table_coords(coords, res.plane_shape)
-            keep = np.ones(len(yx), bool)
-            if polys:
-                keep = np.any([in_roi(yx, p) for p in polys], axis=0)
-            else:
-                _show_info("No ROI set: calibrating as if every nucleus of the image was clicked.")
-            if not keep.any():
-                raise ValueError(f"no clicked nucleus of {points_layer.name!r} lies inside the ROI")
-            cal = calibrate_by_points(*_separate_planes(df[inside], planes[keep], yx[keep]))
-        else:
-            if self.known_count.value <= 0:
-                raise ValueError(
-                    "give the known number of nuclei, or choose a Points layer of clicked nuclei"
+        clicked, points = self.clicked.value, None
+        if clicked is not None:
+            layer, image = (clicked.scale, clicked.translate), (res.scale, res.translate)
+            points = points_to_table(clicked.data, layer, image, res.plane_shape)
+            if not polys:
+                _qt.show_info(
+                    "No ROI set: calibrating as if every nucleus of the image was clicked."
                 )
-            cal = calibrate_by_count(
-                df.loc[inside, "confidence"].to_numpy(float), int(self.known_count.value)
-            )
+        cal = calibrate_in_rois(
+            res.df, known_count=int(self.known_count.value), points=points, polygons=polys
+        )
         before = float(self.conf.value)
         self._calibrated[res.model] = cal.conf
         self.last_calibration = cal
@@ -957,89 +756,4 @@ class DetectWidget(Container):
         try:
             self.calibrate()
         except ValueError as exc:
-            _show_error(f"Cannot calibrate: {exc}")
-
-
-def _separate_planes(df: pd.DataFrame, planes: np.ndarray, yx: np.ndarray):
-    """Shift each plane far apart in y so nuclei of different planes can never match."""
-    span = float(max(df["y1"].max() if len(df) else 0.0, yx[:, 0].max(initial=0.0))) + 1e3
-    shifted = df.copy()
-    for col in ("y", "y0", "y1"):
-        shifted[col] = df[col] + df["plane"].to_numpy() * span
-    pts = yx.copy()
-    pts[:, 0] += planes * span
-    return shifted, pts
-
-
-def _update_result_layers(
-    boxes,
-    nuclei,
-    shown: pd.DataFrame,
-    res: _Result,
-    conf: float,
-    view: tuple[float, float, float, float] | None = None,
-    points: bool = True,
-) -> None:
-    """Show ``shown`` in the existing result layers (keeps user styling and layer order).
-
-    Above :data:`LARGE_RESULT` rows only the boxes in ``view`` are drawn; ``points=False``
-    leaves the points layer alone (only the visible region changed).
-    """
-    from napari_yolocell.shell.layers import COLORMAP
-
-    drawn, mode = boxes_in_view(shown, view)
-    boxes.data = list(to_layer_coords(drawn, res.plane_shape)[1])
-    boxes.features = pd.DataFrame(
-        {
-            "confidence": drawn["confidence"].to_numpy(float),
-            "class": drawn["class"].to_numpy(np.int64),
-        }
-    )
-    boxes.metadata[BOXES_KEY] = mode
-    # A layer created empty has a constant colour; switch it to the confidence colormap.
-    if len(drawn):
-        if boxes.edge_color_mode != "colormap":
-            boxes.edge_color = "confidence"
-            boxes.edge_colormap = COLORMAP
-            boxes.edge_contrast_limits = (0.0, 1.0)
-        boxes.refresh_colors()
-    boxes.name = boxes_name(res.source, len(drawn), len(shown), mode)
-    boxes.metadata["conf"] = conf
-    if not points:
-        return
-    nuclei.data = to_layer_coords(shown, res.plane_shape)[0]
-    nuclei.features = pd.DataFrame(
-        {
-            "confidence": shown["confidence"].to_numpy(float),
-            "class": shown["class"].to_numpy(np.int64),
-        }
-    )
-    if len(shown):
-        if nuclei.face_color_mode != "colormap":
-            nuclei.face_color = "confidence"
-            nuclei.face_colormap = COLORMAP
-            nuclei.face_contrast_limits = (0.0, 1.0)
-        nuclei.refresh_colors()
-    nuclei.metadata["conf"] = conf
-    nuclei.name = result_names(res.source, len(shown))[1]
-
-
-def _wrap(*labels: Label) -> None:
-    """Let long messages wrap at the dock's width instead of widening it."""
-    from qtpy.QtWidgets import QSizePolicy
-
-    for label in labels:
-        label.native.setWordWrap(True)
-        label.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
-
-
-def _show_error(message: str) -> None:
-    from napari.utils.notifications import show_error
-
-    show_error(message)
-
-
-def _show_info(message: str) -> None:
-    from napari.utils.notifications import show_info
-
-    show_info(message)
+            _qt.show_error(f"Cannot calibrate: {exc}")

@@ -4,10 +4,11 @@ Everything here is plain numpy / pandas so it can be tested without Qt and reuse
 
 - :func:`detections_to_layers` turns the engine's table into LayerDataTuples (a Shapes layer of
   boxes and a Points layer of centres, both carrying ``confidence`` / ``class`` features);
-- :func:`to_layer_coords` / :func:`to_table_coords` convert between the table's pixel-edge
-  convention and napari's pixel-centre convention, including the leading (Z, T...) axes;
-- :func:`detections_csv_table`, :func:`counts_table` and :func:`write_csv_atomic` make the CSV
-  exports of the widget;
+- :func:`to_layer_coords` / :func:`~napari_yolocell.io.coords.to_table_coords` convert between
+  the table's pixel-edge convention and napari's pixel-centre convention, including the leading
+  (Z, T...) axes; :func:`update_result_layers` refreshes existing result layers in place;
+- :func:`roi_polygons` turns a Shapes layer into ROI polygons in an image's table coordinates;
+- :func:`to_napari_layers` / :func:`import_dataset_layers` show a YOLO dataset for review;
 - :func:`boxes_in_view` picks the boxes drawn for large results (more than
   :data:`LARGE_RESULT` detections): napari needs about a millisecond per rectangle, so only the
   boxes in the visible region (at most :data:`MAX_BOXES_IN_VIEW`) become shapes, while the
@@ -22,8 +23,6 @@ The result layers get the image layer's ``scale`` and ``translate``, so they ove
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from napari_yolocell.io.coords import PIXEL_CENTER, to_table_coords, transform_coords
+from napari_yolocell.io.tables import roi_name
+from napari_yolocell.io.yolo import SPLITS, YoloDataset, YoloSample, load_image, read_yolo_dataset
+
 __all__ = [
-    "COUNT_COLUMNS",
-    "CSV_COLUMNS",
     "BOXES_KEY",
     "LARGE_RESULT",
     "MAX_BOXES_IN_VIEW",
@@ -41,25 +42,26 @@ __all__ = [
     "PIXEL_CENTER",
     "boxes_in_view",
     "boxes_name",
-    "counts_table",
-    "detections_csv_table",
+    "boxes_to_rectangles",
     "detections_to_layers",
     "ellipse_polygon",
     "filter_detections",
+    "import_dataset_layers",
     "plane_shape_of",
+    "points_to_table",
     "result_names",
+    "roi_polygons",
     "shapes_to_polygons",
     "to_layer_coords",
+    "to_napari_layers",
     "to_table_coords",
     "transform_coords",
-    "write_csv_atomic",
+    "update_result_layers",
+    "view_to_table",
 ]
 
 LayerDataTuple = tuple[Any, dict[str, Any], str]
 
-PIXEL_CENTER = 0.5
-CSV_COLUMNS = ["image", "plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "class"]
-COUNT_COLUMNS = ["image", "plane", "roi", "count"]
 # Bright at every confidence on a dark fluorescence background (viridis' low end is not).
 COLORMAP = "turbo"
 # Metadata keys that mark a layer as a detection result of a given source image.
@@ -143,66 +145,6 @@ def to_layer_coords(
         axis=1,
     )
     return centres, rects
-
-
-def to_table_coords(
-    coords: np.ndarray, plane_shape: Sequence[int] = ()
-) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`to_layer_coords` for points: ``(plane, yx)`` in table convention.
-
-    Leading coordinates are rounded to the nearest plane (and clipped into range).
-
-    Parameters
-    ----------
-    coords : (N, D) array
-        Napari data coordinates of an image-aligned layer; the last two are (y, x).
-    plane_shape : sequence of int
-        Shape of the image's leading axes.
-
-    Returns
-    -------
-    planes : (N,) int array
-    yx : (N, 2) float array
-    """
-    pts = np.asarray(coords, dtype=float)
-    pts = pts.reshape(len(pts), -1) if pts.size else np.zeros((0, 2 + len(plane_shape)))
-    yx = pts[:, -2:] + PIXEL_CENTER
-    shape = tuple(plane_shape)
-    if not shape or pts.shape[1] < 2 + len(shape):
-        return np.zeros(len(pts), dtype=np.int64), yx
-    lead = np.rint(pts[:, -2 - len(shape) : -2]).astype(np.int64)
-    lead = np.clip(lead, 0, np.asarray(shape) - 1)
-    return np.ravel_multi_index(lead.T, shape).astype(np.int64), yx
-
-
-def transform_coords(
-    coords: np.ndarray,
-    from_scale: Sequence[float] | None = None,
-    from_translate: Sequence[float] | None = None,
-    to_scale: Sequence[float] | None = None,
-    to_translate: Sequence[float] | None = None,
-) -> np.ndarray:
-    """Map data coordinates of one layer into another's through world coordinates.
-
-    Only scale and translate are handled (what readers set); axes are aligned on the right,
-    like napari aligns layers of different dimensionality.
-    """
-    pts = np.asarray(coords, dtype=float)
-    if pts.size == 0:
-        return pts.reshape(0, pts.shape[-1] if pts.ndim > 1 else 2)
-    d = pts.shape[-1]
-
-    def _vec(values, default):
-        if values is None:
-            return np.full(d, default, dtype=float)
-        arr = np.asarray(values, dtype=float)
-        out = np.full(d, default, dtype=float)
-        n = min(d, len(arr))
-        out[d - n :] = arr[len(arr) - n :]
-        return out
-
-    world = pts * _vec(from_scale, 1.0) + _vec(from_translate, 0.0)
-    return (world - _vec(to_translate, 0.0)) / _vec(to_scale, 1.0)
 
 
 def result_names(source_name: str, n: int) -> tuple[str, str]:
@@ -361,81 +303,6 @@ def detections_to_layers(
     return [(list(rects), shapes_kwargs, "shapes"), (centres, points_kwargs, "points")]
 
 
-def detections_csv_table(df: pd.DataFrame, image: str) -> pd.DataFrame:
-    """The detections CSV: columns exactly :data:`CSV_COLUMNS` (table coordinates)."""
-    out = df.reindex(columns=[c for c in CSV_COLUMNS if c != "image"]).copy()
-    out.insert(0, "image", image)
-    return out.reset_index(drop=True)
-
-
-def counts_table(
-    df: pd.DataFrame,
-    image: str,
-    polygons: Sequence[np.ndarray] | None = None,
-    names: Sequence[str] | None = None,
-    n_planes: int | None = None,
-) -> pd.DataFrame:
-    """Counts per plane (``roi = "image"``) and, with ROIs, per plane and ROI.
-
-    Parameters
-    ----------
-    df : pandas.DataFrame
-        Detections already filtered by confidence.
-    image : str
-        Image name for the ``image`` column.
-    polygons : sequence of (M, 2+) arrays, optional
-        ROI vertices in table coordinates (last two = y, x); see :func:`to_table_coords`.
-    names : sequence of str, optional
-        ROI names (default ``roi_0``...).
-    n_planes : int, optional
-        Number of planes (default ``df.attrs["n_planes"]``): planes without detections count 0.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns :data:`COUNT_COLUMNS`.
-    """
-    from napari_yolocell.analysis.roi import count_in_rois
-
-    if n_planes is None:
-        n_planes = int(df.attrs.get("n_planes", int(df["plane"].max()) + 1 if len(df) else 1))
-    per_plane = df.groupby("plane").size().reindex(range(n_planes), fill_value=0)
-    rows = [
-        {"image": image, "plane": int(p), "roi": "image", "count": int(c)}
-        for p, c in per_plane.items()
-    ]
-    out = pd.DataFrame(rows, columns=COUNT_COLUMNS)
-    if polygons:
-        roi = count_in_rois(df, polygons, names)
-        # count_in_rois only lists planes that have detections: complete the grid with zeros.
-        names = list(roi["roi"].unique()) if names is None else list(names)
-        grid = pd.MultiIndex.from_product([range(n_planes), names], names=["plane", "roi"])
-        roi = roi.set_index(["plane", "roi"])["count"].reindex(grid, fill_value=0).reset_index()
-        roi.insert(0, "image", image)
-        out = pd.concat([out, roi[COUNT_COLUMNS]], ignore_index=True)
-    out["count"] = out["count"].astype(np.int64)
-    return out
-
-
-def write_csv_atomic(table: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write ``table`` as CSV via a temporary file in the same folder and ``os.replace``.
-
-    A crash or a full disk never leaves a truncated file under ``path`` (an existing file is
-    only replaced once the new one is complete).
-    """
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            table.to_csv(fh, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def ellipse_polygon(corners: np.ndarray, n: int = 48) -> np.ndarray:
     """Polygon approximating a napari ellipse given by its 4 bounding-box corners (any rotation).
 
@@ -463,3 +330,218 @@ def shapes_to_polygons(
             continue
         out.append(ellipse_polygon(verts) if kind == "ellipse" else np.asarray(verts, float))
     return out
+
+
+def roi_polygons(
+    data: Sequence[np.ndarray],
+    shape_types: Sequence[str],
+    names: Sequence[Any] | None = None,
+    layer_transform: tuple[Any, Any] = (None, None),
+    image_transform: tuple[Any, Any] = (None, None),
+) -> tuple[list[np.ndarray], list[str]]:
+    """ROI polygons of a Shapes layer in an image's table coordinates, and their names.
+
+    Parameters
+    ----------
+    data, shape_types : sequence
+        ``Shapes.data`` and ``Shapes.shape_type`` (lines and paths enclose nothing: skipped).
+    names : sequence, optional
+        ``Shapes.features["name"]`` if the layer has it; default ``roi_<index>``.
+    layer_transform, image_transform : (scale, translate)
+        The Shapes layer's and the image's transforms (the shapes are mapped into the image).
+
+    Returns
+    -------
+    polygons : list of (M, 2) arrays
+        ``(y, x)`` vertices in table (pixel-edge) coordinates.
+    names : list of str
+    """
+    polys = shapes_to_polygons(data, shape_types)
+    index = [i for i, kind in enumerate(shape_types) if kind not in ("line", "path")]
+    out, labels = [], []
+    for i, poly in zip(index, polys, strict=True):
+        verts = transform_coords(poly, *layer_transform, *image_transform)
+        out.append(to_table_coords(verts[:, -2:])[1])
+        labels.append(str(names[i]) if names is not None else roi_name(i))
+    return out, labels
+
+
+def points_to_table(
+    data: np.ndarray,
+    layer_transform: tuple[Any, Any] = (None, None),
+    image_transform: tuple[Any, Any] = (None, None),
+    plane_shape: Sequence[int] = (),
+) -> tuple[np.ndarray, np.ndarray]:
+    """A Points layer's points as ``(plane, yx)`` in an image's table coordinates.
+
+    Parameters
+    ----------
+    data : (N, D) array
+        ``Points.data``.
+    layer_transform, image_transform : (scale, translate)
+        The Points layer's and the image's transforms (the points are mapped into the image).
+    plane_shape : sequence of int
+        Shape of the image's leading axes (a point's plane is the nearest one).
+
+    Returns
+    -------
+    planes : (N,) int array
+    yx : (N, 2) float array
+    """
+    return to_table_coords(transform_coords(data, *layer_transform, *image_transform), plane_shape)
+
+
+def view_to_table(
+    centre: Sequence[float],
+    half: Sequence[float],
+    scale: Sequence[float] | None = None,
+    translate: Sequence[float] | None = None,
+) -> tuple[float, float, float, float]:
+    """The visible world rectangle ``centre +- half`` as ``(y0, x0, y1, x1)`` of an image's table.
+
+    Parameters
+    ----------
+    centre, half : (2,) sequence of float
+        Centre and half size of the view in world ``(y, x)``.
+    scale, translate : sequence of float, optional
+        The image layer's transform (its last two entries are used).
+    """
+    c, h = np.asarray(centre, float)[-2:], np.asarray(half, float)[-2:]
+    scale = np.asarray(scale if scale is not None else [1.0, 1.0], float)[-2:]
+    shift = np.asarray(translate if translate is not None else [0.0, 0.0], float)[-2:]
+    a = (c - h - shift) / scale + PIXEL_CENTER
+    b = (c + h - shift) / scale + PIXEL_CENTER
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
+
+
+def _colour_by_confidence(layer: Any, attr: str, n: int) -> None:
+    """A layer created empty has a constant colour: switch it to the confidence colormap."""
+    if not n:
+        return
+    if getattr(layer, f"{attr}_color_mode") != "colormap":
+        setattr(layer, f"{attr}_color", "confidence")
+        setattr(layer, f"{attr}_colormap", COLORMAP)
+        setattr(layer, f"{attr}_contrast_limits", (0.0, 1.0))
+    layer.refresh_colors()
+
+
+def update_result_layers(
+    boxes: Any,
+    nuclei: Any,
+    shown: pd.DataFrame,
+    source: str,
+    plane_shape: Sequence[int],
+    conf: float,
+    view: Sequence[float] | None = None,
+    points: bool = True,
+) -> None:
+    """Show ``shown`` in the existing result layers (keeps user styling and layer order).
+
+    Above :data:`LARGE_RESULT` rows only the boxes in ``view`` are drawn; ``points=False``
+    leaves the points layer alone (only the visible region changed). ``boxes`` and ``nuclei``
+    are napari Shapes and Points layers (duck-typed: napari is not imported here).
+    """
+    drawn, mode = boxes_in_view(shown, view)
+    boxes.data = list(to_layer_coords(drawn, plane_shape)[1])
+    boxes.features = _features(drawn)
+    boxes.metadata[BOXES_KEY] = mode
+    _colour_by_confidence(boxes, "edge", len(drawn))
+    boxes.name = boxes_name(source, len(drawn), len(shown), mode)
+    boxes.metadata["conf"] = conf
+    if not points:
+        return
+    nuclei.data = to_layer_coords(shown, plane_shape)[0]
+    nuclei.features = _features(shown)
+    _colour_by_confidence(nuclei, "face", len(shown))
+    nuclei.metadata["conf"] = conf
+    nuclei.name = result_names(source, len(shown))[1]
+
+
+# --------------------------------------------------------------------------- YOLO datasets
+
+
+def boxes_to_rectangles(boxes: np.ndarray) -> list[np.ndarray]:
+    """``(N, 4)`` y0, x0, y1, x1 -> napari rectangle vertices ``(4, 2)`` (row, col) each.
+
+    Boxes are by pixel edges (pixel ``i`` spans ``[i, i+1)``); napari puts pixel centres on
+    whole numbers, so vertices are shifted by -0.5 to sit on the pixel edges on screen. Reading
+    shapes back (:func:`~napari_yolocell.training.annotations.annotation_boxes`) adds the 0.5
+    again: boxes round-trip.
+    """
+    out = []
+    for y0, x0, y1, x1 in np.asarray(boxes, float).reshape(-1, 4) - PIXEL_CENTER:
+        out.append(np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]]))
+    return out
+
+
+def to_napari_layers(sample: YoloSample, image: np.ndarray | None = None) -> list[LayerDataTuple]:
+    """Image + Shapes layer data tuples for reviewing one dataset image in napari.
+
+    Parameters
+    ----------
+    sample : YoloSample
+        Sample from :func:`~napari_yolocell.io.yolo.read_yolo_dataset`.
+    image : numpy.ndarray, optional
+        Pixels if already loaded; read from ``sample.image_path`` otherwise.
+
+    Returns
+    -------
+    list of LayerDataTuple
+        ``[(image, image_kwargs, "image"), (rectangles, shapes_kwargs, "shapes")]``; the shapes
+        carry ``features`` ``class`` (id) and ``class_name``. No viewer is touched.
+    """
+    data = load_image(sample.image_path) if image is None else np.asarray(image)
+    stem = sample.image_path.stem
+    image_kwargs: dict[str, Any] = {
+        "name": stem,
+        "rgb": data.ndim == 3 and data.shape[-1] in (3, 4),
+        "metadata": {"path": str(sample.image_path), "split": sample.split},
+    }
+    features = {
+        "class": np.asarray(sample.classes, int),
+        "class_name": np.asarray(sample.class_names, dtype=object),
+    }
+    shapes_kwargs: dict[str, Any] = {
+        "name": f"{stem} boxes",
+        "shape_type": "rectangle",
+        "features": features,
+        "edge_color": "yellow",
+        "face_color": "transparent",
+        "edge_width": max(1.0, min(sample.shape) / 500),
+        "metadata": {
+            "label_path": str(sample.label_path) if sample.label_path else None,
+            "names": list(sample.names),
+        },
+    }
+    return [
+        (data, image_kwargs, "image"),
+        (boxes_to_rectangles(sample.boxes), shapes_kwargs, "shapes"),
+    ]
+
+
+def import_dataset_layers(
+    path: str | Path, split: str | None = None, max_images: int = 20
+) -> tuple[list[LayerDataTuple], YoloDataset]:
+    """Image + Shapes LayerDataTuples for the first images of a YOLO dataset.
+
+    Parameters
+    ----------
+    path : str or Path
+        Dataset folder or its ``data.yaml``.
+    split : str, optional
+        ``train``, ``val`` or ``test``; None = all.
+    max_images : int
+        At most this many images are loaded (review, not bulk loading); each file once.
+
+    Returns
+    -------
+    layers : list of LayerDataTuple
+    dataset : YoloDataset
+        With ``problems`` (orphan labels, bad lines...) to report.
+    """
+    dataset = read_yolo_dataset(path, splits=(split,) if split else SPLITS, warn=False)
+    layers: list[LayerDataTuple] = []
+    for sample in dataset.unique_images(max_images):
+        layers += to_napari_layers(sample)
+    return layers, dataset

@@ -10,6 +10,11 @@ Dispatch rule (``napari_get_reader``):
   :class:`~napari_yolocell.io.tiff.TiffReadError` naming the file, so napari shows a clear
   error instead of "no reader found". Only 4 bytes are read to decide;
 * a folder containing TIFFs -> the reader (same-shape files are stacked lazily).
+
+Answering imports nothing beyond the standard library; reading imports numpy, tifffile and, for
+compressed or tiled files, zarr. Layers get the levels as opened (zarr arrays or memory maps,
+:attr:`~napari_yolocell.io.tiff.TiffImage.arrays`), not dask arrays: a cold open through npe2
+then skips importing dask (and, on the first compute, dask.distributed).
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from napari_yolocell.io.tiff_files import is_tiff_path, list_tiffs
 
-from napari_yolocell.io.tiff import TiffImage, is_tiff_path, list_tiffs, open_tiffs
+if TYPE_CHECKING:
+    import numpy as np
+
+    from napari_yolocell.io.tiff import TiffImage
 
 LayerData = tuple[Any, dict[str, Any], str]
 PathLike = str | os.PathLike
@@ -84,13 +92,16 @@ def read_tiff(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
     Returns
     -------
     list of (data, kwargs, "image")
-        ``data`` is the list of resolution levels (multiscale) for pyramids, else one lazy array.
+        ``data`` is the list of resolution levels (multiscale) for pyramids, else one lazy array
+        (zarr array or memory map; a dask array for a stacked folder).
 
     Raises
     ------
     napari_yolocell.io.tiff.TiffReadError
         Corrupt/truncated file or unavailable codec; the message names the file.
     """
+    from napari_yolocell.io.tiff import open_tiffs
+
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
     layers: list[LayerData] = []
     for p in paths:
@@ -113,7 +124,8 @@ def layer_data(image: TiffImage) -> LayerData:
         ``(data, kwargs, "image")``.
     """
     multiscale = image.is_pyramid
-    data: Any = list(image.levels) if multiscale else image.levels[0]
+    arrays = _layer_arrays(image)
+    data: Any = list(arrays) if multiscale else arrays[0]
     # napari drops the channel and RGB-sample axes from each layer: scale must match.
     dropped = {image.channel_axis} if image.channel_axis is not None else set()
     if image.rgb:
@@ -141,6 +153,20 @@ def layer_data(image: TiffImage) -> LayerData:
     return data, kwargs, "image"
 
 
+def _layer_arrays(image: TiffImage) -> list[Any]:
+    """The levels napari gets: as opened (zarr arrays, memory maps), without dask.
+
+    Except zarr arrays with a channel axis: napari splits channels by slicing and wraps zarr
+    arrays in dask to do it (importing dask anyway), with one dask chunk per TIFF strip; our
+    dask levels merge thin strips into bands.
+    """
+    import numpy as np
+
+    if image.channel_axis is not None and not all(isinstance(a, np.ndarray) for a in image.arrays):
+        return image.levels
+    return image.arrays
+
+
 def contrast_limits(image: TiffImage) -> list[float] | list[list[float]] | None:
     """Contrast limits from a small sample: a central crop of the smallest level.
 
@@ -157,7 +183,9 @@ def contrast_limits(image: TiffImage) -> list[float] | list[list[float]] | None:
         ``[lo, hi]``, or one pair per channel when there is a channel axis; None when the
         sample could not be read.
     """
-    arr = image.levels[-1]
+    import numpy as np
+
+    arr = image.arrays[-1]  # read directly: a dask compute would import dask.distributed
     axes = image.axes
     spatial = {i for i, ax in enumerate(axes) if ax in "YX"}
     index: list[Any] = []
@@ -172,7 +200,7 @@ def contrast_limits(image: TiffImage) -> list[float] | list[list[float]] | None:
         else:
             index.append(n // 2)  # middle plane of Z/T/...
     try:
-        sample = np.asarray(arr[tuple(index)])
+        sample = _materialise(arr[tuple(index)])
     except Exception:  # noqa: BLE001 - a corrupt tile must not prevent opening the layer
         return None
     if image.channel_axis is None:
@@ -182,7 +210,18 @@ def contrast_limits(image: TiffImage) -> list[float] | list[list[float]] | None:
     return [_limits(np.take(sample, k, axis=c)) for k in range(sample.shape[c])]
 
 
+def _materialise(window: Any) -> np.ndarray:
+    """A window as numpy; a dask window (stacked folder) is computed in this thread."""
+    import numpy as np
+
+    if hasattr(window, "dask"):
+        return np.asarray(window.compute(scheduler="synchronous"))
+    return np.asarray(window)
+
+
 def _limits(sample: np.ndarray) -> list[float]:
+    import numpy as np
+
     if sample.size == 0:
         return [0.0, 1.0]
     finite = sample[np.isfinite(sample)] if sample.dtype.kind == "f" else sample.ravel()

@@ -3,19 +3,25 @@
 All boxes are ``(N, 4)`` float arrays ``y0, x0, y1, x1`` in pixels of the image they annotate,
 with ``y1``/``x1`` exclusive (a one-pixel object at row 3, column 5 is ``3, 5, 4, 6``): pixel
 ``i`` spans ``[i, i+1)``. napari's layer coordinates put pixel centres on whole numbers, so add
-0.5 to Shapes vertices and Points before calling these functions (the widgets and the CLI do).
+0.5 to Shapes vertices and Points before calling these functions (the widgets and the CLI do),
+or give the layer data as it is to :func:`annotation_boxes`, which does it and checks the
+annotations against the image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from skimage.measure import regionprops
 
+from napari_yolocell.io.coords import PIXEL_CENTER, to_table_coords, transform_coords
+
 __all__ = [
     "BoxReport",
+    "annotation_boxes",
     "boxes_from_labels",
     "boxes_from_points",
     "boxes_from_shapes",
@@ -91,6 +97,118 @@ def boxes_from_labels(labels: np.ndarray, min_area: int = 0) -> np.ndarray:
         raise ValueError(f"labels must be an integer instance mask, got dtype {labels.dtype}")
     boxes = [r.bbox for r in regionprops(labels) if r.area >= min_area]
     return _as_boxes(boxes)
+
+
+def annotation_boxes(
+    kind: str,
+    annotations: Any,
+    image_shape: Sequence[int],
+    *,
+    diameter: float = 20.0,
+    shape_types: Sequence[str] | None = None,
+    image_scale: Sequence[float] | None = None,
+    image_translate: Sequence[float] | None = None,
+    ann_scale: Sequence[float] | None = None,
+    ann_translate: Sequence[float] | None = None,
+    name: str = "annotations",
+) -> dict[int, np.ndarray]:
+    """Boxes per annotated plane, in image pixels, from a napari annotation layer's data.
+
+    Parameters
+    ----------
+    kind : {"shapes", "points", "labels"}
+        Annotation layer type.
+    annotations : list of arrays, or array
+        ``Shapes.data``, ``Points.data`` or ``Labels.data``, in napari data coordinates.
+    image_shape : sequence of int
+        Shape of the annotated image without a colour axis: ``(..., Y, X)``.
+    diameter : float
+        Nucleus diameter (image pixels) for the square box around each clicked point.
+    shape_types : sequence of str, optional
+        ``Shapes.shape_type`` (lines and paths are rejected; default all rectangles).
+    image_scale, image_translate, ann_scale, ann_translate : sequence of float, optional
+        Layer transforms; shapes and points are mapped into image pixels through world
+        coordinates. A Labels layer must match the image pixel for pixel.
+    name : str
+        The annotation layer's name, for the messages.
+
+    Returns
+    -------
+    dict of int to (N, 4) array
+        ``y0, x0, y1, x1`` boxes (exclusive ends) by flat (C-order) index of the leading axes;
+        only planes holding annotations are present.
+
+    Raises
+    ------
+    ValueError
+        Empty annotations, dimensionality or shape not matching the image, lines or paths in
+        a Shapes layer, or no annotation inside the image.
+    """
+    shape = tuple(int(n) for n in image_shape)
+    if kind == "labels":
+        per_plane = _label_boxes(annotations, shape, name)
+    elif kind in ("shapes", "points"):
+        items = list(annotations) if kind == "shapes" else np.asarray(annotations)
+        if len(items) == 0:
+            what = "draw boxes around nuclei" if kind == "shapes" else "click nuclei"
+            raise ValueError(f"annotation layer {name!r} is empty: {what} first")
+        ann_ndim = np.asarray(items[0]).shape[-1]
+        if ann_ndim != len(shape):
+            raise ValueError(
+                f"annotation layer {name!r} is {ann_ndim}-D but the image is "
+                f"{len(shape)}-D {shape}: annotate on a layer matching the image"
+            )
+        transform = (ann_scale, ann_translate, image_scale, image_translate)
+        if kind == "shapes":
+            types = list(shape_types) if shape_types is not None else ["rectangle"] * len(items)
+            if any(t in ("line", "path") for t in types):
+                raise ValueError(
+                    f"annotation layer {name!r} holds lines or paths: use "
+                    "rectangles, ellipses or polygons around nuclei"
+                )
+            verts = [transform_coords(v, *transform) for v in items]
+            planes = np.array([to_table_coords(v[:1], shape[:-2])[0][0] for v in verts])
+            boxes = boxes_from_shapes([v[:, -2:] for v in verts]) + PIXEL_CENTER
+        else:
+            planes, yx = to_table_coords(transform_coords(items, *transform), shape[:-2])
+            boxes = boxes_from_points(yx, diameter)  # to_table_coords added the 0.5
+        per_plane = {int(p): boxes[planes == p] for p in np.unique(planes)}
+    else:
+        raise ValueError(f"unknown annotation kind {kind!r} (shapes, points or labels)")
+    _check_inside(per_plane, shape[-2:], name)
+    return per_plane
+
+
+def _label_boxes(labels: Any, shape: tuple[int, ...], name: str) -> dict[int, np.ndarray]:
+    """One box per label, plane by plane, of a Labels layer painted on the image."""
+    if tuple(labels.shape) != shape:
+        raise ValueError(
+            f"annotation layer {name!r} has shape {tuple(labels.shape)} "
+            f"but the image has {shape}: paint the labels on this image"
+        )
+    plane_shape = shape[:-2]
+    per_plane = {}
+    for index in np.ndindex(*plane_shape):
+        boxes = boxes_from_labels(np.asarray(labels[index]))
+        if len(boxes):
+            per_plane[int(np.ravel_multi_index(index, plane_shape)) if plane_shape else 0] = boxes
+    if not per_plane:
+        raise ValueError(f"annotation layer {name!r} is empty: paint nuclei first")
+    return per_plane
+
+
+def _check_inside(per_plane: dict[int, np.ndarray], hw: Sequence[int], name: str) -> None:
+    """Refuse annotations that all miss the image: a scale or translate went wrong."""
+    h, w = hw
+    inside = sum(
+        int(np.sum((b[:, 2] > 0) & (b[:, 3] > 0) & (b[:, 0] < h) & (b[:, 1] < w)))
+        for b in per_plane.values()
+    )
+    if inside == 0:
+        raise ValueError(
+            f"none of the annotations of {name!r} lies inside the {h} x {w} "
+            "image: check the layers' scale and translate"
+        )
 
 
 @dataclass

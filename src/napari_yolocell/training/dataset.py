@@ -17,25 +17,31 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 
 from napari_yolocell.engine.normalize import percentile_range, to_uint8
 from napari_yolocell.engine.tiling import tile_grid
-from napari_yolocell.training.annotations import clip_boxes
+from napari_yolocell.training.annotations import annotation_boxes, clip_boxes
 
 __all__ = [
     "ExportReport",
     "Sample",
     "assign_splits",
+    "check_out_folder",
     "crop_boxes",
     "export_dataset",
+    "plane_samples",
+    "safe_name",
+    "samples_from_annotations",
     "yolo_lines",
 ]
 
@@ -202,14 +208,130 @@ def _write_png(path: Path, img: np.ndarray) -> None:
     Image.fromarray(np.ascontiguousarray(img)).save(path, compress_level=1)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def check_out_folder(
+    out: str | os.PathLike | None,
+    overwrite: bool = False,
+    overwrite_hint: str = "pass overwrite=True (--overwrite)",
+) -> Path:
+    """The dataset folder :func:`export_dataset` may write: absent, empty, or ``overwrite``.
+
+    Parameters
+    ----------
+    out : path or None
+        Output folder (None, empty or ``.``: none chosen).
+    overwrite : bool
+        Allow a non-empty folder (it is replaced).
+    overwrite_hint : str
+        How the user allows it, for the message (the widget names its check box).
+
+    Returns
+    -------
+    Path
+        ``out``, expanded.
+
+    Raises
+    ------
+    ValueError
+        No folder given.
+    FileExistsError
+        ``out`` is a file, or a non-empty folder without ``overwrite``.
+    """
+    if out is None or not str(out).strip() or str(out) == ".":
+        raise ValueError("choose an output folder")
+    out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{out} is not empty (it may already hold a dataset); choose an empty folder or "
-            "pass overwrite=True (--overwrite) to replace it"
+            f"{overwrite_hint} to replace it"
         )
+    return out
+
+
+def safe_name(name: str) -> str:
+    """``name`` as a file-name stem: runs of other characters than ``A-Za-z0-9_.-`` -> ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "image"
+
+
+def plane_samples(
+    image: Any, name: str, boxes: dict[int, np.ndarray], *, rgb: bool = False
+) -> list[Sample]:
+    """One :class:`Sample` per annotated plane of an image (stack).
+
+    Parameters
+    ----------
+    image : array-like
+        ``(..., Y, X)``, or ``(..., Y, X, 3|4)`` when ``rgb``; only annotated planes are read.
+    name : str
+        File-name stem of the written tiles (made safe; ``_p<k>`` is appended per plane of
+        a stack).
+    boxes : dict of int to (N, 4) array
+        Boxes by flat plane index, see
+        :func:`~napari_yolocell.training.annotations.annotation_boxes`.
+    rgb : bool
+        Whether the last axis of ``image`` is colour.
+
+    Returns
+    -------
+    list of Sample, by plane.
+    """
+    plane_shape = tuple(image.shape[:-3] if rgb else image.shape[:-2])
+    base = safe_name(name)
+    samples = []
+    for plane, plane_boxes in sorted(boxes.items()):
+        index = np.unravel_index(plane, plane_shape) if plane_shape else ()
+        pixels = np.asarray(image[index])
+        samples.append(
+            Sample(
+                image=pixels, boxes=plane_boxes, name=f"{base}_p{plane}" if plane_shape else base
+            )
+        )
+    return samples
+
+
+def samples_from_annotations(
+    image: Any,
+    image_name: str,
+    kind: str,
+    annotations: Any,
+    *,
+    rgb: bool = False,
+    ann_name: str = "annotations",
+    **options: Any,
+) -> list[Sample]:
+    """Samples of an image and its napari annotation layer (Shapes, Points or Labels data).
+
+    Parameters
+    ----------
+    image : array-like
+        Full-resolution image data: ``(..., Y, X)`` or ``(..., Y, X, 3|4)`` when ``rgb``.
+    image_name : str
+        File-name stem of the written tiles, see :func:`plane_samples`.
+    kind : {"shapes", "points", "labels"}
+        Annotation layer type.
+    annotations : list of arrays, or array
+        The layer's data, in napari data coordinates.
+    rgb : bool
+        Whether the last axis of ``image`` is colour.
+    ann_name : str
+        The annotation layer's name, for the messages.
+    **options
+        ``diameter``, ``shape_types`` and the layer transforms of
+        :func:`~napari_yolocell.training.annotations.annotation_boxes`.
+
+    Returns
+    -------
+    list of Sample, one per annotated plane.
+
+    Raises
+    ------
+    ValueError
+        See :func:`~napari_yolocell.training.annotations.annotation_boxes`.
+    """
+    shape = tuple(int(n) for n in (image.shape[:-1] if rgb else image.shape))
+    boxes = annotation_boxes(kind, annotations, shape, name=ann_name, **options)
+    return plane_samples(image, image_name, boxes, rgb=rgb)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -274,7 +396,7 @@ def export_dataset(
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be in [0, tile), got {overlap}")
     out = Path(out).expanduser().absolute()
-    _prepare_out(out, overwrite)
+    check_out_folder(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
 

@@ -1,0 +1,108 @@
+"""Models of this napari session, shared by every open widget.
+
+The Train widget registers the ``best.pt`` of a finished run, the Detect widget a ``.pt`` the
+user picks; every widget that lists models (anything with ``refresh_models()``, registered
+with :func:`watch_models`) is told, so the new model shows up everywhere at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from napari_yolocell.models.registry import list_models, resolve_model
+
+__all__ = [
+    "forget_session_model",
+    "model_choices",
+    "model_label",
+    "register_session_model",
+    "session_models",
+    "watch_models",
+]
+
+log = logging.getLogger(__name__)
+
+_MODELS: list[str] = []
+# Open widgets that list models, told about new ones; closed docks drop out on their own.
+_WATCHERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def session_models() -> list[str]:
+    """Weights files added in this session (trained or picked), oldest first."""
+    return list(_MODELS)
+
+
+def model_label(path: str | Path) -> str:
+    """How a session model is listed: ``<run folder>/<file>`` (``yolov5n/best.pt``)."""
+    p = Path(path)
+    return f"{p.parent.parent.name}/{p.name}"
+
+
+def model_choices(untrained: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """``(label, value)`` model choices: the registry (default first), then ``untrained``
+    architecture YAMLs, then the session's models.
+
+    A registry that cannot be read is logged and leaves the classical detector, so a broken
+    ``models.yaml`` never breaks a widget.
+    """
+    try:
+        specs = list_models()
+    except Exception as exc:  # noqa: BLE001 - a broken registry must not break the widget
+        log.warning("cannot read the model registry: %s", exc)
+        specs = [resolve_model("classical")]
+    specs = sorted(specs, key=lambda s: not s.default)  # the default model first
+    choices = [
+        (s.name if s.family == "classical" else f"{s.name} ({s.family})", s.name) for s in specs
+    ]
+    choices += [(f"{name} (untrained)", name) for name in untrained]
+    return choices + [(model_label(p), p) for p in _MODELS]
+
+
+def watch_models(widget: Any) -> None:
+    """Call ``widget.refresh_models()`` whenever a model is added (weakly referenced)."""
+    _WATCHERS.add(widget)
+
+
+def register_session_model(path: str | Path) -> str:
+    """Add a weights file to the session's models and refresh every watching widget.
+
+    Call from the GUI thread (the Train widget does, when a run ends).
+
+    Returns
+    -------
+    str
+        The absolute path as it appears in the model choices.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights file not found: {str(path)!r}")
+    key = str(path.resolve())
+    if key not in _MODELS:
+        _MODELS.append(key)
+    _notify()
+    return key
+
+
+def forget_session_model(path: str | Path) -> None:
+    """Remove a model from the session's list (if there) and refresh the watching widgets."""
+    key = str(Path(path).expanduser().resolve())
+    if key in _MODELS:
+        _MODELS.remove(key)
+        _notify()
+
+
+def _notify() -> None:
+    for widget in list(_WATCHERS):
+        try:
+            widget.refresh_models()
+        except RuntimeError:  # its Qt side was deleted (dock closed): forget it
+            _WATCHERS.discard(widget)
