@@ -249,7 +249,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tiff = Path(args.tiff) if args.tiff else Path(tmp) / "bench.tif"
         if not args.tiff:
-            from napari_yolocell.data.synthetic import write_synthetic_tiff
+            from napari_yolocell.data.synthetic_tiff import write_synthetic_tiff
 
             truth = len(
                 write_synthetic_tiff(tiff, shape=(args.size, args.size), tile=512, levels=3)

@@ -7,6 +7,11 @@ and the child's peak RSS (its own ``VmHWM`` from /proc, else ``ru_maxrss``, at e
 included; ``ru_maxrss`` alone would inherit the parent's peak across fork+exec). Prints a
 markdown table.
 
+Then the cold open as napari does it: ``npe2.read`` in a fresh process (npe2 imported and its
+plugins discovered first, as in a running napari), so the plugin's own imports count: our
+reader, and napari-tiff when it is installed. Median of ``--cold-repeat`` processes per reader,
+run alternately.
+
     python benchmarks/bench_reader.py [--path big.tif] [--size 16384] [--repeat 3]
 """
 
@@ -16,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +31,13 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 variant, path = sys.argv[1], sys.argv[2]
-import numpy as np, tifffile  # noqa: E401 - imports are part of the baseline, not of the timing
+# imports are the baseline, not part of the timing (the cold open below counts them); dask's
+# first compute imports dask.distributed when it is installed
+import numpy as np, tifffile, zarr, dask.array  # noqa: E401
+try:
+    import distributed  # noqa: F401
+except ImportError:
+    pass
 if variant != "tifffile.imread (whole file)":
     from napari_yolocell.shell.reader import read_tiff
     from napari_yolocell.io.tiff import open_tiff
@@ -59,6 +71,22 @@ print(json.dumps({"open_s": t1 - t0, "first_tile_s": t2 - t0, "rss_mb": rss,
                   "rss_imports_mb": rss_imports}))
 """
 
+# npe2.read in a fresh process; npe2 itself is imported and its plugins discovered first (napari
+# has done both before it opens a file), so the time is the plugin's imports + open + reading.
+COLD_CHILD = r"""
+import json, sys, time
+plugin, path = sys.argv[1], sys.argv[2]
+import npe2
+npe2.PluginManager.instance().discover()
+before = set(sys.modules)
+t0 = time.perf_counter()
+layers = npe2.read([path], stack=False, plugin_name=plugin)
+t1 = time.perf_counter()
+heavy = ("numpy", "tifffile", "zarr", "dask", "distributed", "scipy", "pandas", "torch")
+new = {m.split(".")[0] for m in set(sys.modules) - before}
+print(json.dumps({"open_s": t1 - t0, "imported": sorted(new & set(heavy))}))
+"""
+
 VARIANTS = [
     "import only",
     "open_tiff (core)",
@@ -78,18 +106,50 @@ def run_variant(variant: str, path: Path) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cold_open(path: Path, repeat: int) -> list[tuple[str, float, list[str]]]:
+    """Median ``npe2.read`` time in fresh processes, per installed TIFF reader plugin.
+
+    Returns
+    -------
+    list of (plugin, median seconds, heavy top-level modules imported by the read)
+    """
+    import importlib.util
+
+    plugins = ["napari-yolocell"]
+    if importlib.util.find_spec("napari_tiff") is not None:
+        plugins.append("napari-tiff")
+    runs: dict[str, list[dict]] = {p: [] for p in plugins}
+    for i in range(repeat + 1):
+        for plugin in plugins:  # alternate, so a busy moment hits both alike
+            out = subprocess.run(
+                [sys.executable, "-c", COLD_CHILD, plugin, str(path)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            if i:  # the first round only warms the page cache and the .pyc files
+                runs[plugin].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return [
+        (p, statistics.median(r["open_s"] for r in rs), rs[-1]["imported"])
+        for p, rs in runs.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--path", type=Path, help="existing TIFF to read (else one is written)")
     parser.add_argument("--size", type=int, default=16384, help="side of the generated image")
     parser.add_argument("--repeat", type=int, default=3, help="runs per variant (best is shown)")
+    parser.add_argument(
+        "--cold-repeat", type=int, default=7, help="fresh processes per reader for the cold open"
+    )
     args = parser.parse_args(argv)
 
     tmp = None
     path = args.path
     if path is None or not path.exists():
-        from napari_yolocell.data.synthetic import write_synthetic_tiff
+        from napari_yolocell.data.synthetic_tiff import write_synthetic_tiff
 
         if path is None:
             tmp = tempfile.TemporaryDirectory()
@@ -120,6 +180,13 @@ def main(argv: list[str] | None = None) -> None:
     print("| --- | ---: | ---: | ---: |")
     for variant, r in rows:
         print(f"| {variant} | {r['open_s']:.3f} | {r['first_tile_s']:.3f} | {r['rss_mb']:.0f} |")
+    print()
+    print(f"Cold open through npe2 (plugin imports included), median of {args.cold_repeat}:")
+    print()
+    print("| reader | npe2.read (s) | imported on the read path |")
+    print("| --- | ---: | --- |")
+    for plugin, seconds, imported in cold_open(path, args.cold_repeat):
+        print(f"| {plugin} | {seconds:.3f} | {', '.join(imported)} |")
     if tmp is not None:
         tmp.cleanup()
 

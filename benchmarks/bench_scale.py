@@ -143,7 +143,7 @@ def _spawn_variant(args, variant: str, backend: str, tiff: Path) -> dict:
 def part_a(args, work: Path) -> tuple[str, dict]:
     import pandas as pd
 
-    from napari_yolocell.data.synthetic import write_synthetic_tiff
+    from napari_yolocell.data.synthetic_tiff import write_synthetic_tiff
 
     tiff = args.slide or work / "slide.tif"
     levels = max(1, int(np.log2(args.size / 1024)) + 1)

@@ -1,4 +1,10 @@
-"""Shared pytest fixtures (keep minimal; modules add their own fixtures in their test files)."""
+"""Shared pytest fixtures (keep minimal; modules add their own fixtures in their test files).
+
+Tests that read the project's shared public data (``../shared/data``: BBBC039, the SVS slide,
+the Roboflow export) carry the ``shared_data`` marker: a test asking for the ``shared_data`` or
+``fixtures_dir`` fixture gets it automatically. On a fresh clone without that folder they skip
+with a one-line reason; with ``YOLOCELL_REQUIRE_SHARED_DATA=1`` (CI) a missing folder fails them.
+"""
 
 from __future__ import annotations
 
@@ -13,22 +19,69 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("YOLOCELL_SHARED_DATA", ROOT.parent / "shared" / "data"))
 #: Small real-world fixture files (SVS slide, Roboflow export); override with YOLOCELL_FIXTURES.
 FIXTURES_DIR = Path(os.environ.get("YOLOCELL_FIXTURES", SHARED_DATA / "fixtures"))
+#: CI sets YOLOCELL_REQUIRE_SHARED_DATA=1: there the data must be present, so missing is an error.
+REQUIRE_SHARED_DATA = os.environ.get("YOLOCELL_REQUIRE_SHARED_DATA", "") not in ("", "0")
+
+#: Fixture name -> (folder it serves, environment variable that overrides it).
+_SHARED_FIXTURES = {
+    "shared_data": (SHARED_DATA, "YOLOCELL_SHARED_DATA"),
+    "fixtures_dir": (FIXTURES_DIR, "YOLOCELL_FIXTURES"),
+}
+
+
+def _missing_reason(folder: Path, env: str) -> str:
+    """One-line reason for a test that cannot run because ``folder`` is missing."""
+    return f"needs the shared data: {folder} not found (set {env})"
+
+
+def _needed_folders(item: pytest.Item) -> list[tuple[Path, str]]:
+    """The shared folders a test needs: from the fixtures it uses, else the marker's default."""
+    names = getattr(item, "fixturenames", ())
+    needed = [_SHARED_FIXTURES[name] for name in _SHARED_FIXTURES if name in names]
+    if not needed and item.get_closest_marker("shared_data"):
+        needed = [_SHARED_FIXTURES["shared_data"]]
+    return needed
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs shared data; skip it here when the folder is missing."""
+    for item in items:
+        needed = _needed_folders(item)
+        if not needed:
+            continue
+        if not item.get_closest_marker("shared_data"):
+            item.add_marker(pytest.mark.shared_data)
+        missing = [(folder, env) for folder, env in needed if not folder.is_dir()]
+        if missing and not REQUIRE_SHARED_DATA:
+            item.add_marker(pytest.mark.skip(reason=_missing_reason(*missing[0])))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under YOLOCELL_REQUIRE_SHARED_DATA=1 a marked test with its folder missing fails."""
+    for folder, env in _needed_folders(item):
+        if not folder.is_dir():
+            pytest.fail(_missing_reason(folder, env), pytrace=False)
+
+
+def _shared_folder(name: str) -> Path:
+    folder, env = _SHARED_FIXTURES[name]
+    if not folder.is_dir():  # a fallback: the hooks above have decided before any fixture runs
+        if REQUIRE_SHARED_DATA:
+            pytest.fail(_missing_reason(folder, env), pytrace=False)
+        pytest.skip(_missing_reason(folder, env))
+    return folder
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    """Folder holding the shared real-world fixture files."""
-    if not FIXTURES_DIR.is_dir():
-        pytest.fail(f"fixture folder {FIXTURES_DIR} not found: set YOLOCELL_FIXTURES")
-    return FIXTURES_DIR
+    """Folder holding the shared real-world fixture files (SVS slide, Roboflow export)."""
+    return _shared_folder("fixtures_dir")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared public data folder (BBBC039, DSB2018, Kromp 2020, fixtures)."""
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data folder {SHARED_DATA} not found: set YOLOCELL_SHARED_DATA")
-    return SHARED_DATA
+    return _shared_folder("shared_data")
 
 
 class RecordingArray:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 import tifffile
 from tifffile.zarr import ZarrTiffStore
 
-from napari_yolocell.data.synthetic import write_synthetic_tiff
+from napari_yolocell.data.synthetic_tiff import write_synthetic_tiff
 from napari_yolocell.io.tiff import TiffReadError, open_tiff, open_tiffs
 from napari_yolocell.shell.reader import napari_get_reader, read_tiff
 
@@ -51,7 +54,7 @@ def test_plain_2d(tmp_path):
 
     arr, kwargs, kind = _layer(path)
     assert kind == "image" and kwargs["name"] == "plain" and not kwargs["multiscale"]
-    assert isinstance(arr, da.Array)
+    assert isinstance(arr, np.memmap)  # lazy, and napari gets no dask array (cold open)
     np.testing.assert_array_equal(np.asarray(arr), data)
     lo, hi = kwargs["contrast_limits"]
     assert 0 <= lo < hi <= 4000
@@ -72,6 +75,30 @@ def test_pyramid_subifds(pyramid):
     data, kwargs, _ = _layer(path)
     assert kwargs["multiscale"] is True and isinstance(data, list) and len(data) == 3
     assert kwargs["metadata"]["level_shapes"] == [w.shape for w in written]
+    for lvl, w in zip(data, written, strict=True):  # napari gets the zarr arrays, not dask
+        assert not hasattr(lvl, "dask")
+        np.testing.assert_array_equal(lvl[37:300, 100:290], w[37:300, 100:290])
+
+
+def test_read_path_imports_only_what_it_needs(pyramid):
+    """A cold open through napari: asking imports nothing heavy, reading no dask/torch/pandas."""
+    path, _ = pyramid
+    code = (
+        "import json, sys\n"
+        "from napari_yolocell.shell.reader import napari_get_reader\n"
+        "top = lambda: sorted({m.split('.')[0] for m in sys.modules})\n"
+        "reader = napari_get_reader(sys.argv[1])\n"
+        "asked = top()\n"
+        "reader(sys.argv[1])\n"
+        "print(json.dumps([asked, top()]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+    )
+    asked, read = (set(m) for m in json.loads(out.stdout.splitlines()[-1]))
+    assert not asked & {"numpy", "tifffile", "zarr", "dask"}, asked
+    assert {"numpy", "tifffile", "zarr"} <= read
+    assert not read & {"dask", "distributed", "scipy", "pandas", "torch"}, read
 
 
 def test_ome_channels_and_pixel_size(tmp_path):

@@ -161,7 +161,8 @@ def test_pyramid_with_diameter_and_normalisation(normalize):
 
 
 def test_slide_like_synthetic_tiff_skips_background_and_counts_every_nucleus(tmp_path):
-    from napari_yolocell.data.synthetic import tissue_mask_at, write_synthetic_tiff
+    from napari_yolocell.data.synthetic import tissue_mask_at
+    from napari_yolocell.data.synthetic_tiff import write_synthetic_tiff
     from napari_yolocell.io.tiff import open_tiff
 
     shape = (3072, 3072)

@@ -8,12 +8,8 @@ import tifffile
 from scipy.spatial.distance import pdist
 from skimage.measure import label, regionprops
 
-from napari_yolocell.data.synthetic import (
-    make_lazy_nuclei_image,
-    make_nuclei_image,
-    place_nuclei,
-    write_synthetic_tiff,
-)
+from napari_yolocell.data.synthetic import make_lazy_nuclei_image, make_nuclei_image, place_nuclei
+from napari_yolocell.data.synthetic_tiff import write_synthetic_tiff
 
 
 def test_make_nuclei_image_truth():

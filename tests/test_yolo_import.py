@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -13,14 +14,16 @@ from conftest import FIXTURES_DIR as FIXTURES  # noqa: E402
 from PIL import Image
 
 from napari_yolocell.io.yolo import (
+    image_size,
+    load_image,
     locate_splits,
     parse_label_file,
     read_yolo_dataset,
-    to_napari_layers,
 )
+from napari_yolocell.shell.layers import import_dataset_layers, to_napari_layers
 
 ROBOFLOW = FIXTURES / "roboflow_yolo_export"
-needs_roboflow = pytest.mark.usefixtures("fixtures_dir")  # fails loudly if missing
+needs_roboflow = pytest.mark.usefixtures("fixtures_dir")  # marks shared_data (conftest)
 
 
 def _image(path: Path, size: tuple[int, int] = (40, 60)) -> None:
@@ -37,7 +40,7 @@ def _label(path: Path, text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def roboflow():
+def roboflow(fixtures_dir):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = read_yolo_dataset(ROBOFLOW)
@@ -197,3 +200,45 @@ def test_no_yaml_conventional_layout_and_missing_dataset(tmp_path):
     assert ds.names == ("0", "1", "2", "3") and ds.splits == ["train"]
     with pytest.raises(FileNotFoundError):
         read_yolo_dataset(tmp_path / "nope")
+
+
+def test_unique_images_problem_summary_and_review_layers(tmp_path):
+    """A val split pointing at the train folder (as our exports do when val is empty)."""
+    for name in ("a", "b", "c"):
+        _image(tmp_path / f"images/train/{name}.png", (40, 60))
+        _label(tmp_path / f"labels/train/{name}.txt", "0 0.5 0.5 0.5 0.5\n")
+    _label(tmp_path / "labels/train/ghost.txt", "0 0.5 0.5 0.1 0.1\n")
+    (tmp_path / "data.yaml").write_text(
+        f"path: {tmp_path}\ntrain: images/train\nval: images/train\nnames: [nucleus]\n"
+    )
+    ds = read_yolo_dataset(tmp_path, warn=False)
+    assert ds.problem_summary().startswith("2 problem(s) (2 orphan_label); first: ")
+    assert "ghost.txt" in ds.problem_summary() and "\n" not in ds.problem_summary()
+    twice = dataclasses.replace(ds, samples=ds.samples + ds.split("train"))  # a shared folder
+    names = [s.image_path.name for s in twice.unique_images()]
+    assert len(twice) == 6 and names == ["a.png", "b.png", "c.png"]
+    assert len(twice.unique_images(2)) == 2
+    assert dataclasses.replace(ds, problems=[]).problem_summary() == ""
+
+    layers, read = import_dataset_layers(tmp_path, max_images=2)
+    assert [kind for *_, kind in layers] == ["image", "shapes"] * 2
+    assert [meta["name"] for _, meta, _ in layers] == ["a", "a boxes", "b", "b boxes"]
+    assert read.root == ds.root
+    layers, _ = import_dataset_layers(tmp_path, split="train", max_images=20)
+    assert len(layers) == 6
+
+
+def test_tiff_images_are_read_through_open_image(tmp_path):
+    import tifffile
+
+    grey = (np.arange(30 * 50).reshape(30, 50) * 40).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "g.tif", grey)
+    np.testing.assert_array_equal(load_image(tmp_path / "g.tif"), grey)
+    assert image_size(tmp_path / "g.tif") == (30, 50)
+    channels = np.zeros((3, 30, 50), np.uint16)  # 16-bit multichannel: PIL cannot open it
+    tifffile.imwrite(tmp_path / "c.tiff", channels, photometric="minisblack")
+    assert image_size(tmp_path / "c.tiff") == (30, 50)
+    assert load_image(tmp_path / "c.tiff").shape == (3, 30, 50)
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00not a tiff")
+    with pytest.raises(ValueError, match="bad.tif"):
+        load_image(tmp_path / "bad.tif")

@@ -4,7 +4,8 @@ napari-free. Nuclei are soft-edged, slightly elliptic, dome-shaped blobs that ne
 flat background with read noise and shot noise. Positions are fixed up front, so any region (a
 tile, a dask chunk, a downsampled pyramid level) can be rendered independently and blobs that
 cross region borders come out identical on both sides. This is what lets
-:func:`write_synthetic_tiff` stream gigapixel pyramidal BigTIFFs in bounded memory.
+:func:`napari_yolocell.data.synthetic_tiff.write_synthetic_tiff` stream gigapixel pyramidal
+BigTIFFs in bounded memory (positions come from :mod:`napari_yolocell.data.hard_core`).
 
 Coordinates: continuous pixel coordinates where pixel ``i`` spans ``[i, i + 1)``; ``centers``
 are the centres of ``boxes`` (``y0, x0`` inclusive top-left, ``y1, x1`` exclusive bottom-right),
@@ -13,19 +14,16 @@ matching the detections DataFrame of the engine.
 
 from __future__ import annotations
 
-import os
-import warnings
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dask.array as da
 import numpy as np
-import pandas as pd
-import tifffile
-from scipy.spatial import cKDTree
+
+from napari_yolocell.data.hard_core import hard_core_density, hard_core_exact
+
+if TYPE_CHECKING:
+    import dask.array as da
+    import pandas as pd
 
 __all__ = [
     "NucleusField",
@@ -33,12 +31,12 @@ __all__ = [
     "make_lazy_nuclei_image",
     "make_nuclei_image",
     "place_nuclei",
-    "write_synthetic_tiff",
+    "prepare_noise",
+    "tissue_mask_at",
 ]
 
 _EDGE_PX = 1.2  # width of the soft nucleus edge (sigmoid scale) at full resolution
 _SHOT_GAIN = 1.0  # shot-noise variance per unit of signal
-_BAND = 4096  # rows per band when placing nuclei over huge images
 
 
 @dataclass
@@ -211,6 +209,8 @@ class NucleusField:
         -------
         dask.array.Array
         """
+        import dask.array as da
+
         dtype = np.dtype(dtype)
         shape = (-(-self.shape[0] // factor), -(-self.shape[1] // factor))
 
@@ -330,9 +330,11 @@ def place_nuclei(
     if centers is not None:
         pts = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
     elif n_nuclei is not None:
-        pts = _rsa_exact(h, w, int(n_nuclei), float(min_distance), rng)
+        pts = hard_core_exact(h, w, int(n_nuclei), float(min_distance), rng)
     else:
-        pts = _rsa_density(h, w, 400.0 if density is None else float(density), min_distance, rng)
+        pts = hard_core_density(
+            h, w, 400.0 if density is None else float(density), min_distance, rng
+        )
     if tissue < 1.0:
         pts = pts[tissue_mask_at(pts, (h, w), tissue, seed)]
     n = len(pts)
@@ -465,178 +467,13 @@ def make_lazy_nuclei_image(
     return arr, field
 
 
-def write_synthetic_tiff(
-    path: str | os.PathLike,
-    shape: tuple[int, int] = (8192, 8192),
-    tile: int = 512,
-    levels: int = 4,
-    diameter: tuple[float, float] = (12.0, 24.0),
-    density: float = 400.0,
-    seed: int = 0,
-    compression: str | None = "zlib",
-    compressionargs: dict | None = None,
-    dtype: np.dtype | type = np.uint16,
-    maxworkers: int | None = None,
-    **kwargs: float,
-) -> pd.DataFrame:
-    """Stream a tiled, pyramidal (SubIFD) BigTIFF of synthetic nuclei to disk.
-
-    The image is generated tile by tile (never whole in memory); pyramid levels are rendered
-    from the same nucleus positions at 1/2, 1/4, ... resolution (not pixel-exact downsamples).
-    Memory is bounded by the nucleus table (~100 bytes per nucleus) plus a few tiles.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Output file (``.tif``).
-    shape : tuple of int
-        Full-resolution (H, W), e.g. (32768, 32768) for a gigapixel image.
-    tile : int
-        Tile edge length (multiple of 16).
-    levels : int
-        Total number of resolution levels including full resolution (1 = no pyramid).
-    diameter : tuple of float
-        Range of major-axis diameters at full resolution.
-    density : float
-        Nuclei per megapixel.
-    seed : int
-        Random seed.
-    compression : str or None
-        tifffile compression, e.g. ``"zlib"`` (default), ``"zstd"``, None.
-    compressionargs : dict, optional
-        Codec arguments; default ``{"level": 1}`` for zlib/zstd (fast; noisy data compress
-        poorly at any level).
-    dtype : numpy dtype
-        Pixel type.
-    maxworkers : int, optional
-        Threads used by tifffile to compress tiles (default: tifffile's choice).
-    **kwargs
-        ``intensity``, ``background``, ``noise``, ``min_distance`` for :func:`place_nuclei`.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Ground truth, columns ``y, x, y0, x0, y1, x1, diameter`` (full-resolution pixels).
-        The count is also stored in the file (tifffile JSON description, ``true_count``).
-    """
-    if tile % 16:
-        raise ValueError(f"tile must be a multiple of 16, got {tile}")
-    field = place_nuclei(shape, density=density, diameter=diameter, seed=seed, **kwargs)
-    dtype = np.dtype(dtype)
-    if compressionargs is None and compression in ("zlib", "zstd", "deflate", "adobe_deflate"):
-        compressionargs = {"level": 1}
-    h, w = field.shape
-    level_shapes = [(h, w)]
-    for _ in range(1, max(1, int(levels))):
-        ph, pw = level_shapes[-1]
-        if min(ph, pw) < 2:
-            break
-        level_shapes.append((-(-ph // 2), -(-pw // 2)))
-
-    if maxworkers is None:
-        maxworkers = max(2, min(4, os.cpu_count() or 1))
-    encode = _tile_encoder(compression, compressionargs)
-    path = Path(path)
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for lvl, lshape in enumerate(level_shapes):
-            if encode is not None:
-                # Render + compress tiles in a small thread pool (numpy and the codecs release the
-                # GIL), in order, with a bounded number of tiles in flight.
-                tiles = _encoded_tiles(
-                    field, lshape, tile, 2**lvl, dtype, seed, lvl, encode, maxworkers
-                )
-                kwargs_c = dict(compression=compression)
-            else:
-                tiles = _tile_iterator(field, lshape, tile, 2**lvl, dtype, seed, lvl)
-                kwargs_c = dict(
-                    compression=compression,
-                    compressionargs=compressionargs,
-                    maxworkers=maxworkers,
-                    buffersize=16 * tile * tile * dtype.itemsize,
-                )
-            common = dict(dtype=dtype, tile=(tile, tile), photometric="minisblack", **kwargs_c)
-            if lvl == 0:
-                tw.write(
-                    tiles,
-                    shape=lshape,
-                    subifds=len(level_shapes) - 1,
-                    metadata={"true_count": len(field), "seed": seed},
-                    **common,
-                )
-            else:
-                # Keep tifffile's default (shaped) metadata: metadata=None here breaks the
-                # shaped series of the main IFD.
-                tw.write(tiles, shape=lshape, subfiletype=1, **common)
-    return field.truth()
-
-
-def _tile_encoder(
-    compression: str | None, compressionargs: dict | None
-) -> Callable[[np.ndarray], bytes] | None:
-    """Encoder for pre-compressed tiles, or None to let tifffile compress."""
-    if compression not in ("zlib", "zstd", "adobe_deflate", "deflate"):
-        return None
-    import imagecodecs
-
-    level = (compressionargs or {}).get("level")
-    if compression == "zstd":
-        return lambda data: imagecodecs.zstd_encode(data, level=level)
-    return lambda data: imagecodecs.zlib_encode(data, level=level)
-
-
-def _encoded_tiles(
-    field: NucleusField,
-    shape: tuple[int, int],
-    tile: int,
-    factor: int,
-    dtype: np.dtype,
-    seed: int,
-    level: int,
-    encode: Callable[[np.ndarray], bytes],
-    workers: int,
-) -> Iterator[bytes]:
-    h, w = shape
-    _unit_noise(1, 1, [seed])  # build the shared noise bank before threads start
-
-    def job(ty: int, tx: int) -> bytes:
-        th, tw_ = min(tile, h - ty), min(tile, w - tx)
-        data = field.render(ty, tx, th, tw_, factor, dtype, seed=[seed, level, ty, tx])
-        if (th, tw_) != (tile, tile):
-            padded = np.zeros((tile, tile), dtype)  # encoded tiles must be full size
-            padded[:th, :tw_] = data
-            data = padded
-        return encode(np.ascontiguousarray(data))
-
-    pending: deque[Future[bytes]] = deque()
-    with ThreadPoolExecutor(workers) as pool:
-        for ty in range(0, h, tile):
-            for tx in range(0, w, tile):
-                pending.append(pool.submit(job, ty, tx))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def _tile_iterator(
-    field: NucleusField,
-    shape: tuple[int, int],
-    tile: int,
-    factor: int,
-    dtype: np.dtype,
-    seed: int,
-    level: int,
-) -> Iterator[np.ndarray]:
-    h, w = shape
-    for ty in range(0, h, tile):
-        for tx in range(0, w, tile):
-            th, tw_ = min(tile, h - ty), min(tile, w - tx)
-            # tifffile pads partial edge tiles itself.
-            yield field.render(ty, tx, th, tw_, factor, dtype, seed=[seed, level, ty, tx])
-
-
 _NOISE_BANK: dict[int, np.ndarray] = {}
 _BANK_SIZE = 2048
+
+
+def prepare_noise(seed: int) -> None:
+    """Build the shared noise bank for ``seed`` now, before several threads render tiles."""
+    _unit_noise(1, 1, [seed])
 
 
 def _unit_noise(height: int, width: int, seed: int | list[int]) -> np.ndarray:
@@ -662,6 +499,8 @@ def _unit_noise(height: int, width: int, seed: int | list[int]) -> np.ndarray:
 
 
 def _truth_frame(centers: np.ndarray, boxes: np.ndarray, diameters: np.ndarray) -> pd.DataFrame:
+    import pandas as pd
+
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return pd.DataFrame(
@@ -684,85 +523,3 @@ def _cast(img: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
         np.rint(img, out=img)
         np.clip(img, info.min, info.max, out=img)
     return img.astype(dtype, copy=False)
-
-
-def _rsa(points: np.ndarray, marks: np.ndarray, min_distance: float) -> np.ndarray:
-    """Random sequential adsorption in arrival order ``marks`` (vectorised).
-
-    A point is accepted when no earlier-accepted point lies within ``min_distance``. Solved in
-    rounds: points whose mark is smallest among their undecided neighbours are accepted, their
-    neighbours rejected. Returns the boolean accepted mask.
-    """
-    n = len(points)
-    accepted = np.zeros(n, bool)
-    if n == 0:
-        return accepted
-    pairs = cKDTree(points).query_pairs(min_distance, output_type="ndarray")
-    undecided = np.ones(n, bool)
-    while pairs.size:
-        i, j = pairs[:, 0], pairs[:, 1]
-        nbr_min = np.full(n, np.inf)
-        np.minimum.at(nbr_min, i, marks[j])
-        np.minimum.at(nbr_min, j, marks[i])
-        win = undecided & (marks < nbr_min)
-        accepted |= win
-        undecided &= ~win
-        lose = np.zeros(n, bool)
-        lose[j[win[i]]] = True
-        lose[i[win[j]]] = True
-        undecided &= ~lose
-        pairs = pairs[undecided[i] & undecided[j]]
-    accepted |= undecided  # no remaining conflicts
-    return accepted
-
-
-def _rsa_exact(h: int, w: int, n: int, min_distance: float, rng: np.random.Generator) -> np.ndarray:
-    if n <= 0:
-        return np.zeros((0, 2))
-    n_cand = max(4 * n, 64)
-    for _ in range(4):
-        pts = rng.uniform((0, 0), (h, w), (n_cand, 2))
-        marks = rng.random(n_cand)
-        ok = np.nonzero(_rsa(pts, marks, min_distance))[0]
-        if len(ok) >= n:
-            # The first n accepted in arrival order are exactly what sequential RSA would give.
-            return pts[ok[np.argsort(marks[ok])[:n]]]
-        n_cand *= 3
-    raise ValueError(
-        f"cannot place {n} non-overlapping nuclei (min centre distance {min_distance:.1f} px) "
-        f"in a {h} x {w} image; lower n_nuclei, diameter or min_distance"
-    )
-
-
-def _rsa_density(
-    h: int, w: int, density: float, min_distance: float, rng: np.random.Generator
-) -> np.ndarray:
-    """Hard-core positions at ``density`` per megapixel, band by band (bounded memory)."""
-    out: list[np.ndarray] = []
-    fixed = np.zeros((0, 2))
-    short = 0
-    for y0 in range(0, h, _BAND):
-        y1 = min(h, y0 + _BAND)
-        target = int(round(density * (y1 - y0) * w / 1e6))
-        if target <= 0:
-            continue
-        n_cand = 4 * target
-        cand = rng.uniform((y0, 0), (y1, w), (n_cand, 2))
-        marks = rng.random(n_cand)
-        # Points kept in the previous band act as already accepted (mark -1).
-        pts = np.concatenate([fixed, cand])
-        all_marks = np.concatenate([np.full(len(fixed), -1.0), marks])
-        ok = _rsa(pts, all_marks, min_distance)[len(fixed) :]
-        idx = np.nonzero(ok)[0]
-        idx = idx[np.argsort(marks[idx])[:target]]
-        short += target - len(idx)
-        band = cand[idx]
-        out.append(band)
-        fixed = band[band[:, 0] >= y1 - min_distance]
-    if short:
-        warnings.warn(
-            f"density {density}/MP too high for min distance {min_distance:.1f} px: "
-            f"{short} nuclei could not be placed",
-            stacklevel=3,
-        )
-    return np.concatenate(out) if out else np.zeros((0, 2))

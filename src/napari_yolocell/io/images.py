@@ -1,6 +1,8 @@
-"""Open any image a user points the CLI at: TIFF lazily (via :mod:`tiff_io`), PNG/JPEG/BMP eagerly.
+"""Open any image a user points the CLI at: TIFF and OME-Zarr lazily (via :mod:`tiff_io` and
+:mod:`~napari_yolocell.io.omezarr`), PNG/JPEG/BMP eagerly.
 
-Also expands folders and glob patterns into image files.
+Also expands folders and glob patterns into image files. An OME-Zarr image is a folder
+(``.zarr``): expansion takes it as one image and never descends into it.
 """
 
 from __future__ import annotations
@@ -13,13 +15,34 @@ from typing import Any
 
 import numpy as np
 
+from napari_yolocell.io.omezarr import ZARR_SUFFIXES, is_zarr_path, open_omezarr
 from napari_yolocell.io.tiff import TiffReadError, is_tiff_path, open_tiff
 
-__all__ = ["IMAGE_SUFFIXES", "OpenedImage", "expand_inputs", "open_image"]
+__all__ = ["IMAGE_SUFFIXES", "OpenedImage", "expand_inputs", "glob_images", "open_image"]
 
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs")
-IMAGE_SUFFIXES = TIFF_SUFFIXES + PLAIN_SUFFIXES
+IMAGE_SUFFIXES = TIFF_SUFFIXES + PLAIN_SUFFIXES + ZARR_SUFFIXES
+
+
+def is_zarr_image(path: str | os.PathLike) -> bool:
+    """True for a zarr folder: named ``.zarr`` or holding zarr group metadata (v2 or v3)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    return is_zarr_path(p) or (p / "zarr.json").is_file() or (p / ".zgroup").is_file()
+
+
+def _folder_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursively) and zarr image folders, not entering those."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        base = Path(folder)
+        zarrs = [d for d in dirs if is_zarr_image(base / d)]
+        found.extend(base / d for d in zarrs)
+        dirs[:] = [d for d in dirs if d not in zarrs]
+        found.extend(base / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(found)
 
 
 @dataclass
@@ -41,6 +64,14 @@ class OpenedImage:
     def data(self):
         return self.levels[0]
 
+    @property
+    def pixel_size_um(self) -> tuple[float, float] | None:
+        """Pixel size (y, x) in micrometres from the file's metadata; None when unknown."""
+        size = self.metadata.get("pixel_size_um") or {}
+        if "Y" in size and "X" in size:
+            return float(size["Y"]), float(size["X"])
+        return None
+
     def close(self) -> None:
         if self._close is not None:
             self._close()
@@ -59,6 +90,17 @@ def open_image(path: str | os.PathLike) -> OpenedImage:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file")
+    if is_zarr_image(p):
+        z = open_omezarr(p)
+        return OpenedImage(
+            path=p,
+            levels=list(z.levels),
+            axes=z.axes,
+            channel_axis=z.channel_axis,
+            rgb=False,
+            metadata=dict(z.metadata),
+            _close=z.close,
+        )
     if p.is_dir():
         raise ValueError(f"{p} is a folder; give image files (or let the CLI expand the folder)")
     if is_tiff_path(p):
@@ -114,6 +156,8 @@ def _is_grey(arr: np.ndarray) -> bool:
 def expand_inputs(inputs: list[str]) -> list[str]:
     """Files as given; folders -> their image files (recursively); globs (``plate/**/*.tif``).
 
+    A zarr folder (``.zarr``, or holding zarr metadata) is one image, named or found.
+
     Order is kept (sorted within a folder or glob) and duplicates are removed. A file named
     explicitly keeps the spelling the user gave (it is what the CLI prints back). A pattern or
     folder that matches nothing raises ``FileNotFoundError``.
@@ -121,16 +165,22 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     out: list[Path | str] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            found = sorted(
-                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-            )
+        if is_zarr_image(p):
+            out.append(item)
+        elif p.is_dir():
+            found = _folder_images(p)
             if not found:
                 kinds = ", ".join(IMAGE_SUFFIXES)
                 raise FileNotFoundError(f"{p}: folder holds no images ({kinds})")
             out.extend(found)
         elif glob.has_magic(item):
-            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
+            found = sorted(
+                Path(f)
+                for f in glob.glob(item, recursive=True)
+                if Path(f).is_file() or is_zarr_image(f)
+            )
+            # ``**`` also matches the chunk files inside a zarr image: keep the image only
+            found = [f for f in found if not any(is_zarr_image(a) for a in f.parents)]
             if not found:
                 raise FileNotFoundError(f"{item}: pattern matches no files")
             out.extend(found)
@@ -144,3 +194,46 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             seen.add(key)
             uniq.append(str(f))
     return uniq
+
+
+def glob_images(folder: str | os.PathLike, pattern: str = "*.tif") -> list[Path]:
+    """Image files of ``folder`` matching ``pattern`` (``**`` recurses), sorted.
+
+    Files without an image suffix (:data:`IMAGE_SUFFIXES`) are skipped, so a broad pattern
+    never picks up the CSVs or part files of a previous run written into the same folder.
+
+    Parameters
+    ----------
+    folder : path
+        Folder to search; the pattern is relative to it.
+    pattern : str
+        Glob pattern (default ``*.tif``; blank means the default).
+
+    Returns
+    -------
+    list of Path
+
+    Raises
+    ------
+    ValueError
+        No folder given (empty or ``.``), or it is not a folder.
+    FileNotFoundError
+        No image file matches.
+    """
+    if not str(folder).strip() or str(folder) == ".":
+        raise ValueError("choose an input folder")
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"input folder {str(root)!r} is not a folder")
+    pattern = pattern.strip() or "*.tif"
+    # escape the folder: brackets in a folder name are not a pattern
+    try:
+        found = [Path(p) for p in expand_inputs([os.path.join(glob.escape(str(root)), pattern)])]
+    except FileNotFoundError:
+        found = []
+    images = [
+        p for p in found if (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) or is_zarr_image(p)
+    ]
+    if not images:
+        raise FileNotFoundError(f"no image file matches {pattern!r} in {str(root)!r}")
+    return images

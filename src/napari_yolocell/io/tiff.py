@@ -1,8 +1,15 @@
 """Lazy opening of (large) TIFF files: plain, BigTIFF, pyramidal, OME, ImageJ, Aperio SVS.
 
 napari-free core. :func:`open_tiff` parses only the TIFF headers (IFDs); pixel data are read on
-demand, tile by tile, through tifffile's zarr store wrapped in dask arrays. Uncompressed contiguous
-images are memory-mapped instead (a single huge strip would otherwise be one chunk).
+demand, tile by tile, through tifffile's zarr store. Uncompressed contiguous images are
+memory-mapped instead (a single huge strip would otherwise be one chunk).
+
+Imports are paid where they are needed: zarr only for a file with compressed or tiled data, and
+dask only when :attr:`TiffImage.levels` is first asked for. napari's reader shows
+:attr:`TiffImage.arrays` (zarr arrays or memory maps) and, channels aside, no dask; importing dask
+(0.5-0.9 s with the scipy it pulls in) and computing through it (the first compute imports
+dask.distributed when that is installed, another 0.5 s) made a cold open through npe2 about
+three times slower (``docs/reader.md``).
 """
 
 from __future__ import annotations
@@ -13,12 +20,15 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
 import tifffile
-import zarr
+
+from napari_yolocell.io.tiff_files import TIFF_SUFFIXES, is_tiff_path, list_tiffs
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 __all__ = [
     "TIFF_SUFFIXES",
@@ -29,9 +39,6 @@ __all__ = [
     "open_tiff",
     "open_tiffs",
 ]
-
-#: File name endings handled by this module (lower case; ``.ome.tif`` is covered by ``.tif``).
-TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".svs")
 
 # Micrometres per unit for the length units found in OME and ImageJ metadata.
 _UNIT_TO_UM = {
@@ -71,9 +78,12 @@ class TiffImage:
     ----------
     path : pathlib.Path
         File (or folder, for a stacked folder of TIFFs) the image comes from.
-    levels : list of dask.array.Array
-        Resolution levels, level 0 = full resolution, then decreasing size. Slicing reads only
-        the tiles/strips that are needed.
+    arrays : list of array-like
+        Resolution levels, level 0 = full resolution, then decreasing size, as opened: a
+        ``zarr.Array`` over tifffile's store (compressed or tiled data) or a ``numpy.memmap``
+        (uncompressed contiguous data); dask arrays for a stacked folder. Slicing reads only
+        the tiles/strips that are needed. napari's reader shows these; :attr:`levels` wraps
+        them in dask.
     axes : str
         tifffile axes codes of every array dimension, e.g. ``"YX"``, ``"CYX"``, ``"TZCYX"``,
         ``"YXS"`` (``S`` = samples, RGB(A) when of length 3 or 4), ``"I"`` = stacked files.
@@ -92,7 +102,7 @@ class TiffImage:
     """
 
     path: Path
-    levels: list[da.Array]
+    arrays: list[Any]
     axes: str
     channel_axis: int | None = None
     channel_names: list[str] | None = None
@@ -100,6 +110,21 @@ class TiffImage:
     rgb: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
     _handles: list[Any] = field(default_factory=list, repr=False)
+    _names: list[str] = field(default_factory=list, repr=False)
+    _levels: list[Any] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def levels(self) -> list[da.Array]:
+        """Resolution levels as dask arrays (level 0 = full resolution), built on first use.
+
+        Dask arrays over tiled data carry their zarr array as ``yolocell_source`` (the
+        detection engine reads chunks from it directly); thin strips are merged into bands of
+        about 256 rows so that dask graphs stay small.
+        """
+        if self._levels is None:
+            names = self._names or [None] * len(self.arrays)
+            self._levels = [_to_dask(a, n) for a, n in zip(self.arrays, names, strict=True)]
+        return self._levels
 
     @property
     def data(self) -> da.Array:
@@ -109,17 +134,17 @@ class TiffImage:
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the full-resolution level."""
-        return tuple(self.levels[0].shape)
+        return tuple(self.arrays[0].shape)
 
     @property
     def dtype(self) -> np.dtype:
         """Pixel data type."""
-        return self.levels[0].dtype
+        return np.dtype(self.arrays[0].dtype)
 
     @property
     def is_pyramid(self) -> bool:
         """True when more than one resolution level is available."""
-        return len(self.levels) > 1
+        return len(self.arrays) > 1
 
     def close(self) -> None:
         """Close the underlying file handles (arrays cannot be read afterwards)."""
@@ -135,21 +160,6 @@ class TiffImage:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def is_tiff_path(path: str | os.PathLike) -> bool:
-    """Return True when ``path`` has a TIFF-like file name ending (see ``TIFF_SUFFIXES``)."""
-    return str(path).lower().endswith(TIFF_SUFFIXES)
-
-
-def list_tiffs(folder: str | os.PathLike) -> list[Path]:
-    """Sorted TIFF-like files directly inside ``folder`` (hidden files skipped)."""
-    folder = Path(folder)
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and is_tiff_path(p) and not p.name.startswith(".")
-    )
 
 
 def open_tiffs(path: str | os.PathLike) -> list[TiffImage]:
@@ -240,7 +250,7 @@ def _open_series(path: Path, tif: tifffile.TiffFile, series_index: int) -> TiffI
     _check_truncation(path, series)
 
     axes = series.axes
-    levels, handles = _lazy_levels(path, tif, series, series_index)
+    levels, handles, names = _lazy_levels(path, tif, series, series_index)
 
     rgb = "S" in axes and axes.endswith("S") and series.shape[-1] in (3, 4) and "C" not in axes
     if "C" in axes:
@@ -278,7 +288,7 @@ def _open_series(path: Path, tif: tifffile.TiffFile, series_index: int) -> TiffI
             metadata["tiff_metadata"] = extra
     return TiffImage(
         path=path,
-        levels=levels,
+        arrays=levels,
         axes=axes,
         channel_axis=channel_axis,
         channel_names=channel_names,
@@ -286,6 +296,7 @@ def _open_series(path: Path, tif: tifffile.TiffFile, series_index: int) -> TiffI
         rgb=bool(rgb),
         metadata=metadata,
         _handles=[tif, *handles],
+        _names=names,
     )
 
 
@@ -336,35 +347,49 @@ def _check_truncation(path: Path, series: Any) -> None:
 
 def _lazy_levels(
     path: Path, tif: tifffile.TiffFile, series: Any, series_index: int
-) -> tuple[list[da.Array], list[Any]]:
-    levels: list[da.Array] = []
+) -> tuple[list[Any], list[Any], list[str]]:
+    """Per level a zarr array or a memory map, the handles to close, and dask names."""
+    levels: list[Any] = []
     handles: list[Any] = []
+    names: list[str] = []
     group = None
     stat = path.stat()
     token = f"{path.resolve()}-{stat.st_mtime_ns}-{stat.st_size}-s{series_index}"
     for index, level in enumerate(series.levels):
-        name = f"tiff-{hashlib.md5(token.encode()).hexdigest()}-l{index}"
+        names.append(f"tiff-{hashlib.md5(token.encode()).hexdigest()}-l{index}")
         offset = level.dataoffset
         if offset is not None and level.keyframe.compression == 1 and level.size > 0:
             # Contiguous uncompressed data: a memory map gives random access without decoding
             # the whole (possibly single-strip) image.
             dtype = np.dtype(level.dtype).newbyteorder(tif.byteorder)
             fh = level.keyframe.parent.filehandle
-            mm = np.memmap(fh.path, dtype=dtype, mode="r", offset=offset, shape=level.shape)
-            arr = da.from_array(mm, chunks=_memmap_chunks(level.shape, dtype), name=name)
+            levels.append(
+                np.memmap(fh.path, dtype=dtype, mode="r", offset=offset, shape=level.shape)
+            )
         else:
+            import zarr  # 0.2 s: only files with compressed or tiled data need it
+
             if group is None:
                 store = series.aszarr(multiscales=True)
                 handles.append(store)
                 group = zarr.open(store, mode="r")
-            zarr_array = group[str(index)] if isinstance(group, zarr.Group) else group
-            arr = da.from_zarr(zarr_array, name=name, inline_array=True)
-            arr = _merge_thin_chunks(arr)
-            # the detection engine reads chunks from the zarr array itself (no dask graph per
-            # chunk); napari and everything else use the dask array
-            arr.yolocell_source = zarr_array
-        levels.append(arr)
-    return levels, handles
+            levels.append(group[str(index)] if isinstance(group, zarr.Group) else group)
+    return levels, handles, names
+
+
+def _to_dask(arr: Any, name: str | None) -> da.Array:
+    """Wrap one level (zarr array, memory map or dask array) in dask."""
+    import dask.array as da
+
+    if isinstance(arr, da.Array):
+        return arr
+    if isinstance(arr, np.memmap):
+        return da.from_array(arr, chunks=_memmap_chunks(arr.shape, arr.dtype), name=name)
+    out = _merge_thin_chunks(da.from_zarr(arr, name=name, inline_array=True))
+    # the detection engine reads chunks from the zarr array itself (no dask graph per chunk);
+    # napari and everything else use the dask array
+    out.yolocell_source = arr
+    return out
 
 
 def _memmap_chunks(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
@@ -495,12 +520,14 @@ def _stackable(images: list[TiffImage]) -> bool:
     return all(
         im.axes == first.axes
         and im.dtype == first.dtype
-        and [lvl.shape for lvl in im.levels] == [lvl.shape for lvl in first.levels]
+        and [a.shape for a in im.arrays] == [a.shape for a in first.arrays]
         for im in images[1:]
     )
 
 
 def _stack(folder: Path, images: list[TiffImage]) -> TiffImage:
+    import dask.array as da
+
     first = images[0]
     levels = [da.stack([im.levels[i] for im in images], axis=0) for i in range(len(first.levels))]
     metadata = dict(first.metadata)
@@ -513,7 +540,7 @@ def _stack(folder: Path, images: list[TiffImage]) -> TiffImage:
     )
     return TiffImage(
         path=folder,
-        levels=levels,
+        arrays=levels,
         axes="I" + first.axes,
         channel_axis=None if first.channel_axis is None else first.channel_axis + 1,
         channel_names=first.channel_names,

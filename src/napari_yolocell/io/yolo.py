@@ -23,6 +23,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from napari_yolocell.io.images import open_image
+from napari_yolocell.io.tiff import is_tiff_path
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dng", ".mpo", ".pfm")
 SPLITS = ("train", "val", "test")
 # Folder names used for each split by ultralytics, Roboflow and hand-made datasets.
@@ -39,7 +42,6 @@ __all__ = [
     "locate_splits",
     "parse_label_file",
     "read_yolo_dataset",
-    "to_napari_layers",
 ]
 
 
@@ -176,6 +178,33 @@ class YoloDataset(Sequence):
     def problems_of(self, kind: str) -> list[DatasetProblem]:
         """Problems of one kind."""
         return [p for p in self.problems if p.kind == kind]
+
+    def problem_summary(self) -> str:
+        """One line: how many problems of each kind, and the first one ("" when none)."""
+        if not self.problems:
+            return ""
+        kinds: dict[str, int] = {}
+        for p in self.problems:
+            kinds[p.kind] = kinds.get(p.kind, 0) + 1
+        listing = ", ".join(f"{n} {k}" for k, n in kinds.items())
+        return f"{len(self.problems)} problem(s) ({listing}); first: {self.problems[0].message}"
+
+    def unique_images(self, limit: int | None = None) -> list[YoloSample]:
+        """Samples with each image file once, in order; at most ``limit`` of them.
+
+        A split may reuse another's folder (our exports point ``val`` at ``train`` when ``val``
+        is empty), so the same file can appear under two splits.
+        """
+        out, seen = [], set()
+        for sample in self.samples:
+            key = Path(sample.image_path).resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(sample)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
 
 
 # --------------------------------------------------------------------------- reading
@@ -637,7 +666,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
     PIL reads only the header; EXIF rotation is applied like ultralytics does, because labels
     refer to the upright image. TIFFs PIL cannot open (e.g. 16-bit multichannel) are measured
-    with tifffile.
+    by :func:`~napari_yolocell.io.images.open_image`, which reads TIFF headers only.
     """
     path = Path(path)
     try:
@@ -649,23 +678,30 @@ def image_size(path: str | Path) -> tuple[int, int]:
                 w, h = h, w
             return int(h), int(w)
     except Exception:
-        if path.suffix.lower() not in (".tif", ".tiff"):
+        if not is_tiff_path(path):
             raise
-    import tifffile
-
-    with tifffile.TiffFile(path) as tf:
-        series = tf.series[0]
-        axes, shape = series.axes, series.shape
-        return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+    opened = open_image(path)
+    try:
+        shape = opened.data.shape
+        return int(shape[opened.axes.index("Y")]), int(shape[opened.axes.index("X")])
+    finally:
+        opened.close()
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Read a dataset image as a numpy array (upright; TIFFs keep their dtype)."""
-    path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
+    """Read a dataset image as a numpy array (upright; TIFFs keep their dtype).
 
-        return np.asarray(tifffile.imread(path))
+    TIFFs are read by :func:`~napari_yolocell.io.images.open_image` (full resolution); other
+    formats by PIL with the EXIF rotation applied, as ultralytics does (labels refer to the
+    upright image).
+    """
+    path = Path(path)
+    if is_tiff_path(path):
+        opened = open_image(path)
+        try:
+            return np.asarray(opened.data)
+        finally:
+            opened.close()
     from PIL import Image, ImageOps
 
     with Image.open(path) as im:
@@ -675,66 +711,5 @@ def load_image(path: str | Path) -> np.ndarray:
         return np.asarray(im)
 
 
-# --------------------------------------------------------------------------- napari
-
-
 def _class_name(cls: int, names: Sequence[str]) -> str:
     return str(names[cls]) if 0 <= cls < len(names) else str(cls)
-
-
-def boxes_to_rectangles(boxes: np.ndarray) -> list[np.ndarray]:
-    """``(N, 4)`` y0, x0, y1, x1 -> napari rectangle vertices ``(4, 2)`` (row, col) each.
-
-    Boxes are by pixel edges (pixel ``i`` spans ``[i, i+1)``); napari puts pixel centres on
-    whole numbers, so vertices are shifted by -0.5 to sit on the pixel edges on screen. Reading
-    shapes back (the Train widget, ``layers_to_samples``) adds the 0.5 again: boxes round-trip.
-    """
-    out = []
-    for y0, x0, y1, x1 in np.asarray(boxes, float).reshape(-1, 4) - 0.5:
-        out.append(np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]]))
-    return out
-
-
-def to_napari_layers(sample: YoloSample, image: np.ndarray | None = None) -> list[tuple]:
-    """Image + Shapes layer data tuples for reviewing one dataset image in napari.
-
-    Parameters
-    ----------
-    sample : YoloSample
-        Sample from :func:`read_yolo_dataset`.
-    image : numpy.ndarray, optional
-        Pixels if already loaded; read from ``sample.image_path`` otherwise.
-
-    Returns
-    -------
-    list of tuple
-        ``[(image, image_kwargs, "image"), (rectangles, shapes_kwargs, "shapes")]``; the shapes
-        carry ``features`` ``class`` (id) and ``class_name``. No viewer is touched.
-    """
-    data = load_image(sample.image_path) if image is None else np.asarray(image)
-    stem = sample.image_path.stem
-    image_kwargs: dict[str, Any] = {
-        "name": stem,
-        "rgb": data.ndim == 3 and data.shape[-1] in (3, 4),
-        "metadata": {"path": str(sample.image_path), "split": sample.split},
-    }
-    features = {
-        "class": np.asarray(sample.classes, int),
-        "class_name": np.asarray(sample.class_names, dtype=object),
-    }
-    shapes_kwargs: dict[str, Any] = {
-        "name": f"{stem} boxes",
-        "shape_type": "rectangle",
-        "features": features,
-        "edge_color": "yellow",
-        "face_color": "transparent",
-        "edge_width": max(1.0, min(sample.shape) / 500),
-        "metadata": {
-            "label_path": str(sample.label_path) if sample.label_path else None,
-            "names": list(sample.names),
-        },
-    }
-    return [
-        (data, image_kwargs, "image"),
-        (boxes_to_rectangles(sample.boxes), shapes_kwargs, "shapes"),
-    ]
