@@ -217,7 +217,8 @@ def test_export_cache_is_reused_without_loading_weights(weights, detectors, monk
     def refuse(path):
         raise AssertionError("weights loaded although the export is cached")
 
-    monkeypatch.setattr(loading, "load_ultralytics", refuse)
+    monkeypatch.setattr(loading, "load_network", refuse)
+    monkeypatch.setattr(export_cache, "load_network", refuse)
     for name in EXPORTED:
         again = make_detector(spec, name, "cpu")
         assert again.folder == folders[name]

@@ -28,8 +28,10 @@ from napari_yolocell.models.detector import (
     _clip_to_tile,
     as_rgb,
     default_device,
+    letterbox_batch,
     pad_batch,
     postprocess,
+    postprocess_letterboxed,
     preprocess,
 )
 from napari_yolocell.models.export_cache import model_file, read_meta
@@ -184,6 +186,9 @@ class _ExportedDetector(Detector):
         """Batched forward pass; see :meth:`Detector.predict`."""
         if not tiles:
             return []
+        if self.model.meta.get("family", "ultralytics") != "ultralytics":
+            batch, offsets = letterbox_batch(tiles)
+            return postprocess_letterboxed(self.forward(batch), tiles, offsets, conf, iou, max_det)
         return postprocess(self.forward(self.input_batch(tiles)), tiles, conf, iou, max_det)
 
     def input_batch(self, tiles: list[np.ndarray]) -> np.ndarray:
@@ -313,3 +318,184 @@ class OpenVinoDetector(_ExportedDetector):
         if any(t.ndim != 2 for t in tiles):
             return preprocess(tiles)
         return np.stack(pad_batch(tiles)[0])
+
+
+class ModuleDetector(Detector):
+    """Runs a ``torch.nn.Module`` whose output is ``(N, 4 + nc, anchors)`` with PyTorch.
+
+    Classic YOLOv5 and meituan YOLOv6 networks
+    (:func:`napari_yolocell.models.checkpoints.load_network`) take this path: tiles letterboxed
+    as their original code does (:func:`letterbox_batch`), NumPy post-processing.
+    """
+
+    grey_tiles = True
+
+    def __init__(self, model, spec: ModelSpec, device: str | None = None) -> None:
+        self.device = device or default_device()
+        self.model = model.to(self.device).eval()
+        self.spec = spec
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Raw network output ``(N, 4 + nc, anchors)`` for an NCHW float32 batch in [0, 1]."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(batch).to(self.device))
+        return out.detach().cpu().float().numpy()
+
+    def predict(
+        self, tiles: list[np.ndarray], conf: float, iou: float, max_det: int
+    ) -> list[np.ndarray]:
+        """Batched forward pass; see :meth:`Detector.predict`."""
+        if not tiles:
+            return []
+        batch, offsets = letterbox_batch(tiles)
+        return postprocess_letterboxed(self.forward(batch), tiles, offsets, conf, iou, max_det)
+
+
+#: Output layouts of exported models given as ``--model file.onnx`` (or an IR folder).
+LAYOUT_LABELS = {
+    "xywh-cls": "ultralytics [1, 4 + nc, N], no NMS",
+    "xywh-obj-cls": "YOLOv5/YOLOv6 [1, N, 5 + nc] with objectness, no NMS",
+    "xyxy-score-cls": "boxes after NMS [1, N, 6] (x0, y0, x1, y1, score, class)",
+}
+
+
+def _grid_anchors(height: int, width: int, strides=(8, 16, 32)) -> set[int]:
+    cells = sum((height // s) * (width // s) for s in strides)
+    return {cells, 3 * cells}  # anchor-free heads: 1 per cell; yolov5: 3 anchors per cell
+
+
+def detect_layout(shape, input_hw, metadata: dict[str, str]) -> str:
+    """Output layout of an exported detector from its output shape, input size and metadata.
+
+    Raises
+    ------
+    ValueError
+        A layout none of the supported ones matches.
+    """
+    dims = [d if isinstance(d, int) else -1 for d in shape]
+    if len(dims) != 3:
+        raise ValueError(f"unknown output layout {list(shape)} (expected 3 dimensions)")
+    _, a, b = dims
+    end2end = str(metadata.get("end2end", metadata.get("nms", ""))).lower() == "true"
+    expected = _grid_anchors(*input_hw) if -1 not in input_hw else set()
+    if b == 6 and (end2end or (a > 0 and expected and a not in expected)):
+        return "xyxy-score-cls"
+    if b >= 6 and (a in expected or a == -1 or a > b):
+        return "xywh-obj-cls"
+    if a >= 5 and (b in expected or b == -1 or b > a):
+        return "xywh-cls"
+    raise ValueError(f"unknown output layout {list(shape)}")
+
+
+def to_scores_layout(raw: np.ndarray, layout: str) -> np.ndarray:
+    """Raw output of ``layout`` -> ``(N, 4 + nc, anchors)`` (scores = objectness x class)."""
+    raw = np.asarray(raw, dtype=np.float32)
+    if layout == "xywh-cls":
+        return raw
+    if layout == "xywh-obj-cls":
+        return np.concatenate([raw[..., :4], raw[..., 4:5] * raw[..., 5:]], -1).transpose(0, 2, 1)
+    raise ValueError(f"no raw scores in layout {layout!r}")
+
+
+class ForeignExportDetector(Detector):
+    """An ONNX file or OpenVINO IR folder made elsewhere (yolov5's / meituan's / ultralytics'
+    exporters), run with ONNX Runtime or OpenVINO.
+
+    Each tile is letterboxed (centred on grey 114, as the original exporters' code does) to a
+    static input size (e.g. 640 x 640; larger tiles are refused: pass a smaller ``--tile``), or
+    for a dynamic input to a multiple of 32. The output layout is detected by :func:`detect_layout`.
+    """
+
+    grey_tiles = True
+
+    def __init__(self, spec: ModelSpec, path: str | Path, device: str | None = None) -> None:
+        self.spec = spec
+        self.path = Path(path)
+        self.device = device or "cpu"
+        if self.path.is_dir() or self.path.suffix.lower() == ".xml":
+            self._init_openvino()
+        else:
+            self._init_onnx()
+        self.layout = detect_layout(self.output_shape, self.input_hw, self.metadata)
+        self.names = _parse_names(self.metadata.get("names"))
+        self.model = None
+        self.description = LAYOUT_LABELS[self.layout]
+
+    def _init_onnx(self) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = _num_threads()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.path), options, ["CPUExecutionProvider"])
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_hw = tuple(d if isinstance(d, int) else -1 for d in inp.shape[2:4])
+        self.output_shape = self.session.get_outputs()[0].shape
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self._run = lambda batch: self.session.run(None, {self.input_name: batch})[0]
+
+    def _init_openvino(self) -> None:
+        import openvino as ov
+
+        xml = self.path / "model.xml" if self.path.is_dir() else self.path
+        core = ov.Core()
+        network = core.read_model(str(xml))
+        shape = network.inputs[0].get_partial_shape()
+        self.input_hw = tuple(d.get_length() if d.is_static else -1 for d in list(shape)[2:4])
+        out = network.outputs[0].get_partial_shape()
+        self.output_shape = [d.get_length() if d.is_static else -1 for d in out]
+        self.metadata = {}
+        try:
+            info = network.get_rt_info()
+            meta = info["model_info"] if "model_info" in info else {}
+            self.metadata = {k: str(meta[k]) for k in meta} if hasattr(meta, "__iter__") else {}
+        except Exception:  # rt_info layouts vary between exporters: metadata is optional
+            self.metadata = {}
+        compiled = core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self._run = lambda batch: np.asarray(compiled(batch)[0], dtype=np.float32)
+
+    def predict(
+        self, tiles: list[np.ndarray], conf: float, iou: float, max_det: int
+    ) -> list[np.ndarray]:
+        """One forward pass per tile (exported files often have a fixed batch of 1)."""
+        out = []
+        for tile in tiles:
+            batch, offsets = self._input(tile)
+            raw = self._run(batch)
+            if self.layout == "xyxy-score-cls":
+                data = np.asarray(raw, np.float64)[0].reshape(-1, 6)
+                data = data[data[:, 4] > conf][:max_det]
+                data[:, [0, 2]] -= offsets[0][0]
+                data[:, [1, 3]] -= offsets[0][1]
+                out.append(_clip_to_tile(data, tile.shape[:2]))
+            else:
+                scores = to_scores_layout(raw, self.layout)
+                out.extend(postprocess_letterboxed(scores, [tile], offsets, conf, iou, max_det))
+        return out
+
+    def _input(self, tile: np.ndarray) -> np.ndarray:
+        height, width = self.input_hw
+        if height == -1 or width == -1:
+            return letterbox_batch([tile])
+        if tile.shape[0] > height or tile.shape[1] > width:
+            raise ValueError(
+                f"model {str(self.path)!r} takes {width}x{height} inputs: use a tile of at most "
+                f"{min(height, width)} px (--tile)"
+            )
+        return letterbox_batch([tile], size=(height, width))
+
+
+def _parse_names(text) -> dict[int, str]:
+    """``"{0: 'Nucleus'}"`` (exporters' metadata) -> ``{0: "Nucleus"}``; {} if unreadable."""
+    import ast
+
+    try:
+        value = ast.literal_eval(text) if isinstance(text, str) else text
+    except (ValueError, SyntaxError):
+        return {}
+    if isinstance(value, (list, tuple)):
+        value = dict(enumerate(value))
+    return {int(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}

@@ -196,3 +196,69 @@ def dense_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
             overlap = inter / (areas[i] + areas[rest] - inter)
             order = rest[~(overlap > iou)]
     return np.asarray(keep, dtype=np.intp)
+
+
+#: Grey level of the letterbox border of the original yolov5 / meituan YOLOv6 code.
+LETTERBOX_VALUE = 114
+
+
+def letterbox_batch(
+    tiles: list[np.ndarray], size: tuple[int, int] | None = None, multiple: int = 32
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Tiles centred on a grey (114) canvas, as the original yolov5 / meituan code pads them.
+
+    Networks are not shift invariant below their stride, so models of those families give the
+    boxes of their own code only when the image sits where that code puts it.
+
+    Parameters
+    ----------
+    tiles : list of numpy.ndarray
+        (H, W) or (H, W, 3) uint8 tiles.
+    size : (int, int), optional
+        Fixed (height, width) input; default the largest tile rounded up to ``multiple``.
+    multiple : int
+        Network stride.
+
+    Returns
+    -------
+    batch : numpy.ndarray
+        NCHW float32 in [0, 1].
+    offsets : list of (int, int)
+        ``(left, top)`` padding of each tile, to subtract from box coordinates.
+    """
+    if size is None:
+        size = (
+            _round_up(max(t.shape[0] for t in tiles), multiple),
+            _round_up(max(t.shape[1] for t in tiles), multiple),
+        )
+    height, width = size
+    canvases, offsets = [], []
+    for tile in tiles:
+        grey = tile if tile.ndim == 2 else tile[..., 0]
+        dh, dw = height - grey.shape[0], width - grey.shape[1]
+        top, left = int(round(dh / 2 - 0.1)), int(round(dw / 2 - 0.1))
+        canvas = np.full((height, width), LETTERBOX_VALUE, np.uint8)
+        canvas[top : top + grey.shape[0], left : left + grey.shape[1]] = grey
+        canvases.append(canvas)
+        offsets.append((left, top))
+    return preprocess(canvases), offsets
+
+
+def postprocess_letterboxed(
+    raw: np.ndarray,
+    tiles: list[np.ndarray],
+    offsets: list[tuple[int, int]],
+    conf: float,
+    iou: float,
+    max_det: int,
+) -> list[np.ndarray]:
+    """:func:`postprocess` for a :func:`letterbox_batch` input: boxes back in tile pixels."""
+    out = []
+    # boxes are clipped once they are back in tile pixels, not to the canvas
+    unbounded = np.broadcast_to(np.uint8(0), (1 << 30, 1 << 30))
+    for pred, tile, (left, top) in zip(raw, tiles, offsets, strict=True):
+        boxes = postprocess(pred[None], [unbounded], conf, iou, max_det)[0]
+        boxes[:, [0, 2]] -= left
+        boxes[:, [1, 3]] -= top
+        out.append(_clip_to_tile(boxes, tile.shape[:2]))
+    return out

@@ -34,8 +34,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from napari_yolocell.models.checkpoints import load_network, network_family
 from napari_yolocell.models.integrity import file_sha256
-from napari_yolocell.models.ultralytics_env import import_ultralytics, load_ultralytics
+from napari_yolocell.models.ultralytics_env import import_ultralytics
 
 FORMATS = ("onnx", "openvino")
 #: Bump when the export recipe changes: old exports are then ignored (and may be deleted).
@@ -132,7 +133,7 @@ def cached_export(spec, fmt: str, model=None, root: Path | None = None) -> Path:
     if model_file(final, fmt).is_file():
         return final
     if model is None:
-        model = load_ultralytics(spec.path)
+        model = load_network(spec.path, trusted=spec.sha256 is not None)
     if fmt == "openvino":
         onnx_dir = cached_export(spec, "onnx", model=model, root=root)
         build = lambda tmp: _onnx_to_openvino(model_file(onnx_dir, "onnx"), tmp)  # noqa: E731
@@ -245,7 +246,7 @@ def _meta(model, spec) -> dict[str, Any]:
     ckpt = getattr(model, "ckpt", None)
     settings = ckpt.get("yolocell") if isinstance(ckpt, dict) else None
     net = getattr(model, "model", model)
-    names = getattr(net, "names", None) or {}
+    names = getattr(net, "names", None) or getattr(model, "names", None) or {}
     stride = getattr(net, "stride", None)
     meta = {
         "source": str(spec.path),
@@ -253,6 +254,7 @@ def _meta(model, spec) -> dict[str, Any]:
         "names": {str(k): str(v) for k, v in dict(names).items()},
         "stride": int(max(stride.tolist())) if stride is not None else 32,
         "yolocell": settings if isinstance(settings, dict) else None,
+        "family": network_family(model),
     }
     try:
         json.dumps(meta)

@@ -17,14 +17,22 @@ import warnings
 from pathlib import Path
 
 from napari_yolocell.models import export_cache
-from napari_yolocell.models.backends import OnnxRuntimeDetector, OpenVinoDetector, TorchDetector
+from napari_yolocell.models.backends import (
+    ForeignExportDetector,
+    ModuleDetector,
+    OnnxRuntimeDetector,
+    OpenVinoDetector,
+    TorchDetector,
+)
+from napari_yolocell.models.checkpoints import load_network, network_family
 from napari_yolocell.models.classical import ClassicalDetector
 from napari_yolocell.models.detector import BACKEND_CHOICES, Detector, default_device
 from napari_yolocell.models.export_cache import cache_root
 from napari_yolocell.models.integrity import file_sha256, verify_folder, verify_sha256
 from napari_yolocell.models.registry import resolve_model
+from napari_yolocell.models.safety import UntrustedModelError
+from napari_yolocell.models.safety import trust as trust_file
 from napari_yolocell.models.spec import CHECKPOINT_KEY, ModelSpec, WeightsError, sidecar_path
-from napari_yolocell.models.ultralytics_env import load_ultralytics
 
 #: Preference of ``backend="auto"`` on a CPU: measured fastest first (``"openvino"`` becomes
 #: ``"openvino-int8"`` for models that ship an INT8 version).
@@ -117,10 +125,12 @@ def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = N
     """
     if spec.family == "classical":
         return ClassicalDetector(spec=spec)
+    if is_exported_model(spec.path):
+        return ForeignExportDetector(spec, spec.path, device=device)
     requested = backend
     backend = resolve_backend(backend, device)
     if backend == "torch":
-        return TorchDetector(load_ultralytics(spec.path), spec, device=device)
+        return _torch_detector(_load_network(spec), spec, device)
     if backend == "openvino-int8" or (requested == "auto" and backend == "openvino" and spec.int8):
         return _int8_detector(spec, device)
 
@@ -131,11 +141,11 @@ def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = N
     model = None
     try:
         if _is_architecture(spec):
-            model = load_ultralytics(spec.path)
+            model = _load_network(spec)
             keep = export_cache.temporary_export(model, fmt)
             return cls(spec, keep.name, device=device, keep=keep)
         return cls(spec, export_cache.cached_export(spec, fmt), device=device)
-    except WeightsError:
+    except (WeightsError, UntrustedModelError, FileNotFoundError):
         raise
     except Exception as err:  # exporters and runtimes fail in many ways: report them as one
         if requested != "auto":
@@ -147,7 +157,26 @@ def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = N
             RuntimeWarning,
             stacklevel=2,
         )
-    return TorchDetector(model or load_ultralytics(spec.path), spec, device=device)
+    return _torch_detector(model or _load_network(spec), spec, device)
+
+
+def is_exported_model(path) -> bool:
+    """Whether ``path`` is an exported model (``.onnx`` file, or a folder with model.xml)."""
+    if path is None:
+        return False
+    path = Path(path)
+    return path.suffix.lower() in (".onnx", ".xml") or (path / "model.xml").is_file()
+
+
+def _load_network(spec: ModelSpec):
+    # bundled weights were hash-checked by load_detector: they load as ultralytics does
+    return load_network(spec.path, trusted=spec.sha256 is not None)
+
+
+def _torch_detector(model, spec: ModelSpec, device: str | None) -> Detector:
+    if network_family(model) == "ultralytics":
+        return TorchDetector(model, spec, device=device)
+    return ModuleDetector(model, spec, device=device)
 
 
 def _with_checkpoint_metadata(detector: Detector) -> Detector:
@@ -203,7 +232,10 @@ def _fingerprint(spec: ModelSpec) -> str:
 
 
 def load_detector(
-    name_or_path: str | Path | ModelSpec, device: str | None = None, backend: str = "auto"
+    name_or_path: str | Path | ModelSpec,
+    device: str | None = None,
+    backend: str = "auto",
+    trust: bool = False,
 ) -> Detector:
     """Resolve, verify and load a model, ready for
     :func:`napari_yolocell.engine.detect.detect_image`.
@@ -219,15 +251,23 @@ def load_detector(
         ``"cpu"``, ``"cuda:0"``...; default CUDA if available.
     backend : str
         Forward-pass backend (``"torch"``).
+    trust : bool
+        Record the weights file's SHA-256 in the user's trust store first
+        (:func:`napari_yolocell.models.safety.trust`): its pickle may then run code.
 
     Raises
     ------
     FileNotFoundError
         Missing weights file (the message names it).
+    UntrustedModelError
+        (a ValueError) A checkpoint whose pickle references code off the allow-list, not
+        trusted: nothing of it ran.
     ValueError
         Unknown model, SHA-256 mismatch, or unreadable / corrupt weights (names the file).
     """
     spec = resolve_model(name_or_path)
+    if trust and spec.path is not None and Path(spec.path).is_file() and not spec.sha256:
+        trust_file(spec.path)
     if spec.family == "classical":
         return make_detector(spec, backend=backend, device=device)
     if spec.sha256:
@@ -269,3 +309,25 @@ def unpack_weights(spec: ModelSpec, root: Path | None = None) -> ModelSpec:
                 raise
         os.replace(tmp, target)
     return dataclasses.replace(spec, path=target)
+
+
+def describe_model(name_or_path: str | Path) -> str:
+    """One line naming a model's family (and an export's output layout), without running it.
+
+    ``"YOLOv5 (ultralytics/yolov5)"``, ``"YOLOv6 (meituan)"``, ``"YOLOv5u/YOLOv6 (ultralytics)"``;
+    for an ONNX file / OpenVINO folder, ``"exported model: <layout>"``.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Missing or unreadable model (names the file).
+    """
+    from napari_yolocell.models.checkpoints import FAMILY_LABELS, checkpoint_family
+
+    spec = resolve_model(name_or_path)
+    if spec.family == "classical" or spec.path is None or _is_architecture(spec):
+        return spec.description or spec.family
+    if is_exported_model(spec.path):
+        return f"exported model: {ForeignExportDetector(spec, spec.path).description}"
+    path = unpack_weights(spec).path
+    return FAMILY_LABELS[checkpoint_family(path)]

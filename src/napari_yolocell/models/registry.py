@@ -111,8 +111,8 @@ def resolve_model(name_or_path: str | Path | ModelSpec) -> ModelSpec:
             description="untrained architecture (random weights)",
         )
     path = Path(name).expanduser()
-    if path.suffix.lower() in (".pt", ".pth") or path.parent != Path("."):
-        if not path.is_file():
+    if path.suffix.lower() in (".pt", ".pth", ".onnx") or path.parent != Path(".") or path.is_dir():
+        if not (path.is_file() or (path / "model.xml").is_file()):
             raise FileNotFoundError(f"model weights file not found: {str(path)!r}")
         return _spec_for_weights(path)
     known = [m.name for m in list_models()] + ["default", "yolov5n.yaml", "yolov6n.yaml"]
