@@ -21,6 +21,9 @@ DETECTION_COLUMNS = ["plane", "y", "x", "y0", "x0", "y1", "x1", "confidence", "c
 CSV_COLUMNS = ["image", *DETECTION_COLUMNS]
 #: The counts CSV: one row per plane for the whole image, and per plane and ROI.
 COUNT_COLUMNS = ["image", "plane", "roi", "count"]
+#: ``NAME.marker_counts.csv``: marker-positive / negative nuclei per plane and ROI
+#: (``class`` = ``positive`` / ``negative``); the plain counts CSV stays as it is.
+MARKER_COUNT_COLUMNS = ["image", "plane", "roi", "class", "count"]
 #: The ``roi`` value of whole-image count rows.
 WHOLE_IMAGE_ROI = "all"
 #: ``NAME.errors.csv`` of a batch run: images that failed, with the one-line reason.
