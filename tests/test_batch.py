@@ -4,7 +4,7 @@ import pytest
 import tifffile
 
 from napari_yolocell.data.synthetic import make_nuclei_image
-from napari_yolocell.engine.batch import run_batch
+from napari_yolocell.engine.batch import ImageResult, run_batch
 from napari_yolocell.engine.detect import DetectParams
 
 PARAMS = DetectParams(tile=256)
@@ -130,3 +130,38 @@ def test_cancel_stops_and_keeps_finished_parts(folder, tmp_path):
         )
     assert len(list((tmp_path / "d.csv.parts").glob("*.json"))) == 2
     assert not (tmp_path / "d.csv").exists()
+
+
+def test_folder_outputs_summary_and_header_only_errors(folder, tmp_path):
+    """An output folder run (the widget's Batch tab): errors.csv exists even when all is read."""
+    from napari_yolocell.engine.batch import SUMMARY_COLUMNS, folder_outputs, summary_table
+    from napari_yolocell.io.tables import ERROR_COLUMNS
+
+    _, truth, bad = folder
+    good = sorted(truth)[:2]
+    csvs = folder_outputs(tmp_path / "out")
+    assert {k: p.name for k, p in csvs.items()} == {
+        "out": "detections.csv",
+        "counts": "counts.csv",
+        "errors": "errors.csv",
+    }
+    res = run_batch(good, "classical", PARAMS, **csvs, empty_errors=True)
+    errors = pd.read_csv(csvs["errors"])
+    assert list(errors.columns) == ERROR_COLUMNS and errors.empty
+    assert pd.read_csv(csvs["counts"])["count"].tolist() == [truth[p] for p in good]
+    # without empty_errors (the CLI), no errors file unless an image failed
+    plain = folder_outputs(tmp_path / "plain")
+    run_batch(good, "classical", PARAMS, **plain)
+    assert not plain["errors"].exists()
+
+    table = summary_table([*res, None, ImageResult(image=str(bad), error="bad.tif: corrupt")])
+    assert list(table.columns) == SUMMARY_COLUMNS
+    assert table["count"].tolist()[:2] == [truth[p] for p in good]
+    assert table["count"].isna().tolist() == [False, False, True]
+    assert table["error"].tolist()[2] == "bad.tif: corrupt"
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        folder_outputs(tmp_path / "file")
+    with pytest.raises(ValueError, match="choose an output folder"):
+        folder_outputs(" ")

@@ -179,3 +179,18 @@ def test_save_plots(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     fig = plot_pr_curve(a)
     assert len(fig.axes[0].lines) == 2  # curve + operating point
+
+
+def test_plot_training_history_redraws_in_place():
+    from napari_yolocell.analysis.plots import plot_training_history
+
+    history = [
+        {"epoch": e, "box_loss": 2.0 / e, "cls_loss": 1.0 / e, "mAP50": 0.2 * e} for e in (1, 2, 3)
+    ]  # no dfl_loss (YOLOv5 reports none): left out, not drawn as NaN
+    fig = plot_training_history(history)
+    loss, map50 = fig.axes
+    assert [line.get_label() for line in loss.lines] == ["box", "cls"]
+    assert list(map50.lines[0].get_ydata()) == pytest.approx([0.2, 0.4, 0.6])
+    assert plot_training_history(history[:1], fig) is fig and len(fig.axes) == 2
+    assert len(fig.axes[1].lines[0].get_xdata()) == 1
+    assert not plot_training_history([]).axes[0].lines

@@ -219,3 +219,17 @@ def test_cli_refuses_then_trust_store_commands(tmp_path, capsys):
     assert main(["models", "--untrust", digest[:10]]) == 0
     assert not safety.is_trusted(digest)
     assert main(["models", "--untrust", digest]) == 2
+
+
+def test_untrusted_error_survives_a_process_boundary(tmp_path):
+    """Batch workers (processes, dask) send the refusal back pickled: its fields must survive."""
+    import pickle
+
+    from napari_yolocell.models.safety import UntrustedModelError
+
+    path = tmp_path / "odd.pt"
+    path.write_bytes(b"not a model")
+    err = pickle.loads(pickle.dumps(UntrustedModelError(path, "posix.system")))
+    assert isinstance(err, UntrustedModelError)
+    assert (err.path, err.global_name, err.size) == (path, "posix.system", 11)
+    assert "posix.system" in str(err) and "\n" not in str(err)

@@ -56,6 +56,7 @@ def _detect_params(args):
         auto_diameter=args.diameter == "auto",
         batch=args.batch,
         level=args.level,
+        min_relative_area=getattr(args, "min_relative_area", 0.0),
     )
 
 
@@ -141,6 +142,14 @@ def cmd_detect(args) -> int:
     if errors is None and (args.out or args.counts):
         anchor = Path(args.out or args.counts)
         errors = str(anchor.with_name(anchor.stem + ".errors.csv"))
+    marker_csv = None
+    if args.marker_channel is not None:
+        if not (args.counts or args.out):
+            raise CliError(
+                "--marker-channel writes NAME.marker_counts.csv: give --counts (or --out)"
+            )
+        anchor = Path(args.counts or args.out)
+        marker_csv = anchor.with_name(anchor.stem + ".marker_counts.csv")
 
     # Lines go out in input order as soon as every earlier image is done.
     finished: dict[int, object] = {}
@@ -187,11 +196,14 @@ def cmd_detect(args) -> int:
             backend=args.backend,
             on_result=on_result,
             tile_progress=tile_progress,
+            measure=args.measure or args.marker_channel is not None,
         )
     finally:
         tiles_bar.close()
         images_bar.close()
     print(f"total\t{state['total']}", flush=True)
+    if marker_csv is not None or args.geojson:
+        _detect_extras(args, results, marker_csv)
     failed = [r for r in results if r.error is not None]
     if failed:
         where = f" (see {errors})" if errors else ""
@@ -201,6 +213,37 @@ def cmd_detect(args) -> int:
         )
         return 1
     return 0
+
+
+def _detect_extras(args, results, marker_csv: Path | None) -> None:
+    """``--marker-channel``: per-image Otsu classification and NAME.marker_counts.csv;
+    ``--geojson``: one QuPath FeatureCollection per image (see ``geojson_paths``)."""
+    from napari_yolocell.analysis.measure import classify_marker, marker_counts
+    from napari_yolocell.io.geojson import detections_to_geojson, geojson_paths, write_geojson
+    from napari_yolocell.io.tables import MARKER_COUNT_COLUMNS, write_csv_atomic
+
+    targets = geojson_paths(args.geojson, [r.image for r in results]) if args.geojson else None
+    tables = []
+    for i, res in enumerate(results):
+        if res.error is not None:
+            continue
+        det = res.detections
+        if marker_csv is not None:
+            try:
+                det = classify_marker(det, args.marker_channel)
+            except ValueError as exc:
+                raise CliError(f"{res.image}: {exc}") from exc
+            if not args.quiet and len(det):
+                thr = det.attrs["marker_threshold"]
+                print(f"{res.image}: marker threshold {thr:.6g} (Otsu, log)", file=sys.stderr)
+            tables.append(marker_counts(det, res.image, n_planes=len(res.counts)))
+        if targets is not None:
+            write_geojson(targets[i], detections_to_geojson(det))
+    if marker_csv is not None:
+        table = pd.concat(tables, ignore_index=True) if tables else None
+        write_csv_atomic(
+            table if table is not None else pd.DataFrame(columns=MARKER_COUNT_COLUMNS), marker_csv
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +359,7 @@ def cmd_train(args) -> int:
     if not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=args.epochs, desc="epochs", unit="epoch", file=sys.stderr)
+        bar = tqdm(total=args.epochs or 50, desc="epochs", unit="epoch", file=sys.stderr)
 
     def on_epoch(info: dict) -> None:
         if bar is not None:
@@ -325,21 +368,44 @@ def cmd_train(args) -> int:
             bar.set_postfix({k: f"{info[k]:.3f}" for k in ("mAP50",) if k in info})
             bar.refresh()
 
+    from napari_yolocell.training.fewshot import finetune, is_bundled
+
     try:
-        res = train(
-            args.data,
-            model=args.model,
-            epochs=args.epochs,
-            imgsz=args.imgsz,
-            batch=args.batch,
-            patience=args.patience,
-            device=args.device,
-            seed=args.seed,
-            out=args.out,
-            name=args.name,
-            resume=args.resume,
-            on_epoch=on_epoch,
-        )
+        # a bundled model (default, v5, v6...), or a .pt with a time budget: few-shot fine-tune
+        if not args.resume and (
+            is_bundled(args.model)
+            or (args.minutes is not None and str(args.model).lower().endswith(".pt"))
+        ):
+            res = finetune(
+                args.data,
+                model=args.model,
+                minutes=args.minutes,
+                epochs=args.epochs,
+                out=args.out,
+                name=args.name,
+                imgsz=args.imgsz,
+                batch=args.batch if args.batch is not None else 8,
+                device=args.device,
+                seed=args.seed,
+                on_epoch=on_epoch,
+            )
+        else:
+            extra = {} if args.minutes is None else {"time": args.minutes / 60}
+            res = train(
+                args.data,
+                model=args.model,
+                epochs=args.epochs if args.epochs is not None else 50,
+                imgsz=args.imgsz,
+                batch=args.batch if args.batch is not None else 16,
+                patience=args.patience,
+                device=args.device,
+                seed=args.seed,
+                out=args.out,
+                name=args.name,
+                resume=args.resume,
+                on_epoch=on_epoch,
+                **extra,
+            )
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     finally:
@@ -347,6 +413,7 @@ def cmd_train(args) -> int:
             bar.close()
     print(f"best\t{res.best}")
     print(f"last\t{res.last}")
+    print(f"weights\t{res.best or res.last}")  # last line: the checkpoint to use
     return 0
 
 
@@ -413,10 +480,33 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_models(args) -> int:
+    from napari_yolocell.models import safety
+    from napari_yolocell.models.loading import describe_model
     from napari_yolocell.models.registry import list_models
 
-    for spec in list_models():
-        print(f"{spec.name}\t{spec.family}\t{spec.path}")
+    if args.untrust:
+        try:
+            removed = safety.untrust(args.untrust)
+        except ValueError as exc:
+            raise CliError(str(exc)) from exc
+        if not removed:
+            raise CliError(f"hash {args.untrust!r} is not in the trust store")
+        print(f"untrusted\t{args.untrust}")
+        return 0
+    if args.trusted:
+        for digest, entry in sorted(safety.trusted_models().items()):
+            fields = (entry.get(k, "") for k in ("size", "added", "path"))
+            print("\t".join([digest, *map(str, fields)]))
+        return 0
+    try:
+        if args.paths:
+            for path in args.paths:
+                print(f"{path}\t{describe_model(path)}")
+            return 0
+        for spec in list_models():
+            print(f"{spec.name}\t{spec.family}\t{describe_model(spec.name)}\t{spec.path}")
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
     return 0
 
 
@@ -455,6 +545,12 @@ def _add_detect_options(
     )
     p.add_argument("--batch", type=int, default=defaults.batch, help=param_help("batch"))
     p.add_argument("--level", type=int, default=defaults.level, help=param_help("level"))
+    p.add_argument(
+        "--min-relative-area",
+        type=float,
+        default=defaults.min_relative_area,
+        help=param_help("min_relative_area"),
+    )
     p.add_argument("--device", default=None, help="cpu, cuda:0... (default: CUDA if available)")
     p.add_argument(
         "--backend",
@@ -464,6 +560,25 @@ def _add_detect_options(
         "CPU: OpenVINO, INT8 for the bundled models)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--trust",
+        action="store_true",
+        help="trust the --model .pt file: record its SHA-256 in the user's trust store, so its "
+        "pickle may run code (only for files from a source you trust)",
+    )
+
+
+def _trust_models(args) -> None:
+    """``--trust``: record the given weights files in the trust store before anything loads."""
+    if not getattr(args, "trust", False):
+        return
+    from napari_yolocell.models import safety
+
+    models = args.model if isinstance(args.model, list) else [args.model]
+    for model in models:
+        if model and Path(model).is_file():
+            digest = safety.trust(model)
+            print(f"yolocell: trusted {model} (sha256 {digest})", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -492,6 +607,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="dask.distributed scheduler address (or DASK_SCHEDULER_ADDRESS)",
     )
     d.add_argument("--sample", action="store_true", help="run on the bundled sample image")
+    d.add_argument(
+        "--measure",
+        action="store_true",
+        help="add mean_c0.. (mean raw intensity per channel in the box's inscribed ellipse), "
+        "area_px and area_um2 (when the pixel size is known) to the detections CSV",
+    )
+    d.add_argument(
+        "--marker-channel",
+        type=int,
+        default=None,
+        metavar="C",
+        help="classify nuclei marker-positive/negative by Otsu on log(mean_cC) (per image); "
+        "writes NAME.marker_counts.csv beside --counts (implies --measure)",
+    )
+    d.add_argument(
+        "--geojson",
+        default=None,
+        metavar="FILE",
+        help="QuPath GeoJSON of the detections (File > Import objects); several images: "
+        "one FILE-stem.IMAGE-stem.geojson each, beside FILE",
+    )
     d.set_defaults(func=cmd_detect)
 
     e = sub.add_parser("export", help="annotations -> YOLO dataset")
@@ -512,10 +648,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a YOLOv5 / YOLOv6 detector")
     t.add_argument("--data", required=True, help="dataset folder or data.yaml")
-    t.add_argument("--model", default="yolov5n", help="yolov5n..x, yolov6n..x or a .pt")
-    t.add_argument("--epochs", type=int, default=50)
+    t.add_argument(
+        "--model",
+        default="yolov5n",
+        help="yolov5n..x, yolov6n..x (from scratch), or a model to fine-tune: default, v5, v6, "
+        "a bundled name or a .pt (few-shot: whole images are rescaled to the model's scale)",
+    )
+    t.add_argument("--epochs", type=int, default=None, help="default 50 (30 fine-tuning)")
+    t.add_argument(
+        "--minutes", type=float, default=None, help="time budget; with --epochs: first reached"
+    )
     t.add_argument("--imgsz", type=int, default=640)
-    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--batch", type=int, default=None, help="default 16 (8 fine-tuning)")
     t.add_argument("--patience", type=int, default=50)
     t.add_argument("--device", default=None)
     t.add_argument("--seed", type=int, default=0)
@@ -543,7 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detect_options(c)
     c.set_defaults(func=cmd_calibrate)
 
-    m = sub.add_parser("models", help="list bundled models")
+    m = sub.add_parser("models", help="list bundled models, or describe model files")
+    m.add_argument("paths", nargs="*", metavar="MODEL", help=".pt / .onnx / IR folder to describe")
+    m.add_argument("--trusted", action="store_true", help="list the trusted weights hashes")
+    m.add_argument("--untrust", metavar="HASH", default=None, help="remove a trusted hash")
     m.set_defaults(func=cmd_models)
     return parser
 
@@ -552,6 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _trust_models(args)
         return int(args.func(args) or 0)
     except CliError as exc:
         print(f"yolocell: error: {exc}", file=sys.stderr)

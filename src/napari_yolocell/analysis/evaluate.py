@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from napari_yolocell.engine.detect import DetectParams, detect_image
+from napari_yolocell.engine.detect import DetectParams, counted, detect_image
 from napari_yolocell.io.yolo import YoloDataset, load_image, read_yolo_dataset
 from napari_yolocell.models.loading import load_detector
 from napari_yolocell.models.ultralytics_env import import_ultralytics
@@ -514,6 +514,7 @@ def evaluate_model(
     per_image, start = [], time.perf_counter()
     for done, (image, truth, image_name) in enumerate(items, start=1):
         df = detect_image(_read_image(image), detector, params)
+        df = counted(df)  # DetectParams.min_relative_area: not counted, not scored
         per_image.append(
             (
                 df[["y0", "x0", "y1", "x1"]].to_numpy(float),

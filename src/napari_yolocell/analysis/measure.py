@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from napari_yolocell.analysis.roi import in_roi
+from napari_yolocell.engine.detect import n_planes_of
 from napari_yolocell.engine.measure import measure_nuclei
 from napari_yolocell.io.tables import MARKER_COUNT_COLUMNS, WHOLE_IMAGE_ROI, roi_name
 
@@ -164,8 +165,7 @@ def marker_counts(
     """
     if "marker" not in df.columns:
         raise ValueError("no 'marker' column: classify the nuclei first (classify_marker)")
-    if n_planes is None:
-        n_planes = int(df.attrs.get("n_planes", int(df["plane"].max()) + 1 if len(df) else 1))
+    n_planes = n_planes_of(df, n_planes)
     polygons = list(polygons or [])
     names = list(names) if names is not None else [roi_name(i) for i in range(len(polygons))]
     if len(names) != len(polygons):

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 from skimage.measure import points_in_poly
 
+from napari_yolocell.engine.detect import counted, n_planes_of
 from napari_yolocell.io.tables import COUNT_COLUMNS, WHOLE_IMAGE_ROI, roi_name
 
-__all__ = ["count_in_rois", "counts_table", "in_roi"]
+__all__ = ["count_in_rois", "counts_table", "in_any_roi", "in_roi"]
 
 
 def in_roi(yx: np.ndarray, polygon: np.ndarray) -> np.ndarray:
@@ -25,6 +26,26 @@ def in_roi(yx: np.ndarray, polygon: np.ndarray) -> np.ndarray:
     if len(pts) == 0:
         return np.zeros(0, dtype=bool)
     return points_in_poly(pts, poly)
+
+
+def in_any_roi(yx: np.ndarray, polygons: Sequence[np.ndarray]) -> np.ndarray:
+    """Boolean mask of the points ``yx`` (N, 2) inside at least one polygon.
+
+    Parameters
+    ----------
+    yx : (N, 2) array
+        Points in table coordinates.
+    polygons : sequence of (M, 2+) arrays
+        ROI vertices (last two = y, x). None given means the whole image: every point is in.
+
+    Returns
+    -------
+    (N,) bool array
+    """
+    pts = np.asarray(yx, dtype=float).reshape(-1, 2)
+    if not len(polygons):
+        return np.ones(len(pts), dtype=bool)
+    return np.any([in_roi(pts, p) for p in polygons], axis=0)
 
 
 def count_in_rois(
@@ -77,8 +98,8 @@ def counts_table(
     pandas.DataFrame
         Columns :data:`COUNT_COLUMNS`.
     """
-    if n_planes is None:
-        n_planes = int(df.attrs.get("n_planes", int(df["plane"].max()) + 1 if len(df) else 1))
+    n_planes = n_planes_of(df, n_planes)
+    df = counted(df)
     per_plane = df.groupby("plane").size().reindex(range(n_planes), fill_value=0)
     rows = [
         {"image": image, "plane": int(p), "roi": WHOLE_IMAGE_ROI, "count": int(c)}

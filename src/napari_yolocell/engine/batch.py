@@ -23,11 +23,13 @@ from typing import Any
 
 import pandas as pd
 
-from napari_yolocell.engine.detect import Cancelled, count_per_plane, detect_image
+from napari_yolocell.engine.detect import Cancelled, count_per_plane, detect_image, is_cancelled
+from napari_yolocell.engine.measure import measure_nuclei
 from napari_yolocell.io.images import open_image
 from napari_yolocell.io.tables import (
     COUNT_COLUMNS,
     CSV_COLUMNS,
+    DETECTION_COLUMNS,
     ERROR_COLUMNS,
     WHOLE_IMAGE_ROI,
     detections_csv_table,
@@ -43,10 +45,13 @@ __all__ = [
     "detect_file",
     "folder_outputs",
     "run_batch",
+    "summary_table",
 ]
 
 #: CSV file names of a run that writes into one output folder (the Batch tab of the widget).
 FOLDER_CSVS = {"out": "detections.csv", "counts": "counts.csv", "errors": "errors.csv"}
+#: One row per finished image: its path, its count (None when it failed) and the error.
+SUMMARY_COLUMNS = ["image", "count", "error"]
 
 
 @dataclass
@@ -71,11 +76,14 @@ def detect_file(
     backend: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     cancel: Any = None,
+    measure: bool = False,
 ) -> ImageResult:
     """Open one image, detect, return an :class:`ImageResult` (never raises for bad images).
 
     Runs in worker processes and on dask workers, so it takes plain, picklable arguments and
-    reads the pixels itself.
+    reads the pixels itself. With ``measure``, the detections get the columns of
+    :func:`~napari_yolocell.engine.measure.measure_nuclei` (``mean_c0``..., ``area_px``,
+    ``area_um2`` when the file states a pixel size) after the CSV columns.
     """
 
     detector = load_detector(model, device=device, backend=backend)
@@ -92,6 +100,10 @@ def detect_file(
                 progress=progress,
                 cancel=cancel,
             )
+            if measure:  # while the file is open: reads one window per block of nuclei
+                df = measure_nuclei(
+                    data, df, img.channel_axis, rgb=img.rgb, pixel_size_um=img.pixel_size_um
+                )
         finally:
             img.close()
     except Cancelled:  # a RuntimeError, but it stops the batch: not an error of this image
@@ -100,12 +112,34 @@ def detect_file(
         msg = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
         return ImageResult(image=str(path), error=msg.splitlines()[0] if msg else repr(exc))
     counts = [int(c) for c in count_per_plane(df).to_numpy()]
-    return ImageResult(
-        image=str(path), detections=detections_csv_table(df, str(path)), counts=counts
-    )
+    table = detections_csv_table(df, str(path))
+    for col in df.columns.difference(DETECTION_COLUMNS, sort=False):  # measurements, if any
+        table[col] = df[col].to_numpy()
+    return ImageResult(image=str(path), detections=table, counts=counts)
 
 
-def _key(path: str, model: str, params: Any) -> str:
+def summary_table(results: Sequence[ImageResult | None]) -> pd.DataFrame:
+    """One row per finished image (``None`` entries, images not done yet, are left out).
+
+    Parameters
+    ----------
+    results : sequence of ImageResult or None
+        As :func:`run_batch` returns them or ``on_result`` delivers them.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`SUMMARY_COLUMNS`; ``count`` is None for an image that failed.
+    """
+    rows = [
+        {"image": r.image, "count": None if r.error else r.count, "error": r.error}
+        for r in results
+        if r is not None
+    ]
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _key(path: str, model: str, params: Any, measure: bool = False) -> str:
     """Part-file key: the image (path, size, mtime) and every setting that changes results."""
     p = Path(path)
     st = p.stat() if p.exists() else None
@@ -116,6 +150,8 @@ def _key(path: str, model: str, params: Any) -> str:
         "model": model,
         "params": asdict(params) if params is not None else None,
     }
+    if measure:  # only when set: parts of runs without measurements keep their keys
+        ident["measure"] = True
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -160,10 +196,11 @@ def _local_results(
     backend: str,
     tile_progress: Callable[[str, int, int], None] | None = None,
     cancel: Any = None,
+    measure: bool = False,
 ) -> Iterator[tuple[int, ImageResult]]:
     if workers <= 1:
         for i, path in todo:
-            if _cancelled(cancel):
+            if is_cancelled(cancel):
                 raise BatchCancelled("batch cancelled")
             prog = None
             if tile_progress is not None:
@@ -171,7 +208,7 @@ def _local_results(
                 def prog(done, total, _p=path):
                     tile_progress(_p, done, total)
 
-            yield i, detect_file(path, model, params, device, backend, prog, cancel)
+            yield i, detect_file(path, model, params, device, backend, prog, cancel, measure)
         return
     # Each process gets an equal share of the cores; torch would otherwise oversubscribe.
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -180,9 +217,12 @@ def _local_results(
     with ProcessPoolExecutor(
         max_workers=workers, initializer=_init_worker, initargs=(threads,), mp_context=ctx
     ) as pool:
-        pending = {pool.submit(detect_file, p, model, params, device, backend): i for i, p in todo}
+        pending = {
+            pool.submit(detect_file, p, model, params, device, backend, measure=measure): i
+            for i, p in todo
+        }
         while pending:
-            if _cancelled(cancel):
+            if is_cancelled(cancel):
                 for fut in pending:
                     fut.cancel()
                 raise BatchCancelled("batch cancelled")
@@ -223,13 +263,6 @@ def folder_outputs(folder: str | os.PathLike) -> dict[str, Path]:
     return {key: path / name for key, name in FOLDER_CSVS.items()}
 
 
-def _cancelled(cancel: Any) -> bool:
-    if cancel is None:
-        return False
-    is_set = getattr(cancel, "is_set", None)
-    return bool(is_set() if is_set is not None else cancel())
-
-
 def _init_worker(threads: int) -> None:
     import torch
 
@@ -243,13 +276,16 @@ def _dask_results(
     scheduler: Any,
     device: str | None,
     backend: str,
+    measure: bool = False,
 ) -> Iterator[tuple[int, ImageResult]]:
     from distributed import Client, as_completed
 
     client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
     try:
         futures = {
-            client.submit(detect_file, p, model, params, device, backend, pure=False): i
+            client.submit(
+                detect_file, p, model, params, device, backend, measure=measure, pure=False
+            ): i
             for i, p in todo
         }
         for fut in as_completed(futures):
@@ -276,6 +312,7 @@ def run_batch(
     cancel: Any = None,
     keep_parts: bool = False,
     empty_errors: bool = False,
+    measure: bool = False,
 ) -> list[ImageResult]:
     """Detect nuclei in many images; resumable when ``out`` or ``counts`` is given.
 
@@ -305,6 +342,9 @@ def run_batch(
         Write ``errors`` (header only) even when every image was read, so scripts reading
         an output folder can rely on it; by default it is written only when an image failed
         (or to replace one of an earlier run).
+    measure : bool
+        Measure every nucleus (:func:`~napari_yolocell.engine.measure.measure_nuclei`): the
+        detections get ``mean_c0``..., ``area_px`` (``area_um2``) after :data:`CSV_COLUMNS`.
 
     Returns
     -------
@@ -313,7 +353,7 @@ def run_batch(
     paths = [str(p) for p in paths]
     anchor = out or counts
     parts = _Parts(Path(f"{anchor}.parts")) if anchor else None
-    keys = [_key(p, model, params) for p in paths]
+    keys = [_key(p, model, params, measure) for p in paths]
     results: list[ImageResult | None] = [None] * len(paths)
     todo = []
     for i, (p, k) in enumerate(zip(paths, keys, strict=True)):
@@ -325,13 +365,13 @@ def run_batch(
         else:
             todo.append((i, p))
     if scheduler is not None:
-        stream = _dask_results(todo, model, params, scheduler, device, backend)
+        stream = _dask_results(todo, model, params, scheduler, device, backend, measure)
     else:
         stream = _local_results(
-            todo, model, params, workers, device, backend, tile_progress, cancel
+            todo, model, params, workers, device, backend, tile_progress, cancel, measure
         )
     for i, res in stream:
-        if _cancelled(cancel):
+        if is_cancelled(cancel):
             raise BatchCancelled("batch cancelled")
         if parts:
             parts.save(keys[i], res)
@@ -351,7 +391,9 @@ def _merge(results: list[ImageResult], out, counts, errors, empty_errors: bool =
     if out:
         frames = [r.detections for r in ok if r.detections is not None and len(r.detections)]
         det = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        write_csv_atomic(det.reindex(columns=CSV_COLUMNS), Path(out))
+        # the contract columns first, exactly; measurement columns (if any) after them
+        extra = [c for c in det.columns if c not in CSV_COLUMNS]
+        write_csv_atomic(det.reindex(columns=[*CSV_COLUMNS, *extra]), Path(out))
     if counts:
         rows = [
             {"image": r.image, "plane": plane, "roi": WHOLE_IMAGE_ROI, "count": c}

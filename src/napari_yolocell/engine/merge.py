@@ -119,6 +119,18 @@ def _greedy_suppress(n: int, order: np.ndarray, i: np.ndarray, j: np.ndarray) ->
     return keep
 
 
+def _suppress(boxes: np.ndarray, threshold: float, denominator) -> np.ndarray:
+    """Greedy suppression of pairs whose ``intersection / denominator`` exceeds ``threshold``;
+    kept indices in input order. ``denominator(area_i, area_j, intersection)``."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
+    i, j = _candidate_pairs(boxes)
+    inter = _intersections(boxes, i, j)
+    areas = _areas(boxes)
+    hit = inter > threshold * np.maximum(denominator(areas[i], areas[j], inter), 1e-12)
+    keep = _greedy_suppress(len(boxes), _confidence_order(boxes), i[hit], j[hit])
+    return np.flatnonzero(keep)
+
+
 def nms(boxes: np.ndarray, iou: float = 0.5) -> np.ndarray:
     """Class-agnostic greedy non-maximum suppression over a whole plane.
 
@@ -137,14 +149,7 @@ def nms(boxes: np.ndarray, iou: float = 0.5) -> np.ndarray:
     numpy.ndarray of int
         Indices of the kept boxes, in input order.
     """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
-    i, j = _candidate_pairs(boxes)
-    inter = _intersections(boxes, i, j)
-    areas = _areas(boxes)
-    union = areas[i] + areas[j] - inter
-    hit = inter > iou * np.maximum(union, 1e-12)
-    keep = _greedy_suppress(len(boxes), _confidence_order(boxes), i[hit], j[hit])
-    return np.flatnonzero(keep)
+    return _suppress(boxes, iou, lambda a_i, a_j, inter: a_i + a_j - inter)
 
 
 def ios_suppress(boxes: np.ndarray, threshold: float = 0.7) -> np.ndarray:
@@ -162,14 +167,7 @@ def ios_suppress(boxes: np.ndarray, threshold: float = 0.7) -> np.ndarray:
     numpy.ndarray of int
         Indices of the kept boxes, in input order.
     """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
-    i, j = _candidate_pairs(boxes)
-    inter = _intersections(boxes, i, j)
-    areas = _areas(boxes)
-    smaller = np.minimum(areas[i], areas[j])
-    hit = inter > threshold * np.maximum(smaller, 1e-12)
-    keep = _greedy_suppress(len(boxes), _confidence_order(boxes), i[hit], j[hit])
-    return np.flatnonzero(keep)
+    return _suppress(boxes, threshold, lambda a_i, a_j, inter: np.minimum(a_i, a_j))
 
 
 def offset_boxes(boxes: np.ndarray, tile: Tile) -> np.ndarray:

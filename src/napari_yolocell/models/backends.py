@@ -169,6 +169,11 @@ class _ExportedDetector(Detector):
         self.threads = threads or _num_threads()
         self.model = ExportInfo(self.folder, read_meta(self.folder))
         self._keep = keep  # a TemporaryDirectory to keep alive (untrained YAML exports)
+        self._open()
+
+    @abc.abstractmethod
+    def _open(self) -> None:
+        """Start the runtime on :attr:`model_path` (called once by ``__init__``)."""
 
     @property
     def model_path(self) -> Path:
@@ -213,15 +218,7 @@ class OnnxRuntimeDetector(_ExportedDetector):
 
     fmt = "onnx"
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        folder: str | Path,
-        device: str | None = None,
-        threads: int | None = None,
-        keep: Any = None,
-    ) -> None:
-        super().__init__(spec, folder, device, threads, keep)
+    def _open(self) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -266,15 +263,7 @@ class OpenVinoDetector(_ExportedDetector):
     fmt = "openvino"
     max_compiled = 4
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        folder: str | Path,
-        device: str | None = None,
-        threads: int | None = None,
-        keep: Any = None,
-    ) -> None:
-        super().__init__(spec, folder, device, threads, keep)
+    def _open(self) -> None:
         if self.device.startswith("cuda"):
             raise ValueError("OpenVINO does not run on CUDA GPUs: use backend 'torch' there")
         import openvino as ov

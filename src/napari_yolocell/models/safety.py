@@ -52,6 +52,10 @@ class UntrustedModelError(ValueError):
             "(or confirm in the widget)"
         )
 
+    def __reduce__(self):
+        # rebuilt from its fields when it crosses a process boundary (batch workers, dask)
+        return type(self), (self.path, self.global_name, self.sha256)
+
 
 def config_dir() -> Path:
     """The per-user settings folder (``YOLOCELL_CONFIG_DIR`` or ``$XDG_CONFIG_HOME/...``)."""

@@ -391,6 +391,7 @@ def train(
     on_batch: Callable[[dict[str, Any]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     default_conf: float = 0.25,
+    callbacks: dict[str, Callable[[Any], None]] | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train (or fine-tune, or resume) a YOLOv5 / YOLOv6 detector offline.
@@ -430,6 +431,8 @@ def train(
         training ends (``TrainResult.cancelled``).
     default_conf : float
         Confidence threshold recorded in the model sidecar.
+    callbacks : dict, optional
+        Extra ultralytics callbacks, ``{event: fn(trainer)}`` (e.g. ``on_fit_epoch_end``).
     **overrides
         Any other ``YOLO.train`` argument (``lr0``, ``close_mosaic``, ``cache``...).
 
@@ -450,6 +453,8 @@ def train(
         ckpt = _resume_checkpoint(model, out, name)
         yolo = YOLO(str(ckpt))
         hooks.register(yolo)
+        for event, fn in (callbacks or {}).items():
+            yolo.add_callback(event, fn)
         run_dir = ckpt.parent.parent
         family = _checkpoint_family(ckpt) or _family_of(str(_train_args(ckpt).get("model", "")))
         kwargs = {
@@ -471,6 +476,8 @@ def train(
         data_yaml, _ = prepare_data_yaml(data, run_dir)
         yolo = YOLO(source, task="detect")
         hooks.register(yolo)
+        for event, fn in (callbacks or {}).items():
+            yolo.add_callback(event, fn)
         kwargs = {
             "data": str(data_yaml),
             "epochs": epochs,

@@ -1,0 +1,308 @@
+"""Few-shot fine-tuning: adapt a bundled model to a new lab from a handful of corrected images.
+
+``yolocell train --data DIR --model default --minutes 5 --out OUT`` lands here
+(:func:`finetune`). The data is any YOLO dataset (ours, ultralytics, Roboflow) of a few WHOLE
+images, any size; they are prepared like the bundled models' training data before training:
+
+1. grey (maximum over colour channels, as detection does), percentile-normalised to 8 bit;
+2. rescaled so that the nuclei reach the starting model at its training scale when they are
+   far larger than it (median box diameter over ``AUTO_HIGH`` x the model's ``diameter_px``,
+   the rule detection applies with ``--diameter auto``), so the model does not have to learn a
+   new scale in a few minutes;
+3. cut into training tiles no larger than needed (small images are zero-padded, never
+   upscaled), so a 300 px image costs a 320 px forward pass, not 640.
+
+Training then starts from the model's weights with augmentation suited to a handful of images
+(:data:`FEWSHOT_AUGMENT`), ultralytics' time mode (the learning-rate schedule is fitted to the
+time budget) and an optional epoch cap, whichever is reached first.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_yolocell.engine.size import AUTO_HIGH
+from napari_yolocell.io.yolo import load_image, read_yolo_dataset
+from napari_yolocell.models.registry import resolve_model
+from napari_yolocell.models.spec import ModelSpec
+from napari_yolocell.training.dataset import Sample, export_dataset
+from napari_yolocell.training.train import (
+    MICROSCOPY_AUGMENT,
+    TrainResult,
+    median_diameter,
+    train,
+    write_model_sidecar,
+)
+
+__all__ = [
+    "FEWSHOT_AUGMENT",
+    "finetune",
+    "is_bundled",
+    "prepare_fewshot_dataset",
+    "resolve_base_weights",
+]
+
+# A handful of images: strong geometric and intensity jitter (every epoch must look new), mosaic
+# throughout (it multiplies the nuclei per batch); scale jitter moderate around the model's scale.
+FEWSHOT_AUGMENT: dict[str, float] = {
+    **MICROSCOPY_AUGMENT,
+    "hsv_v": 0.5,
+    "scale": 0.4,
+    "translate": 0.2,
+    "mosaic": 1.0,
+}
+# A few images give one or two batches an epoch: no warm-up (ultralytics warms up for at least
+# 100 iterations, the whole budget) and no gradient accumulation (``nbs`` = the batch, set in
+# :func:`finetune`; ultralytics would otherwise step the optimizer every 64 images).
+FEWSHOT_SETTINGS: dict[str, Any] = {
+    "warmup_epochs": 0.0,
+    "close_mosaic": 0,
+    "optimizer": "AdamW",
+    "lr0": 0.001,
+    "cos_lr": True,
+}
+# Part of the budget kept for preparing data, the final validation of best.pt and saving.
+RESERVE_FRACTION = 0.1
+RESERVE_S = 15.0
+
+
+def resolve_base_weights(model: str | Path) -> tuple[Path, ModelSpec]:
+    """The ``.pt`` file (xz-packed bundled weights unpacked) and spec of a model to fine-tune.
+
+    Parameters
+    ----------
+    model : str or Path
+        ``default``, a bundled name or alias (``v5``, ``nucleus-v6n``) or a ``.pt`` path.
+
+    Returns
+    -------
+    path : Path
+    spec : ModelSpec
+    """
+    from napari_yolocell.models.loading import unpack_weights
+
+    spec = resolve_model(model)
+    if spec.family == "classical" or spec.path is None:
+        raise ValueError(f"model {model!r} has no weights to fine-tune")
+    spec = unpack_weights(spec)
+    path = Path(spec.path)
+    if path.suffix.lower() != ".pt":
+        raise ValueError(f"fine-tuning needs PyTorch weights (.pt), got {path}")
+    return path, spec
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim == 3:
+        img = img[..., :3].max(axis=-1)
+    return img
+
+
+def _resize(img: np.ndarray, scale: float) -> np.ndarray:
+    if scale == 1.0:
+        return img
+    import cv2
+
+    h, w = img.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+def prepare_fewshot_dataset(
+    data: str | Path,
+    out: str | Path,
+    model_diameter: float,
+    imgsz: int = 640,
+    percentiles: tuple[float, float] = (1.0, 99.8),
+) -> dict[str, Any]:
+    """Write a YOLO dataset of training tiles at the model's scale from whole images.
+
+    Parameters
+    ----------
+    data : str or Path
+        YOLO dataset folder or ``data.yaml`` (``train`` and optionally ``val``).
+    out : str or Path
+        Output folder (replaced).
+    model_diameter : float
+        The starting model's training nucleus diameter (``ModelSpec.diameter_px``).
+    imgsz : int
+        Largest training tile.
+    percentiles : (float, float)
+        Normalisation (the model's).
+
+    Returns
+    -------
+    dict
+        ``path`` (dataset folder), ``scale`` (resize factor applied), ``diameter`` (median box
+        diameter ``sqrt(w * h)`` of the original training images), ``tile`` (training tile
+        side = the ``imgsz`` to train with), ``n_train``, ``n_val`` (images).
+    """
+    dataset = read_yolo_dataset(data, splits=("train", "val"), warn=False)
+    train_items = [s for s in dataset if s.split == "train"]
+    if not train_items:
+        raise FileNotFoundError(f"no training images found in {data}")
+    val_items = [s for s in dataset if s.split == "val"] or train_items
+    sizes = [
+        np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])) for b in (s.boxes for s in train_items)
+    ]
+    sizes = np.concatenate([s for s in sizes if len(s)] or [np.zeros(0)])
+    diameter = float(np.median(sizes)) if len(sizes) else float(model_diameter)
+    scale = 1.0
+    if diameter > AUTO_HIGH * float(model_diameter):
+        scale = float(model_diameter) / diameter
+    longest = max(max(s.shape) for s in [*train_items, *val_items]) * scale
+    tile = int(min(imgsz, max(160, 32 * math.ceil(longest / 32))))
+    samples = []
+    for split, items in (("train", train_items), ("val", val_items)):
+        for i, s in enumerate(items):
+            img = _resize(_grey(load_image(s.image_path)), scale)
+            samples.append(
+                Sample(
+                    image=img,
+                    boxes=np.asarray(s.boxes, float) * scale,
+                    name=f"{split}{i:03d}_{Path(s.image_path).stem}"[:80],
+                    split=split,
+                )
+            )
+    overlap = int(min(tile // 2, max(32, math.ceil(3 * diameter * scale))))
+    export_dataset(
+        samples,
+        out,
+        tile=tile,
+        overlap=overlap,
+        percentiles=percentiles,
+        region=1 << 30,
+        overwrite=True,
+    )
+    return {
+        "path": Path(out),
+        "scale": scale,
+        "diameter": diameter,
+        "tile": tile,
+        "n_train": len(train_items),
+        "n_val": len(val_items),
+    }
+
+
+def finetune(
+    data: str | Path,
+    model: str | Path = "default",
+    minutes: float | None = 5.0,
+    epochs: int | None = None,
+    out: str | Path = "runs/yolocell",
+    name: str | None = None,
+    imgsz: int = 640,
+    batch: int = 8,
+    device: str | None = None,
+    seed: int = 0,
+    augment: str | dict[str, float] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Fine-tune a model on a few whole images within a time budget.
+
+    Parameters
+    ----------
+    data : str or Path
+        YOLO dataset (folder or ``data.yaml``) of whole corrected images.
+    model : str or Path
+        ``default``, a bundled name/alias or a ``.pt`` checkpoint.
+    minutes : float or None
+        Wall-time budget of the whole call (data preparation, training, final validation).
+    epochs : int or None
+        Epoch cap; with ``minutes`` too, whichever is reached first. Both None: 30 epochs.
+    out, name : str or Path, str
+        Run folder ``out/name`` (default name ``<family>_finetune``).
+    imgsz : int
+        Largest training tile.
+    batch : int
+        Tiles per batch.
+    device : str, optional
+        ``"cpu"``, ``"0"``...
+    seed : int
+        Random seed.
+    augment : preset name or dict, optional
+        Default :data:`FEWSHOT_AUGMENT`.
+    on_epoch : callable, optional
+        As in :func:`napari_yolocell.training.train.train`.
+    **overrides
+        Other ``YOLO.train`` arguments (``freeze``, ``lr0``...).
+
+    Returns
+    -------
+    TrainResult
+        ``best`` is the checkpoint to use; its sidecar records the model's scale and
+        normalisation, and the starting model's default confidence.
+    """
+    start = time.monotonic()
+    if minutes is not None and not minutes > 0:
+        raise ValueError(f"minutes must be positive, got {minutes}")
+    weights, spec = resolve_base_weights(model)
+    out = Path(out).expanduser().resolve()
+    prepared = prepare_fewshot_dataset(
+        data,
+        out / f".{name or 'fewshot'}_data",
+        float(spec.diameter_px),
+        imgsz=imgsz,
+        percentiles=tuple(spec.percentiles),
+    )
+    kwargs: dict[str, Any] = {**FEWSHOT_SETTINGS, "nbs": batch, **overrides}
+    cap = epochs
+    if minutes is not None:
+        left = minutes * 60 * (1 - RESERVE_FRACTION) - RESERVE_S - (time.monotonic() - start)
+        kwargs["time"] = max(left, 20.0) / 3600
+        epochs = epochs or 1000  # time mode re-estimates the epochs after the first one
+    callbacks = {}
+    if cap is not None and minutes is not None:
+
+        def _cap(trainer) -> None:
+            if trainer.epoch + 1 >= cap:
+                trainer.stop = True
+
+        callbacks["on_fit_epoch_end"] = _cap
+    result = train(
+        prepared["path"],
+        model=weights,
+        epochs=epochs or 30,
+        imgsz=prepared["tile"],
+        batch=batch,
+        patience=1000,
+        device=device,
+        seed=seed,
+        out=out,
+        name=name or f"{spec.family}_finetune",
+        augment=FEWSHOT_AUGMENT if augment is None else augment,
+        on_epoch=on_epoch,
+        default_conf=float(spec.default_conf),
+        callbacks=callbacks,
+        **kwargs,
+    )
+    for path in (result.best, result.last):  # the family of the starting model, not "yolo"
+        if path is not None and path.exists():
+            write_model_sidecar(
+                path,
+                family=spec.family,
+                imgsz=prepared["tile"],
+                diameter_px=median_diameter(prepared["path"]),
+                default_conf=float(spec.default_conf),
+                metrics=result.metrics,
+            )
+    return result
+
+
+def is_bundled(model: str | Path) -> bool:
+    """True for ``default`` and the names and aliases of the bundled models."""
+    from napari_yolocell.models.registry import list_models
+
+    key = str(model).lower()
+    if key == "default":
+        return True
+    return any(
+        key == m.name.lower() or key in (a.lower() for a in m.aliases) for m in list_models()
+    )

@@ -1,0 +1,104 @@
+"""Few-shot fine-tuning: whole images at the model's scale, bundled names, the CLI contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from napari_yolocell.io.yolo import read_yolo_dataset
+from napari_yolocell.training.fewshot import (
+    is_bundled,
+    prepare_fewshot_dataset,
+    resolve_base_weights,
+)
+
+
+def _whole_image_dataset(root: Path, size=(300, 420), diameter=24.0, n=2) -> Path:
+    """``n`` whole images with round nuclei of ``diameter`` px, in train and again in val."""
+    rng = np.random.default_rng(0)
+    h, w = size
+    yy, xx = np.mgrid[:h, :w]
+    r = diameter / 2
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = rng.normal(20, 3, size)
+        lines = []
+        for cy in np.arange(r + 4, h - r - 4, 2.2 * r):
+            for cx in np.arange(r + 4, w - r - 4, 2.2 * r):
+                img += 180 * (((yy - cy) ** 2 + (xx - cx) ** 2) <= r * r)
+                lines.append(f"0 {cx / w:.5f} {cy / h:.5f} {2 * r / w:.5f} {2 * r / h:.5f}")
+        png = np.clip(img, 0, 255).astype(np.uint8)
+        for split in ("train", "val"):
+            Image.fromarray(png).save(root / "images" / split / f"img{i}.png")
+            (root / "labels" / split / f"img{i}.txt").write_text("\n".join(lines) + "\n")
+    (root / "data.yaml").write_text(
+        f"path: {root}\ntrain: images/train\nval: images/val\nnc: 1\nnames: ['nucleus']\n"
+    )
+    return root
+
+
+def test_large_nuclei_are_rescaled_to_the_model_scale(tmp_path):
+    data = _whole_image_dataset(tmp_path / "big", size=(600, 800), diameter=92.0)
+    info = prepare_fewshot_dataset(data, tmp_path / "prep", model_diameter=23.0)
+    assert info["scale"] == pytest.approx(23.0 / info["diameter"])
+    assert info["tile"] <= 640 and info["tile"] % 32 == 0
+    ds = read_yolo_dataset(info["path"], splits=("train", "val"), warn=False)
+    boxes = np.concatenate([s.boxes for s in ds if s.split == "train"])
+    side = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    assert np.median(side) == pytest.approx(23.0, rel=0.15)
+    assert {s.split for s in ds} == {"train", "val"}
+
+
+def test_nuclei_in_range_keep_their_size_and_small_images_small_tiles(tmp_path):
+    data = _whole_image_dataset(tmp_path / "small", size=(200, 260), diameter=24.0)
+    info = prepare_fewshot_dataset(data, tmp_path / "prep", model_diameter=23.0)
+    assert info["scale"] == 1.0
+    assert info["tile"] == 288  # 260 rounded up to 32, never upscaled to 640
+    assert info["n_train"] == info["n_val"] == 2
+
+
+def test_bundled_names_resolve_to_pt_weights():
+    assert is_bundled("default") and is_bundled("v6") and is_bundled("nucleus-v5n")
+    assert not is_bundled("yolov5n") and not is_bundled("weights/best.pt")
+    for name in ("default", "v6"):
+        path, spec = resolve_base_weights(name)
+        assert path.suffix == ".pt" and path.is_file()  # v6 is xz-packed: unpacked
+        assert spec.diameter_px > 0
+    with pytest.raises(ValueError):
+        resolve_base_weights("classical")
+
+
+def test_cli_finetunes_default_and_prints_weights_last(tmp_path, capsys):
+    from napari_yolocell.cli import main
+
+    data = _whole_image_dataset(tmp_path / "data", size=(160, 192), diameter=20.0, n=1)
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--model",
+            "default",
+            "--minutes",
+            "2",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "runs"),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    key, _, path = lines[-1].partition("\t")
+    assert key == "weights" and path.endswith("best.pt") and Path(path).is_file()
+    assert [ln.split("\t")[0] for ln in lines[-3:]] == ["best", "last", "weights"]
+    import json
+
+    side = json.loads(Path(path).with_name("best.yolocell.json").read_text())
+    assert side["family"] == "yolov5" and side["default_conf"] == pytest.approx(0.2)
