@@ -185,3 +185,30 @@ def test_detect_prints_paths_as_given(two_images, capsys, monkeypatch):
     monkeypatch.chdir(paths[0].parent)
     assert main(["detect", f"./{paths[0].name}", "--model", "classical", "--quiet"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"./{paths[0].name}\t{truth[0]}"
+
+
+def test_multiclass_model_needs_class(tmp_path, capsys):
+    """An 80-class model (COCO layout) does not silently count every class."""
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, make_nuclei_image((128, 128), n_nuclei=5, seed=0).image)
+    base = ["detect", str(path), "--model", "yolov5n.yaml", "--backend", "torch", "--quiet"]
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "80 classes" in err and "--class" in err
+    assert main([*base, "--class", "no-such-class"]) == 2
+    assert "no class 'no-such-class'" in capsys.readouterr().err
+    assert main([*base, "--class", "3", "--conf", "0.001"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("total\t")
+
+
+def test_class_filter_keeps_only_that_class():
+    from napari_yolocell.engine.detect import DetectParams, detect_image
+    from napari_yolocell.models.loading import load_detector
+
+    image = make_nuclei_image((96, 96), n_nuclei=4, seed=1).image
+    params = DetectParams(conf=0.001, max_det=50, auto_diameter=False)
+    det = load_detector("yolov5n.yaml", device="cpu", backend="torch")
+    every = detect_image(image, det, params)
+    params.classes = (0,)
+    only = detect_image(image, det, params)
+    assert set(only["class"]) <= {0} and len(only) == (every["class"] == 0).sum()

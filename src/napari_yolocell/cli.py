@@ -19,7 +19,7 @@ import pandas as pd
 
 from napari_yolocell.engine.detect import DetectParams, param_help
 from napari_yolocell.engine.normalize import MODES as NORMALIZE_MODES
-from napari_yolocell.models.detector import BACKEND_CHOICES
+from napari_yolocell.models.detector import BACKEND_CHOICES, class_names, resolve_class
 
 
 class CliError(Exception):
@@ -84,6 +84,14 @@ def _load_detector(model: str | None, device: str | None = None, backend: str = 
         raise CliError(str(exc)) from exc
 
 
+def _counted_classes(detector, args, model: str) -> tuple[int, ...] | None:
+    """``--class``: the class ids to count (None: a one-class model counts everything)."""
+    try:
+        return resolve_class(class_names(detector), getattr(args, "count_class", None), model)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+
+
 def _detect_one(path: Path, detector, params, quiet: bool) -> pd.DataFrame:
     from napari_yolocell.engine.detect import detect_image
     from napari_yolocell.io.images import open_image
@@ -135,8 +143,9 @@ def cmd_detect(args) -> int:
     except FileNotFoundError as exc:
         raise CliError(str(exc)) from exc
     model = args.model or "default"
-    _load_detector(model, args.device, args.backend)  # fail fast, one line, on a bad model
+    detector = _load_detector(model, args.device, args.backend)  # fail fast, one line
     params = _detect_params(args)
+    params.classes = _counted_classes(detector, args, model)
     scheduler = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
     errors = args.errors
     if errors is None and (args.out or args.counts):
@@ -425,6 +434,12 @@ def cmd_evaluate(args) -> int:
     from napari_yolocell.analysis.evaluate import compare_models
 
     params = _detect_params(args)
+    wanted = {
+        _counted_classes(_load_detector(m, args.device, args.backend), args, m) for m in args.model
+    }
+    if len(wanted) > 1:
+        raise CliError("--class names a different class id in each model: give its number")
+    params.classes = wanted.pop()
     try:
         # one low-threshold run per model; P/R/F1 reported at --conf (default: F1-maximising)
         table, results = compare_models(
@@ -465,7 +480,9 @@ def cmd_calibrate(args) -> int:
     detector = _load_detector(args.model, args.device, args.backend)
     before = detector.spec.default_conf if args.conf is None else args.conf
     args.conf = 0.05  # one run at a low threshold; every candidate is scored from it
-    df = _detect_one(Path(args.image), detector, _detect_params(args), args.quiet)
+    params = _detect_params(args)
+    params.classes = _counted_classes(detector, args, args.model or "default")
+    df = _detect_one(Path(args.image), detector, params, args.quiet)
     if args.count is not None:
         cal = calibrate_by_count(df["confidence"].to_numpy(), args.count)
     else:
@@ -558,6 +575,13 @@ def _add_detect_options(
         choices=BACKEND_CHOICES,
         help=f"forward-pass runtime (default {backend}); auto = the fastest installed (on a "
         "CPU: OpenVINO, INT8 for the bundled models)",
+    )
+    p.add_argument(
+        "--class",
+        dest="count_class",
+        default=None,
+        metavar="CLASS",
+        help="the class to count (number or name), for models trained on several classes",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(

@@ -146,6 +146,9 @@ class DetectParams:
         plane (:func:`napari_yolocell.engine.size.estimate_diameter`) and, only if it is far
         outside the model's range, use it as ``diameter``. ``df.attrs`` reports
         ``measured_diameter`` and the ``diameter`` used (None = the model's scale).
+    classes : tuple of int or None
+        Keep only detections of these classes (a model trained on several classes, e.g.
+        COCO's 80); None keeps every class.
     min_relative_area : float
         Size consistency (:func:`napari_yolocell.engine.postprocess.small_object_mask`): a
         detection whose box area is under this fraction of the median area of the plane's
@@ -179,6 +182,9 @@ class DetectParams:
         0.0,
         "do not count detections under this fraction of the image's typical nucleus area (e.g. "
         "0.25: micronuclei, debris); they stay in the table flagged small; 0 (default) = off",
+    )
+    classes: tuple[int, ...] | None = _param(
+        None, "class ids to keep (models with several classes); default: every class"
     )
 
 
@@ -765,7 +771,10 @@ def iter_detect(
             try:
                 done += next(runner)
             except StopIteration as stop:
-                frame = _frame(plane, stop.value, factor)
+                boxes = stop.value
+                if params.classes is not None:
+                    boxes = boxes[np.isin(boxes[:, 5], params.classes)]
+                frame = _frame(plane, boxes, factor)
                 if params.min_relative_area > 0:
                     frame[SMALL_COLUMN] = _small_flags(
                         frame, params.min_relative_area, full, layout

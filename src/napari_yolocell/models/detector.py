@@ -262,3 +262,49 @@ def postprocess_letterboxed(
         boxes[:, [1, 3]] -= top
         out.append(_clip_to_tile(boxes, tile.shape[:2]))
     return out
+
+
+def class_names(detector: Detector) -> dict[int, str]:
+    """``{class id: name}`` of a detector's model; empty when the model does not say."""
+    for owner in (detector, getattr(detector, "model", None)):
+        names = getattr(owner, "names", None)
+        if isinstance(names, (list, tuple)):
+            names = dict(enumerate(names))
+        if isinstance(names, dict) and names:
+            return {int(k): str(v) for k, v in names.items()}
+    return {}
+
+
+def resolve_class(names: dict[int, str], wanted: str | None, model: str) -> tuple[int, ...] | None:
+    """The class ids to count: None (every class) for a one-class model, else ``wanted``.
+
+    Parameters
+    ----------
+    names : dict
+        :func:`class_names` of the model.
+    wanted : str or None
+        A class id or name (case-insensitive), e.g. from ``--class``.
+    model : str
+        The model's name, for messages.
+
+    Raises
+    ------
+    ValueError
+        A model of several classes without ``wanted``, or an unknown class (one line).
+    """
+    listed = ", ".join(f"{k} {v}" for k, v in list(names.items())[:6])
+    more = ", ..." if len(names) > 6 else ""
+    if wanted is None:
+        if len(names) <= 1:
+            return None
+        raise ValueError(
+            f"model {model!r} detects {len(names)} classes ({listed}{more}): choose the one "
+            "to count with --class (a number or a name)"
+        )
+    text = str(wanted).strip()
+    for k, v in names.items():
+        if text == str(k) or text.lower() == v.lower():
+            return (k,)
+    if text.isdigit() and not names:
+        return (int(text),)
+    raise ValueError(f"model {model!r} has no class {text!r}; its classes: {listed}{more}")
