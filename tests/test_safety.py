@@ -233,3 +233,16 @@ def test_untrusted_error_survives_a_process_boundary(tmp_path):
     assert isinstance(err, UntrustedModelError)
     assert (err.path, err.global_name, err.size) == (path, "posix.system", 11)
     assert "posix.system" in str(err) and "\n" not in str(err)
+
+
+def test_train_refuses_hostile_checkpoints(tmp_path, capsys):
+    """ultralytics would unpickle a .pt given to `yolocell train --model` in full."""
+    from napari_yolocell.cli import main
+
+    marker = tmp_path / "pwned"
+    for name, (path, offending) in _hostile_files(tmp_path, marker).items():
+        code = main(["train", "--data", str(tmp_path), "--model", str(path), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, name
+        assert str(path) in err and offending in err
+        assert not marker.exists(), f"{name}: payload ran"

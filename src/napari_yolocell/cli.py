@@ -362,7 +362,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from napari_yolocell.models import safety
     from napari_yolocell.training.train import train
+
+    if Path(args.model).is_file():  # refuse a hostile .pt before reading any data
+        try:
+            safety.require_safe(args.model)
+        except ValueError as exc:
+            raise CliError(str(exc)) from exc
 
     bar = None
     if not args.quiet:
@@ -691,6 +698,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", default=None)
     t.add_argument("--resume", action="store_true", help="continue from last.pt")
     t.add_argument("--quiet", action="store_true")
+    t.add_argument(
+        "--trust",
+        action="store_true",
+        help="trust the --model .pt file (record its SHA-256), so its pickle may run code",
+    )
     t.set_defaults(func=cmd_train)
 
     v = sub.add_parser("evaluate", help="score and compare models on a labelled set")

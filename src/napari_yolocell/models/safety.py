@@ -632,3 +632,16 @@ def check_file(path: str | os.PathLike, standins: dict[str, type] | None = None)
     for name in names:
         if not _is_allowed(name, standins or {}):
             raise UntrustedModelError(path, name)
+
+
+def require_safe(path: str | os.PathLike) -> None:
+    """Before a full unpickle (ultralytics' training does one): the file must be trusted, or its
+    pickle must reference nothing off the allow-list (any genuine ultralytics checkpoint).
+
+    Raises
+    ------
+    UntrustedModelError
+        Names the file and the first offending global.
+    """
+    if not is_trusted(file_sha256(path)):
+        check_file(path)

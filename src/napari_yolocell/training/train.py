@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 from napari_yolocell.io.yolo import locate_splits, read_yolo_dataset
+from napari_yolocell.models import safety
 from napari_yolocell.models.detector import default_device
 from napari_yolocell.models.spec import ModelSpec, write_sidecar
 from napari_yolocell.models.ultralytics_env import import_ultralytics
@@ -451,6 +452,7 @@ def train(
 
     if resume:
         ckpt = _resume_checkpoint(model, out, name)
+        safety.require_safe(ckpt)
         yolo = YOLO(str(ckpt))
         hooks.register(yolo)
         for event, fn in (callbacks or {}).items():
@@ -474,6 +476,8 @@ def train(
         project = Path(out).expanduser().resolve()
         run_dir = _fresh_run_dir(project, run_name)
         data_yaml, _ = prepare_data_yaml(data, run_dir)
+        if is_ckpt:
+            safety.require_safe(Path(source))
         yolo = YOLO(source, task="detect")
         hooks.register(yolo)
         for event, fn in (callbacks or {}).items():
