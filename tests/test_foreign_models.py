@@ -12,6 +12,7 @@ import pytest
 
 V5 = "nuclephaser_dapi_v5"
 V6 = "meituan_yolov6n_bbbc039"
+MEITUAN_PT = "yolov6n_bbbc039_meituan.pt"
 
 #: file, reference CSV, network input width the reference used for the 696 px wide PNGs,
 #: minimum recovered fraction. The classic ONNX export has a fixed 640 x 640 input while its
@@ -140,3 +141,26 @@ def test_rebuilt_networks_match_original_exports(fixtures_dir, sub, pt, onnx_fil
     assert ours.shape == theirs.shape
     assert np.abs(ours[..., :4] - theirs[..., :4]).max() < 0.05  # pixels
     assert np.abs(ours[..., 4:] - theirs[..., 4:]).max() < 1e-3  # scores
+
+
+def test_evaluate_compares_a_mix_of_families(fixtures_dir, tmp_path, capsys):
+    """`yolocell evaluate` scores bundled, classic YOLOv5 and meituan YOLOv6 models side by side
+    (the thesis's comparison table with the user's own checkpoints)."""
+    from napari_yolocell.cli import main
+    from napari_yolocell.data.samples import sample_image_path
+
+    sample = sample_image_path()
+    boxes = sample.with_name(sample.stem + "_boxes.csv")
+    data = tmp_path / "ds"
+    export = ["export", "--image", str(sample), "--boxes", str(boxes), "--out", str(data)]
+    assert main([*export, "--tile", "256", "--overlap", "32", "--split", "1,0,0"]) == 0
+    capsys.readouterr()  # the export's summary
+    models = ["default", str(fixtures_dir / V5 / "dapi_v5.pt"), str(fixtures_dir / V6 / MEITUAN_PT)]
+    args = ["evaluate", "--data", str(data), "--split", "train", "--quiet"]
+    assert main([*args, *[a for m in models for a in ("--model", m)]]) == 0
+    table = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert set(rows) == {"nucleus-v5n", "dapi_v5.pt", MEITUAN_PT}
+    header = table[0].split()
+    for row in rows.values():  # every family finds the sample's nuclei
+        assert float(row[header.index("F1")]) > 0.9
