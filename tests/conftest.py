@@ -97,3 +97,10 @@ class RecordingArray:
     def __getitem__(self, key):
         self.keys.append(key)
         return self.data[key]
+
+
+@pytest.fixture(autouse=True)
+def _private_widget_settings(request: pytest.FixtureRequest, tmp_path_factory, monkeypatch):
+    """Widgets remember their settings in the user's config folder: never the real one here."""
+    if "make_napari_viewer" in request.fixturenames and "YOLOCELL_CONFIG_DIR" not in os.environ:
+        monkeypatch.setenv("YOLOCELL_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))

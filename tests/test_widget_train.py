@@ -156,3 +156,98 @@ def test_evaluate_classical_table_and_plots(qtbot, setup, tmp_path):
     for plot in ("pr_curve", "f1_curve", "count_error_curve", "count_scatter"):
         widget.ev_plot.value = plot
         assert widget.ev_canvas.figure.axes
+
+
+# ------------------------------------------------------------------ issue #16: training traps
+
+
+def test_point_diameter_only_for_points(setup):
+    viewer, widget, _errors = setup
+    assert not widget.ex_diameter.native.isHidden()  # Points chosen
+    viewer.add_shapes([np.array([[0, 0], [0, 9], [9, 9], [9, 0]])], name="boxes")
+    widget.ex_annotations.value = viewer.layers["boxes"]
+    assert widget.ex_diameter.native.isHidden()
+    assert "pixels" in widget.ex_diameter.tooltip
+
+
+def test_export_warns_of_partial_annotation_and_empty_splits(
+    qtbot, setup, nuclei, tmp_path, monkeypatch
+):
+    viewer, widget, errors = setup
+    corner = nuclei.centers[(nuclei.centers < 130).all(axis=1)] - 0.5
+    assert 0 < len(corner) < 20
+    viewer.add_points(corner, name="corner only")
+    widget.ex_annotations.value = viewer.layers["corner only"]
+    warnings: list[str] = []
+    monkeypatch.setattr(_qt, "show_warning", warnings.append)
+    export(qtbot, widget, tmp_path / "ds")
+    assert errors == []
+    text = widget.ex_label.value
+    assert "cover only" in text and "taught as background" in text
+    assert "val split is empty" in text and "own training images" in text
+    assert len(warnings) == 1 and "cover only" in warnings[0]
+
+
+def test_useless_model_not_added_and_cancel_message_kept(setup, tmp_path):
+    from napari_yolocell.training.train import TrainResult
+
+    viewer, widget, _errors = setup
+    detect = wd.DetectWidget(viewer)
+    best = tmp_path / "run" / "weights" / "best.pt"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(b"weights")
+    key = str(best.resolve())
+    zero = TrainResult(best=best, last=best, metrics={"mAP50": 0.0}, run_dir=tmp_path / "run")
+    widget._train_done(Outcome(value=zero))
+    assert key not in detect.model.choices
+    assert "mAP50 0.000" in widget.tr_label.value and "not added to Detect" in widget.tr_label.value
+
+    cancelled = TrainResult(
+        best=best, last=best, metrics={"mAP50": 0.4}, run_dir=tmp_path / "run", cancelled=True
+    )
+    try:
+        widget._train_done(Outcome(value=cancelled))
+        text = widget.tr_label.value  # both: what was kept and how to go on
+        assert "cancelled: mAP50 0.400" in text and "press Resume to continue" in text
+        assert key in detect.model.choices
+    finally:
+        session.forget_session_model(best)
+
+
+def test_import_qupath_geojson_then_export(qtbot, setup, nuclei, tmp_path):
+    import json
+
+    viewer, widget, errors = setup
+    y, x = nuclei.centers[:, 0], nuclei.centers[:, 1]
+    feats = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [float(xi), float(yi)]},
+            "properties": {"objectType": "annotation", "classification": {"name": "Nucleus"}},
+        }
+        for yi, xi in zip(y, x, strict=True)
+    ]
+    feats.append(
+        {
+            "type": "Feature",
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[0, 0], [50, 0], [50, 40], [0, 40], [0, 0]]],
+            },
+            "properties": {"objectType": "annotation", "name": "region"},
+        }
+    )
+    path = tmp_path / "qupath.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    widget.ex_geojson.value = path
+    added = widget.import_geojson()
+    assert [layer._type_string for layer in added] == ["points", "shapes"]
+    points, shapes = added
+    assert len(points.data) == 20 and shapes.nshapes == 1
+    assert np.allclose(points.data, nuclei.centers - 0.5)  # QuPath pixel edges -> napari
+    assert list(shapes.features["name"]) == ["region"]
+    assert "20 points and 1 polygons" in widget.ex_label.value
+
+    widget.ex_annotations.value = points
+    export(qtbot, widget, tmp_path / "ds")
+    assert errors == [] and label_lines(tmp_path / "ds") == 20

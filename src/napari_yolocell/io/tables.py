@@ -35,6 +35,35 @@ def roi_name(index: int) -> str:
     return f"roi_{index}"
 
 
+def unique_roi_names(names: list[object]) -> list[str]:
+    """ROI names with every missing, blank or repeated one replaced by an unused ``roi_<i>``.
+
+    The first occurrence of a name keeps it; a ROI without a usable name gets ``roi_<its
+    index>`` when that is free, else the next free ``roi_<k>``, so names already shown (in a
+    table or a CSV) never change when ROIs are added or deleted.
+
+    Examples
+    --------
+    >>> unique_roi_names(["left", None, "left", ""])
+    ['left', 'roi_1', 'roi_2', 'roi_3']
+    """
+    given = [str(n).strip() if n is not None and not pd.isna(n) else "" for n in names]
+    out: list[str] = []
+    taken = set(given) - {""}
+    seen: set[str] = set()
+    for i, name in enumerate(given):
+        if name and name not in seen:
+            seen.add(name)
+            out.append(name)
+            continue
+        k = i
+        while roi_name(k) in taken or roi_name(k) in seen:
+            k += 1
+        seen.add(roi_name(k))
+        out.append(roi_name(k))
+    return out
+
+
 def detections_csv_table(df: pd.DataFrame, image: str) -> pd.DataFrame:
     """The detections CSV of one image: columns exactly :data:`CSV_COLUMNS`."""
     out = df.reindex(columns=DETECTION_COLUMNS).copy()

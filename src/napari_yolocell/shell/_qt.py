@@ -19,9 +19,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "add_tabs",
+    "colour_legend",
     "confirm_untrusted",
     "error_text",
     "figure_canvas",
+    "heading",
     "is_result",
     "layer_kind",
     "layers_of",
@@ -158,6 +160,44 @@ def wrap_labels(*labels: Label) -> None:
     for label in labels:
         label.native.setWordWrap(True)
         label.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+
+
+def heading(text: str) -> Label:
+    """A bold section title spanning the dock's width."""
+    from magicgui.widgets import Label
+
+    label = Label(value=text)
+    font = label.native.font()
+    font.setBold(True)
+    label.native.setFont(font)
+    return label
+
+
+def colour_legend(colormap: str, low: str, high: str, stops: int = 9) -> Label:
+    """A one-line colour bar (``low`` text on the left, ``high`` on the right) of ``colormap``.
+
+    Drawn with a Qt style-sheet gradient: no image file, and it scales with the dock.
+    """
+    import numpy as np
+    from magicgui.widgets import Label
+    from napari.utils.colormaps import ensure_colormap
+
+    cmap = ensure_colormap(colormap)
+    colours = cmap.map(np.linspace(0, 1, stops))
+    gradient = ", ".join(
+        f"stop:{i / (stops - 1):.3f} rgb({int(r * 255)}, {int(g * 255)}, {int(b * 255)})"
+        for i, (r, g, b, _a) in enumerate(colours)
+    )
+    label = Label(value=f"{low} \N{RIGHTWARDS ARROW} {high}")
+    label.native.setStyleSheet(
+        "QLabel { color: white; font-weight: bold; padding: 1px 4px; border-radius: 3px;"
+        f" background: qlineargradient(x1:0, y1:0, x2:1, y2:0, {gradient}); }}"
+    )
+    label.tooltip = (
+        f"Boxes and points are coloured by the model's confidence ({colormap} colour map): "
+        "dark blue = unsure, red = sure."
+    )
+    return label
 
 
 def figure_canvas(figure: Any = None, min_height: int = 220) -> tuple[Any, Any]:

@@ -39,6 +39,7 @@ from magicgui.widgets import (
     FloatSlider,
     FloatSpinBox,
     Label,
+    LineEdit,
     PushButton,
     SpinBox,
     Table,
@@ -48,6 +49,7 @@ from napari_yolocell.analysis.calibrate import Calibration, calibrate_in_rois
 from napari_yolocell.analysis.roi import counts_table
 from napari_yolocell.engine.detect import DetectParams, detect_image
 from napari_yolocell.io.coords import to_table_coords
+from napari_yolocell.io.geojson import detections_to_geojson, write_geojson
 from napari_yolocell.io.tables import (
     COUNT_COLUMNS,
     DETECTION_COLUMNS,
@@ -58,9 +60,11 @@ from napari_yolocell.io.tables import (
 from napari_yolocell.models.detector import BACKEND_CHOICES
 from napari_yolocell.models.loading import load_detector
 from napari_yolocell.models.registry import resolve_model
+from napari_yolocell.models.safety import checkpoint_globals
 from napari_yolocell.shell import _qt, session
-from napari_yolocell.shell._worker import Outcome, Task, start
+from napari_yolocell.shell._worker import Outcome, Progress, Task, start
 from napari_yolocell.shell.batch_widget import BatchPanel, DetectSettings
+from napari_yolocell.shell.help import apply_tooltips
 from napari_yolocell.shell.layers import (
     BOXES_KEY,
     KIND_KEY,
@@ -74,6 +78,11 @@ from napari_yolocell.shell.layers import (
     roi_polygons,
     update_result_layers,
 )
+from napari_yolocell.shell.measure_panel import MarkerPanel
+from napari_yolocell.shell.progress_row import ProgressRow
+from napari_yolocell.shell.roi_watch import RoiWatcher, rename_selected
+from napari_yolocell.shell.settings import persist
+from napari_yolocell.shell.view_follow import ViewFollower
 
 if TYPE_CHECKING:
     import napari
@@ -156,16 +165,8 @@ class DetectWidget(Container):
 
         # --- input
         self.image = ComboBox(label="image", choices=lambda _w: _qt.layers_of(self.viewer, "image"))
-        self.level = ComboBox(
-            label="level",
-            choices=self._level_choices,
-            tooltip="pyramid level to analyse (0 = full resolution)",
-        )
-        self.current_plane = CheckBox(
-            text="current plane only",
-            value=False,
-            tooltip="nD images: analyse only the plane shown",
-        )
+        self.level = ComboBox(label="level", choices=self._level_choices)
+        self.current_plane = CheckBox(text="current plane only", value=False)
         self.channel = ComboBox(
             label="channel",
             choices=[("max of colours", None), ("red (0)", 0), ("green (1)", 1), ("blue (2)", 2)],
@@ -175,113 +176,109 @@ class DetectWidget(Container):
         self.model = ComboBox(
             label="model", choices=lambda _w: session.model_choices(untrained=UNTRAINED)
         )
-        self.model_file = FileEdit(
-            label="add .pt",
-            mode="r",
-            filter="*.pt",
-            tooltip="add a trained ultralytics checkpoint to the list",
-        )
+        self.model_file = FileEdit(label="add .pt", mode="r", filter="*.pt")
         self.backend = ComboBox(
             label="runtime",
             value="auto",
             choices=[BACKEND_CHOICES[0], *reversed(BACKEND_CHOICES[1:])],  # auto, fastest first
-            tooltip="forward-pass runtime; auto = the fastest installed (OpenVINO on CPU, "
-            "INT8 for the bundled models; PyTorch on a CUDA GPU)",
         )
         # --- parameters
-        self.conf = FloatSlider(
-            label="confidence",
-            value=0.25,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="filters the detections shown; moving it after a run does not re-run",
-        )
+        self.conf = FloatSlider(label="confidence", value=0.25, min=0.0, max=1.0, step=0.01)
+        self.legend = _qt.colour_legend("turbo", "box colour: confidence 0", "1")
         self.iou = FloatSpinBox(label="IoU (NMS)", value=0.5, min=0.05, max=0.95, step=0.05)
         self.tile = SpinBox(label="tile", value=640, min=64, max=8192, step=32)
         self.overlap = SpinBox(label="overlap (0 = auto)", value=0, min=0, max=4096)
         self.diameter = FloatSpinBox(
-            label="diameter px (0 = auto)",
-            value=0.0,
-            min=0.0,
-            max=2000.0,
-            step=1.0,
-            tooltip="typical nucleus diameter in full-resolution pixels; tiles are resized to "
-            "the model's scale. 0: measured on the image, and tiles resized only when nuclei "
-            "are far larger than the model's",
+            label="diameter px (0 = auto)", value=0.0, min=0.0, max=2000.0, step=1.0
         )
         self.normalize = ComboBox(
             label="normalisation",
             choices=[("model default", None), ("percentile", "percentile"), ("none", "none")],
         )
+        self.advanced_toggle = CheckBox(text="show advanced settings", value=False)
         self.roi = ComboBox(
             label="ROI (Shapes)",
             choices=lambda _w: _qt.layers_of(self.viewer, "shapes", results=False),
             nullable=True,
         )
+        self.roi_name = LineEdit(label="ROI name", value="")
+        self.rename_button = PushButton(text="Rename selected ROI")
         # --- run
         self.run_button = PushButton(text="Run")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressRow("tiles")
         self.count_label = Label(value="no detections yet")
         self.boxes_button = PushButton(
             text="Show boxes in view",
             visible=False,
             tooltip=f"results above {LARGE_RESULT:,} nuclei draw boxes only for the visible "
-            f"region (at most {MAX_BOXES_IN_VIEW:,}); press after panning or zooming",
+            f"region (at most {MAX_BOXES_IN_VIEW:,}); they follow the view when you stop "
+            "panning or zooming, or when you press this",
         )
         self.roi_table = Table(value={c: [] for c in ROI_COLUMNS}, visible=False)
         self.export_detections_button = PushButton(text="Export detections CSV...")
         self.export_counts_button = PushButton(text="Export counts CSV...")
-        # --- calibrate
-        self.known_count = SpinBox(
-            label="known count",
-            value=0,
-            min=0,
-            max=10_000_000,
-            tooltip="nuclei in the image (or in the ROI when one is set)",
+        self.export_geojson_button = PushButton(
+            text="Export GeoJSON...",
+            tooltip="nuclei (and ROIs as annotations) for QuPath: File > Import objects",
         )
+        # --- calibrate
+        self.known_count = SpinBox(label="known count", value=0, min=0, max=10_000_000)
         self.clicked = ComboBox(
             label="or clicked nuclei",
             choices=lambda _w: _qt.layers_of(self.viewer, "points", results=False),
             nullable=True,
-            tooltip="Points layer with every nucleus of the ROI clicked",
         )
         self.calibrate_button = PushButton(text="Calibrate confidence")
         self.calibration_label = Label(value="")
+        self.marker_panel = MarkerPanel(self)
+        apply_tooltips(self)
 
         def row(*widgets):
             return Container(widgets=list(widgets), layout="horizontal", labels=False)
 
-        self.single = Container(
+        def full_width(*widgets):
+            return Container(widgets=list(widgets), labels=False)
+
+        self.advanced = Container(
             widgets=[
-                self.image,
                 self.level,
                 self.current_plane,
-                self.channel,
-                self.model,
-                self.model_file,
                 self.backend,
-                self.conf,
                 self.iou,
                 self.tile,
                 self.overlap,
                 self.diameter,
                 self.normalize,
+            ],
+            visible=False,
+        )
+        self.single = Container(
+            widgets=[
+                self.image,
+                self.channel,
+                self.model,
+                self.model_file,
+                self.conf,
+                full_width(self.legend, self.advanced_toggle),
+                self.advanced,
                 self.roi,
-                # results span the full width (no label column)
-                Container(
-                    labels=False,
-                    widgets=[
-                        row(self.run_button, self.cancel_button),
-                        self.count_label,
-                        self.boxes_button,
-                        self.roi_table,
-                        row(self.export_detections_button, self.export_counts_button),
-                    ],
+                self.roi_name,
+                full_width(
+                    self.rename_button,
+                    row(self.run_button, self.cancel_button),
+                    self.progress,
+                    self.count_label,
+                    self.boxes_button,
+                    self.roi_table,
+                    row(self.export_detections_button, self.export_counts_button),
+                    self.export_geojson_button,
                 ),
+                self.marker_panel,
+                full_width(_qt.heading("Calibrate confidence")),
                 self.known_count,
                 self.clicked,
-                Container(labels=False, widgets=[self.calibrate_button, self.calibration_label]),
+                full_width(self.calibrate_button, self.calibration_label),
             ]
         )
         self.batch = BatchPanel(self.batch_settings)
@@ -289,26 +286,44 @@ class DetectWidget(Container):
         self.roi_table.native.setMaximumHeight(140)
 
         _qt.wrap_labels(self.count_label, self.calibration_label)
+        self.rois = RoiWatcher(self._refresh_counts)
+        self.follower = ViewFollower(self.viewer, self._follow_view)
+        self._boxes_view: tuple[float, ...] | None = None
         self.image.changed.connect(self._on_image_changed)
         self.model.changed.connect(self._on_model_changed)
         self.model_file.changed.connect(self._on_model_file)
         self.conf.changed.connect(self._apply_conf)
-        self.roi.changed.connect(self._refresh_counts)
+        self.roi.changed.connect(lambda _v: self.rois.watch(self.roi.value))
+        self.rename_button.changed.connect(self._on_rename)
+        self.advanced_toggle.changed.connect(lambda v: setattr(self.advanced, "visible", v))
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.boxes_button.changed.connect(self.show_boxes_in_view)
-        self.export_detections_button.changed.connect(
-            partial(self._export_dialog, self.export_detections, "detections")
-        )
-        self.export_counts_button.changed.connect(
-            partial(self._export_dialog, self.export_counts, "counts")
-        )
+        for button, export, what, kind in (
+            (self.export_detections_button, self.export_detections, "detections", "csv"),
+            (self.export_counts_button, self.export_counts, "counts", "csv"),
+            (self.export_geojson_button, self.export_geojson, "nuclei", "geojson"),
+        ):
+            button.changed.connect(partial(self._export_dialog, export, what, kind))
         self.calibrate_button.changed.connect(self._on_calibrate_clicked)
         for event in ("inserted", "removed", "reordered"):
             getattr(self.viewer.layers.events, event).connect(lambda _e: self.reset_choices())
         session.watch_models(self)
         self._on_image_changed()
         self._on_model_changed()
+        persist(
+            "detect",
+            {
+                "model": self.model,
+                "backend": self.backend,
+                "iou": self.iou,
+                "tile": self.tile,
+                "overlap": self.overlap,
+                "diameter": self.diameter,
+                "normalize": self.normalize,
+                "advanced": self.advanced_toggle,
+            },
+        )
 
     # ------------------------------------------------------------------ choices
 
@@ -349,6 +364,7 @@ class DetectWidget(Container):
 
     def _on_model_changed(self, _value=None) -> None:
         name = self.model.value
+        self._show_model_file()
         if name is None:
             return
         if name in self._calibrated:
@@ -360,12 +376,39 @@ class DetectWidget(Container):
             pass  # reported when the user runs it
 
     def _on_model_file(self, value) -> None:
-        if not value or not Path(value).is_file():
+        if not value or str(value) in ("", "."):
+            return
+        path = Path(value).expanduser()
+        if path.is_dir():  # an emptied field reads as the working folder
             return
         try:
-            self.add_model(value)
-        except (FileNotFoundError, ValueError) as exc:
+            if not path.is_file():
+                raise FileNotFoundError(f"model file not found: {path}")
+            checkpoint_globals(path)  # reads the pickle only: a corrupt file fails here, briefly
+            self.add_model(path)
+        except (OSError, ValueError) as exc:
             _qt.show_error(f"Cannot add model: {_qt.error_text(exc)}")
+        self._show_model_file()
+
+    def _show_model_file(self) -> None:
+        """The file field shows the selected model's file, or nothing: never a model that
+        will not run."""
+        if not hasattr(self, "model_file"):
+            return
+        model = self.model.value
+        shown = str(model) if model is not None and Path(str(model)).is_file() else ""
+        with self.model_file.changed.blocked():
+            self.model_file.line_edit.value = shown  # "" stays empty (value would be cwd)
+
+    def _on_rename(self, _value=None) -> None:
+        roi = self.roi.value
+        if roi is None or not roi.selected_data:
+            _qt.show_error("Select the ROI(s) to rename in the ROI layer first.")
+            return
+        try:
+            rename_selected(roi, self.roi_name.value)
+        except ValueError as exc:
+            _qt.show_error(f"Cannot rename: {exc}")
 
     # ------------------------------------------------------------------ parameters
 
@@ -450,11 +493,13 @@ class DetectWidget(Container):
         self.task = start(
             partial(run_detection, job),
             partial(self._on_done, job),
+            on_progress=self.progress.update,
             on_finished=self._on_finished,
             desc=f"Detecting nuclei in {job.source}",
         )
         self._set_running(True)
         self.count_label.value = f"detecting with {Path(job.model).name}..."
+        self.progress.begin(f"loading {Path(job.model).name}...")
         return self.task
 
     def cancel(self, _value=None) -> None:
@@ -469,6 +514,7 @@ class DetectWidget(Container):
         self.cancel_button.enabled = running
 
     def _on_done(self, job: _Job, outcome: Outcome) -> None:
+        self.progress.end(self._progress_summary(outcome))
         if outcome.cancelled:
             self._calibrate_after_run = False
             self.count_label.value = "detection cancelled"
@@ -502,6 +548,15 @@ class DetectWidget(Container):
         if self._calibrate_after_run:
             self._calibrate_after_run = False
             self._calibrate_and_report()
+
+    def _progress_summary(self, outcome: Outcome) -> str:
+        last: Progress | None = self.progress.last
+        done = f"{last.done:,} of {last.total:,} tiles" if last is not None else "no tiles"
+        if outcome.cancelled:
+            return f"cancelled after {done}"
+        if outcome.error is not None:
+            return ""
+        return f"{done} in {self.progress.elapsed()}"
 
     def _on_finished(self) -> None:
         self._set_running(False)
@@ -559,6 +614,19 @@ class DetectWidget(Container):
         """
         return self._redraw(points=False)
 
+    def _follow_view(self) -> None:
+        """The camera stopped: redraw a large result's boxes if the view changed.
+
+        Called by :class:`~napari_yolocell.shell.view_follow.ViewFollower` once panning or
+        zooming has paused, so boxes appear as soon as few enough are in view.
+        """
+        res = self.result()
+        if res is None or self.boxes_button.native.isHidden():
+            return
+        view = self.view_region(res)
+        if view is not None and view != self._boxes_view:
+            self.show_boxes_in_view()
+
     def _apply_conf(self, _value=None) -> None:
         """Re-filter the shown result in place (no re-run) and update the counts."""
         self._redraw(points=True)
@@ -582,6 +650,7 @@ class DetectWidget(Container):
                 view=self.view_region(res),
                 points=points,
             )
+        self._boxes_view = self.view_region(res)
         self._refresh_counts()
         return len(layers["boxes"].data)
 
@@ -605,6 +674,7 @@ class DetectWidget(Container):
                 self.viewer.layers.remove(layer)
         for layer in new:
             self.viewer.add_layer(layer)
+        self._boxes_view = self.view_region(self.result(source))
         if self.image.value is not None:  # keep the analysed image selected for the next run
             self.viewer.layers.selection.active = self.image.value
 
@@ -663,6 +733,7 @@ class DetectWidget(Container):
         self.roi_table.visible = bool(len(table))
         if len(table):
             self.roi_table.value = {c: table[c].tolist() for c in ROI_COLUMNS}
+        self.marker_panel.refresh()
 
     # ------------------------------------------------------------------ export
 
@@ -683,19 +754,36 @@ class DetectWidget(Container):
         res = self._require_result(source)
         return write_csv_atomic(self.counts(res.source), path)
 
+    def export_geojson(self, path: str | Path, source: str | None = None) -> Path:
+        """Write the shown nuclei and the ROIs as a QuPath GeoJSON FeatureCollection.
+
+        Nuclei are ``detection`` objects (their boxes, with the confidence and any measurements),
+        ROIs ``annotation`` objects named like the counts table; coordinates are full-resolution
+        pixels (:func:`~napari_yolocell.io.geojson.detections_to_geojson`). Written atomically.
+        """
+        res = self._require_result(source)
+        polys, names = self._roi_polygons(res)
+        fc = detections_to_geojson(
+            self.filtered(res.source),
+            rois=polys,
+            roi_names=names or None,
+            plane_shape=res.plane_shape,
+        )
+        return write_geojson(path, fc)
+
     def _require_result(self, source: str | None) -> _Result:
         res = self.result(source)
         if res is None:
             raise ValueError("nothing to export: run the detection first")
         return res
 
-    def _export_dialog(self, export, what: str, _value=None) -> None:
+    def _export_dialog(self, export, what: str, kind: str = "csv", _value=None) -> None:
         res = self.result()
         if res is None:
             _qt.show_error("Nothing to export: run the detection first.")
             return
-        title, default = f"Export {what}", f"{res.source}_{what}.csv"
-        path = _qt.save_file_dialog(self.native, title, default, "CSV (*.csv)")
+        title, default = f"Export {what}", f"{res.source}_{what}.{kind}"
+        path = _qt.save_file_dialog(self.native, title, default, f"{kind.upper()} (*.{kind})")
         if not path:
             return
         try:

@@ -46,6 +46,7 @@ __all__ = [
     "detections_to_layers",
     "ellipse_polygon",
     "filter_detections",
+    "geojson_to_layers",
     "import_dataset_layers",
     "plane_shape_of",
     "points_to_table",
@@ -149,16 +150,31 @@ def to_layer_coords(
 
 def result_names(source_name: str, n: int) -> tuple[str, str]:
     """Names of the (boxes, nuclei) result layers of ``source_name`` holding ``n`` detections."""
-    return f"{source_name} boxes ({n})", f"{source_name} nuclei ({n})"
+    return f"{source_name} boxes ({n})", f"{nuclei_base(source_name)} ({n})"
+
+
+def nuclei_base(source_name: str) -> str:
+    """``<image> nuclei``, without doubling a name that already ends in "nuclei"."""
+    if source_name.rstrip().lower().endswith("nuclei"):
+        return source_name.rstrip()
+    return f"{source_name} nuclei"
+
+
+#: Per-nucleus measurements (``engine.measure`` / ``analysis.measure``) shown as features.
+_MEASURED = ("area_px", "area_um2", "marker")
 
 
 def _features(df: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame(
+    out = pd.DataFrame(
         {
             "confidence": df["confidence"].to_numpy(float),
             "class": df["class"].to_numpy(np.int64),
         }
     )
+    for col in df.columns:  # measured nuclei carry their means, area and marker class
+        if col.startswith("mean_c") or col in _MEASURED:
+            out[col] = df[col].to_numpy()
+    return out
 
 
 def boxes_in_view(
@@ -472,6 +488,45 @@ def boxes_to_rectangles(boxes: np.ndarray) -> list[np.ndarray]:
     out = []
     for y0, x0, y1, x1 in np.asarray(boxes, float).reshape(-1, 4) - PIXEL_CENTER:
         out.append(np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]]))
+    return out
+
+
+def geojson_to_layers(ann: Any, name: str) -> list[LayerDataTuple]:
+    """QuPath annotations (:class:`~napari_yolocell.io.geojson.GeoJsonAnnotations`) as a
+    Points layer (clicked centres) and a Shapes layer (polygons), for training.
+
+    Table coordinates (pixel edges) become layer coordinates (pixel centres on whole numbers,
+    -:data:`PIXEL_CENTER`); with any object off plane 0, coordinates get a leading ``z``.
+    Features ``class`` and ``name`` keep QuPath's classification and name.
+    """
+    out: list[LayerDataTuple] = []
+    stack = bool(np.any(ann.point_z) or np.any(ann.polygon_z))
+
+    def features(classes, names) -> pd.DataFrame:
+        return pd.DataFrame({"class": [c or "" for c in classes], "name": [n or "" for n in names]})
+
+    if len(ann.points):
+        yx = np.asarray(ann.points, float) - PIXEL_CENTER
+        data = np.column_stack([ann.point_z, yx]) if stack else yx
+        meta = {
+            "name": f"{name} points",
+            "features": features(ann.point_classes, ann.point_names),
+            "size": 6,
+        }
+        out.append((data, meta, "points"))
+    if ann.polygons:
+        polys = []
+        for z, poly in zip(ann.polygon_z, ann.polygons, strict=True):
+            yx = np.asarray(poly, float) - PIXEL_CENTER
+            polys.append(np.column_stack([np.full(len(yx), z), yx]) if stack else yx)
+        meta = {
+            "name": f"{name} polygons",
+            "shape_type": "polygon",
+            "features": features(ann.polygon_classes, ann.polygon_names),
+            "edge_color": "yellow",
+            "face_color": "transparent",
+        }
+        out.append((polys, meta, "shapes"))
     return out
 
 

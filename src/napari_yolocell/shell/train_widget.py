@@ -40,9 +40,12 @@ from magicgui.widgets import (
 from qtpy.QtWidgets import QTabWidget, QVBoxLayout, QWidget
 
 from napari_yolocell.analysis.plots import PLOTS, plot_training_history
+from napari_yolocell.io.geojson import read_geojson_annotations
 from napari_yolocell.shell import _qt, session
 from napari_yolocell.shell._worker import Outcome, Progress, Task, start
-from napari_yolocell.shell.layers import import_dataset_layers
+from napari_yolocell.shell.help import apply_tooltips
+from napari_yolocell.shell.layers import geojson_to_layers, import_dataset_layers
+from napari_yolocell.shell.settings import persist
 from napari_yolocell.training.dataset import (
     Sample,
     check_out_folder,
@@ -57,6 +60,9 @@ if TYPE_CHECKING:
 __all__ = ["TrainWidget", "run_training"]
 
 CHECKPOINT = "checkpoint (.pt below)"
+#: A trained model scoring below this mAP50 found (almost) nothing: it is not added to the
+#: Detect widget on its own (the user can still add its best.pt there).
+MIN_MAP50 = 0.01
 
 
 def run_training(
@@ -107,6 +113,18 @@ class TrainWidget(QWidget):
         self._build_train()
         self._build_evaluate()
         _qt.wrap_labels(self.ex_label, self.im_label, self.tr_label, self.ev_label)
+        apply_tooltips(self)
+        self._on_annotations_changed()
+        persist(
+            "train",
+            {
+                name: getattr(self, name)
+                for name in (
+                    "ex_diameter ex_tile ex_overlap ex_train ex_val ex_test tr_epochs "
+                    "tr_imgsz tr_batch tr_patience tr_device tr_out"
+                ).split()
+            },
+        )
         for event in ("inserted", "removed", "reordered"):
             getattr(self.viewer.layers.events, event).connect(self.reset_choices)
         session.watch_models(self)  # hear about models trained or added in this session
@@ -181,11 +199,7 @@ class TrainWidget(QWidget):
             tooltip="Shapes (boxes / polygons), Points (clicked centres) or Labels",
         )
         self.ex_diameter = FloatSpinBox(
-            label="point diameter px",
-            value=20.0,
-            min=1.0,
-            max=1000.0,
-            tooltip="box side around each point",
+            label="point diameter px", value=20.0, min=1.0, max=1000.0, visible=False
         )
         self.ex_out = FileEdit(label="output folder", mode="d")
         self.ex_tile = SpinBox(label="tile", value=640, min=32, max=4096, step=32)
@@ -196,9 +210,21 @@ class TrainWidget(QWidget):
         self.ex_overwrite = CheckBox(text="overwrite a non-empty folder", value=False)
         self.export_button = PushButton(text="Export dataset")
         self.ex_label = Label(value="")
+        self.ex_geojson = FileEdit(
+            label="QuPath GeoJSON",
+            mode="r",
+            filter="*.geojson *.json",
+            tooltip="objects exported from QuPath (File > Export objects as GeoJSON): points "
+            "and polygons become annotation layers",
+        )
+        self.geojson_button = PushButton(text="Import QuPath GeoJSON")
         self.export_button.changed.connect(self.export)
+        self.geojson_button.changed.connect(self.import_geojson)
+        self.ex_annotations.changed.connect(self._on_annotations_changed)
         self._add_tab(
             [
+                self.ex_geojson,
+                self.geojson_button,
                 self.ex_image,
                 self.ex_annotations,
                 self.ex_diameter,
@@ -214,6 +240,39 @@ class TrainWidget(QWidget):
             ],
             "Export",
         )
+
+    def _on_annotations_changed(self, _value=None) -> None:
+        # the box side around clicked centres: meaningless for Shapes and Labels
+        ann = self.ex_annotations.value
+        self.ex_diameter.visible = ann is not None and _qt.layer_kind(ann) == "points"
+
+    def import_geojson(self, _value=None, path: str | Path | None = None) -> list[Any]:
+        """Add the points / polygons of a QuPath GeoJSON file as annotation layers."""
+        from napari.layers import Layer
+
+        path = path if path is not None else self.ex_geojson.value
+        if path is None or str(path) in ("", "."):
+            _qt.show_error("Cannot import: choose a GeoJSON file")
+            return []
+        try:
+            ann = read_geojson_annotations(path)
+        except (OSError, ValueError) as exc:
+            self.ex_label.value = f"not imported: {_qt.error_text(exc)}"
+            _qt.show_error(f"Cannot import GeoJSON: {_qt.error_text(exc)}")
+            return []
+        added = []
+        for data, meta, kind in geojson_to_layers(ann, Path(path).stem):
+            image = self.ex_image.value  # overlay the image it was drawn on
+            if image is not None and image.ndim == len(image.scale):
+                meta = {**meta, "scale": image.scale[-2:], "translate": image.translate[-2:]}
+            added.append(self.viewer.add_layer(Layer.create(data, meta, kind)))
+        if added:
+            self.ex_annotations.value = added[-1]  # polygons when there are any
+        self.ex_label.value = (
+            f"imported {len(ann.points)} points and {len(ann.polygons)} polygons from "
+            f"{Path(path).name}"
+        )
+        return added
 
     def _layers(self, *kinds: str) -> list[tuple[str, Any]]:
         return _qt.layers_of(self.viewer, *kinds)
@@ -280,8 +339,8 @@ class TrainWidget(QWidget):
             return
         report = self.last_report = outcome.value
         text = f"wrote {report.path}: {report.summary()}"
-        if report.warnings:
-            text += f" ({len(report.warnings)} warning(s): {report.warnings[0]})"
+        if report.warnings:  # each on its own line: they say what to fix before training
+            text += "\n" + "\n".join(f"\N{WARNING SIGN} {w}" for w in report.warnings)
             _qt.show_warning("; ".join(report.warnings))
         self.ex_label.value = text
         for widget in (self.im_path, self.tr_data, self.ev_data):
@@ -484,20 +543,30 @@ class TrainWidget(QWidget):
         if self._failed(self.tr_label, "Training", outcome):
             return
         result = self.last_result = outcome.value
-        if result.cancelled:
-            self.tr_label.value = f"cancelled; {result.last} kept: press Resume to continue"
+        done = "cancelled" if result.cancelled else "finished"
+        resume = f"; {result.last} kept: press Resume to continue" if result.cancelled else ""
         metrics = ", ".join(
             f"{k} {v:.3f}"
             for k, v in result.metrics.items()
             if k in ("precision", "recall", "mAP50", "mAP50-95")
         )
-        if result.best is not None:
-            key = session.register_session_model(result.best)
-            done = "cancelled" if result.cancelled else "finished"
-            self.tr_label.value = (
-                f"{done}: {metrics or 'no metrics'}; {key} added to the Detect widget's models"
+        text = f"{done}: {metrics or 'no metrics'}"
+        score = result.metrics.get("mAP50")
+        if result.best is None:
+            text = f"{done}{resume}"
+        elif score is not None and float(score) < MIN_MAP50:
+            # a model that finds nothing would silently count zero nuclei in Detect
+            text += (
+                f"; the model found (almost) no nuclei on the validation images, so it was "
+                f"not added to Detect (train longer or check the annotations; add "
+                f"{result.best} there by hand to try it){resume}"
             )
+            _qt.show_warning(f"Training {done} with mAP50 {float(score):.3f}: model not added")
+        else:
+            key = session.register_session_model(result.best)
+            text += f"; {key} added to the Detect widget's models{resume}"
             _qt.show_info(f"Training {done}; model added: {key}")
+        self.tr_label.value = text
 
     # ================================================================== evaluate
 

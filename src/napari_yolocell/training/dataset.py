@@ -35,6 +35,7 @@ from napari_yolocell.training.annotations import annotation_boxes, clip_boxes
 __all__ = [
     "ExportReport",
     "Sample",
+    "coverage_warning",
     "assign_splits",
     "check_out_folder",
     "crop_boxes",
@@ -90,6 +91,47 @@ class ExportReport:
             for s in SPLITS
         ]
         return "; ".join(rows)
+
+
+#: Below this share of the image inside the annotated extent, an export warns of partial
+#: annotation (every nucleus outside it is taught as background).
+MIN_ANNOTATED_SHARE = 0.5
+
+
+def coverage_warning(sample: Sample, min_share: float = MIN_ANNOTATED_SHARE) -> str | None:
+    """A warning when the annotations cover only part of the sample's image, else None.
+
+    The annotated extent is the rectangle around all boxes, widened by one median box side on
+    each edge (nuclei near an annotated region's rim); an image whose extent covers less than
+    ``min_share`` of its area was most likely annotated only in part. YOLO learns every
+    unannotated nucleus as background, so such a model learns to miss nuclei.
+
+    Examples
+    --------
+    >>> img = np.zeros((100, 100))
+    >>> coverage_warning(Sample(img, np.array([[0, 0, 10, 10], [80, 80, 90, 90]]), "a")) is None
+    True
+    >>> coverage_warning(Sample(img, np.array([[0, 0, 10, 10]]), "a"))[:30]
+    'a: annotations cover only ~4 %'
+    """
+    h, w = np.asarray(sample.image).shape[:2]
+    boxes = np.asarray(sample.boxes, dtype=float).reshape(-1, 4)
+    if len(boxes) == 0:
+        return (
+            f"{sample.name}: no annotations: the whole image is taught as background "
+            "(annotate every nucleus, or leave this image out)"
+        )
+    pad = float(np.median(np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])))
+    y0, x0 = max(0.0, boxes[:, 0].min() - pad), max(0.0, boxes[:, 1].min() - pad)
+    y1, x1 = min(float(h), boxes[:, 2].max() + pad), min(float(w), boxes[:, 3].max() + pad)
+    share = max(0.0, y1 - y0) * max(0.0, x1 - x0) / max(1.0, float(h * w))
+    if share >= min_share:
+        return None
+    return (
+        f"{sample.name}: annotations cover only ~{share * 100:.0f} % of the image; unannotated "
+        "nuclei are taught as background: annotate every nucleus or crop the image to the "
+        "annotated region"
+    )
 
 
 def yolo_lines(boxes: np.ndarray, classes: np.ndarray, height: int, width: int) -> list[str]:
@@ -441,6 +483,9 @@ def export_dataset(
                 cls_kept = np.asarray(classes)[keep]
                 if rep.messages:
                     report.warnings.append(f"{s.name}: {rep.summary()}")
+                partial = coverage_warning(s)
+                if partial is not None:
+                    report.warnings.append(partial)
             img8 = norm_cache[id(s)]
             seen_sources.add((split, grp))
             ry0, rx0, ry1, rx1 = reg
@@ -466,6 +511,15 @@ def export_dataset(
             report.n_sources[sp] = sum(1 for split, _ in seen_sources if split == sp)
         if report.n_images["train"] == 0:
             raise ValueError("the train split is empty: give more images or other fractions")
+        if report.n_images["val"] == 0:
+            report.warnings.append(
+                "the val split is empty: training will validate on its own training images, "
+                "so its scores look better than they are (raise 'val fraction' or add images)"
+            )
+        if report.n_images["test"] == 0:
+            report.warnings.append(
+                "the test split is empty: Evaluate has no independent images to score"
+            )
         data = {
             "path": str(out),
             "train": "images/train",
