@@ -185,3 +185,25 @@ def start(
     task = Task(fn, on_done, on_progress, on_finished, desc, total)
     task.worker.start()
     return task
+
+
+class OneTaskAtATime:
+    """Mixin of a widget that runs one task at a time (Detect, Batch): :attr:`task`,
+    :attr:`running` and :meth:`cancel`, which shows ``"cancelling..."`` in :meth:`status_label`."""
+
+    task: Task | None = None
+
+    def status_label(self):
+        """The label that tells the user what the task is doing."""
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        """Whether the widget's task is running."""
+        return self.task is not None and self.task.running
+
+    def cancel(self, _value=None) -> None:
+        """Ask the running task to stop at its next check (after the current tiles)."""
+        if self.running:
+            self.task.cancel()
+            self.status_label().value = "cancelling..."

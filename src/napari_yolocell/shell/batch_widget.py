@@ -33,7 +33,7 @@ from napari_yolocell.engine.batch import (
 from napari_yolocell.engine.detect import DetectParams
 from napari_yolocell.io.images import glob_images
 from napari_yolocell.shell import _qt
-from napari_yolocell.shell._worker import Outcome, Progress, Task, start
+from napari_yolocell.shell._worker import OneTaskAtATime, Outcome, Progress, Task, start
 
 __all__ = ["BatchJob", "BatchPanel", "DetectSettings", "run_batch_job"]
 
@@ -89,7 +89,7 @@ def run_batch_job(
     )
 
 
-class BatchPanel(Container):
+class BatchPanel(OneTaskAtATime, Container):
     """The Batch tab: a folder of images -> detections, counts and errors CSVs.
 
     Parameters
@@ -179,11 +179,6 @@ class BatchPanel(Container):
 
     # ------------------------------------------------------------------ running
 
-    @property
-    def running(self) -> bool:
-        """Whether a batch is running."""
-        return self.task is not None and self.task.running
-
     def run(self, _value=None) -> Task | None:
         """Start the batch in a worker thread (resumes a stopped run with the same settings).
 
@@ -222,11 +217,8 @@ class BatchPanel(Container):
         self._update_total()
         return self.task
 
-    def cancel(self, _value=None) -> None:
-        """Ask the batch to stop (after the current tiles; with workers, the current images)."""
-        if self.running:
-            self.task.cancel()
-            self.status.value = "cancelling..."
+    def status_label(self):
+        return self.status
 
     def _set_running(self, running: bool) -> None:
         self.run_button.enabled = not running

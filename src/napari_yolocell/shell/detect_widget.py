@@ -62,7 +62,7 @@ from napari_yolocell.models.loading import load_detector
 from napari_yolocell.models.registry import resolve_model
 from napari_yolocell.models.safety import checkpoint_globals
 from napari_yolocell.shell import _qt, session
-from napari_yolocell.shell._worker import Outcome, Progress, Task, start
+from napari_yolocell.shell._worker import OneTaskAtATime, Outcome, Progress, Task, start
 from napari_yolocell.shell.batch_widget import BatchPanel, DetectSettings
 from napari_yolocell.shell.help import apply_tooltips
 from napari_yolocell.shell.layers import (
@@ -95,6 +95,10 @@ LOW_CONF = 0.05
 UNTRAINED = ("yolov5n.yaml", "yolov6n.yaml")
 #: The ROI table: the counts CSV's columns without the image's name.
 ROI_COLUMNS = [c for c in COUNT_COLUMNS if c != "image"]
+
+
+#: Detection defaults (one source with the CLI: :class:`DetectParams`).
+DEFAULTS = DetectParams()
 
 
 @dataclass
@@ -141,7 +145,7 @@ def run_detection(job: _Job, report: Callable[..., None], cancel: threading.Even
     )
 
 
-class DetectWidget(Container):
+class DetectWidget(OneTaskAtATime, Container):
     """Detect, count and export nuclei of an image layer.
 
     Parameters
@@ -185,8 +189,10 @@ class DetectWidget(Container):
         # --- parameters
         self.conf = FloatSlider(label="confidence", value=0.25, min=0.0, max=1.0, step=0.01)
         self.legend = _qt.colour_legend("turbo", "box colour: confidence 0", "1")
-        self.iou = FloatSpinBox(label="IoU (NMS)", value=0.5, min=0.05, max=0.95, step=0.05)
-        self.tile = SpinBox(label="tile", value=640, min=64, max=8192, step=32)
+        self.iou = FloatSpinBox(
+            label="IoU (NMS)", value=DEFAULTS.iou, min=0.05, max=0.95, step=0.05
+        )
+        self.tile = SpinBox(label="tile", value=DEFAULTS.tile, min=64, max=8192, step=32)
         self.overlap = SpinBox(label="overlap (0 = auto)", value=0, min=0, max=4096)
         self.diameter = FloatSpinBox(
             label="diameter px (0 = auto)", value=0.0, min=0.0, max=2000.0, step=1.0
@@ -470,11 +476,6 @@ class DetectWidget(Container):
 
     # ------------------------------------------------------------------ running
 
-    @property
-    def running(self) -> bool:
-        """Whether a detection is running."""
-        return self.task is not None and self.task.running
-
     def run(self, _value=None) -> Task | None:
         """Start detection on the chosen image in a worker thread.
 
@@ -502,11 +503,8 @@ class DetectWidget(Container):
         self.progress.begin(f"loading {Path(job.model).name}...")
         return self.task
 
-    def cancel(self, _value=None) -> None:
-        """Ask the running detection to stop after the current batch of tiles."""
-        if self.running:
-            self.task.cancel()
-            self.count_label.value = "cancelling..."
+    def status_label(self):
+        return self.count_label
 
     def _set_running(self, running: bool) -> None:
         self.run_button.enabled = not running
