@@ -327,3 +327,34 @@ def test_marker_histogram_threshold_and_counts(qtbot, make_napari_viewer, nuclei
     fc = json.loads(widget.export_geojson(tmp_path / "m.geojson").read_text())
     names = {f["properties"].get("classification", {}).get("name") for f in fc["features"]}
     assert "Nucleus: Positive" in names
+
+
+@pytest.mark.parametrize(
+    "sub, name, family",
+    [
+        ("nuclephaser_dapi_v5", "dapi_v5.pt", "ultralytics/yolov5"),
+        ("meituan_yolov6n_bbbc039", "yolov6n_bbbc039_meituan.onnx", "exported model"),
+    ],
+)
+def test_thesis_formats_run_from_the_widget(
+    make_napari_viewer, qtbot, fixtures_dir, errors, sub, name, family
+):
+    """Issue #14: a classic YOLOv5 .pt and a meituan ONNX are added, labelled and counted."""
+    from napari_yolocell.data.samples import sample_image_path
+    from napari_yolocell.io.images import open_image
+
+    viewer = make_napari_viewer()
+    widget = make_widget(viewer, np.asarray(open_image(sample_image_path()).data))
+    path = fixtures_dir / sub / name
+    try:
+        widget.model_file.value = path
+        assert not errors and widget.model.value == str(path.resolve())
+        label = next(lab for lab, value in session.model_choices() if value == widget.model.value)
+        assert family in label
+        widget.tile.value = 640
+        run(qtbot, widget)
+        assert not errors
+        count = len(results(viewer)["nuclei"].data)
+        assert 120 <= count <= 160  # the sample holds 140 nuclei
+    finally:
+        session.forget_session_model(path)

@@ -58,9 +58,8 @@ from napari_yolocell.io.tables import (
     write_csv_atomic,
 )
 from napari_yolocell.models.detector import BACKEND_CHOICES
-from napari_yolocell.models.loading import load_detector
+from napari_yolocell.models.loading import describe_model, load_detector
 from napari_yolocell.models.registry import resolve_model
-from napari_yolocell.models.safety import checkpoint_globals
 from napari_yolocell.shell import _qt, session
 from napari_yolocell.shell._worker import OneTaskAtATime, Outcome, Progress, Task, start
 from napari_yolocell.shell.batch_widget import BatchPanel, DetectSettings
@@ -180,7 +179,7 @@ class DetectWidget(OneTaskAtATime, Container):
         self.model = ComboBox(
             label="model", choices=lambda _w: session.model_choices(untrained=UNTRAINED)
         )
-        self.model_file = FileEdit(label="add .pt", mode="r", filter="*.pt")
+        self.model_file = FileEdit(label="add .pt", mode="r", filter="*.pt *.pth *.onnx model.xml")
         self.backend = ComboBox(
             label="runtime",
             value="auto",
@@ -346,15 +345,16 @@ class DetectWidget(OneTaskAtATime, Container):
         """Re-read the registry and session models into the model list (keeps the selection)."""
         self.model.reset_choices()
 
-    def add_model(self, path: str | Path, select: bool = True) -> str:
-        """Add a ``.pt`` checkpoint to the model list (all Detect widgets), optionally select it.
+    def add_model(self, path: str | Path, select: bool = True, family: str = "") -> str:
+        """Add a model file (``.pt``, ``.onnx``, OpenVINO folder) to the model list of every
+        Detect widget, shown with its ``family``; optionally select it.
 
         Raises
         ------
         FileNotFoundError
             If the file does not exist.
         """
-        key = session.register_session_model(path)
+        key = session.register_session_model(path, family)
         if select:
             self.model.value = key
         return key
@@ -385,13 +385,15 @@ class DetectWidget(OneTaskAtATime, Container):
         if not value or str(value) in ("", "."):
             return
         path = Path(value).expanduser()
-        if path.is_dir():  # an emptied field reads as the working folder
+        if path.name == "model.xml":  # an OpenVINO export is its folder
+            path = path.parent
+        elif path.is_dir():  # an emptied field reads as the working folder
             return
         try:
-            if not path.is_file():
+            if not (path.is_file() or (path / "model.xml").is_file()):
                 raise FileNotFoundError(f"model file not found: {path}")
-            checkpoint_globals(path)  # reads the pickle only: a corrupt file fails here, briefly
-            self.add_model(path)
+            # reads the pickle's names only (a corrupt or foreign file fails here, briefly)
+            self.add_model(path, family=describe_model(path))
         except (OSError, ValueError) as exc:
             _qt.show_error(f"Cannot add model: {_qt.error_text(exc)}")
         self._show_model_file()

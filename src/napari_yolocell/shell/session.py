@@ -27,6 +27,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MODELS: list[str] = []
+# What each session model is ("YOLOv5 (ultralytics/yolov5)"...), read once when it is added.
+_FAMILIES: dict[str, str] = {}
 # Open widgets that list models, told about new ones; closed docks drop out on their own.
 _WATCHERS: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -37,9 +39,11 @@ def session_models() -> list[str]:
 
 
 def model_label(path: str | Path) -> str:
-    """How a session model is listed: ``<run folder>/<file>`` (``yolov5n/best.pt``)."""
+    """How a session model is listed: ``<run folder>/<file>`` (``yolov5n/best.pt``) and, when
+    known, its family (``dapi_v5.pt ... (YOLOv5 (ultralytics/yolov5))``)."""
     p = Path(path)
-    return f"{p.parent.parent.name}/{p.name}"
+    family = _FAMILIES.get(str(path))
+    return f"{p.parent.parent.name}/{p.name}" + (f" ({family})" if family else "")
 
 
 def model_choices(untrained: Sequence[str] = ()) -> list[tuple[str, str]]:
@@ -67,10 +71,11 @@ def watch_models(widget: Any) -> None:
     _WATCHERS.add(widget)
 
 
-def register_session_model(path: str | Path) -> str:
+def register_session_model(path: str | Path, family: str = "") -> str:
     """Add a weights file to the session's models and refresh every watching widget.
 
-    Call from the GUI thread (the Train widget does, when a run ends).
+    Call from the GUI thread (the Train widget does, when a run ends). ``family`` is shown
+    beside its name (:func:`napari_yolocell.models.loading.describe_model`).
 
     Returns
     -------
@@ -83,11 +88,13 @@ def register_session_model(path: str | Path) -> str:
         If the file does not exist.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not (path.is_file() or (path / "model.xml").is_file()):  # weights, ONNX or an IR folder
         raise FileNotFoundError(f"model weights file not found: {str(path)!r}")
     key = str(path.resolve())
     if key not in _MODELS:
         _MODELS.append(key)
+    if family:
+        _FAMILIES[key] = family
     _notify()
     return key
 
