@@ -6,6 +6,7 @@ blobs exactly, so the table and CSVs can be compared with the truth.
 
 from __future__ import annotations
 
+import re
 import threading
 from functools import partial
 
@@ -174,3 +175,49 @@ def test_settings_come_from_the_owner_not_its_controls(detect, panel):
     assert (job.model, job.backend, job.params) == ("classical", "torch", settings.params)
     panel.settings = lambda: wb.DetectSettings(model=None, backend="auto", params=settings.params)
     assert panel.run() is None and "no model selected" in panel.status.value
+
+
+def test_progress_row_shows_images_and_tiles_with_time_left(qtbot, detect, tmp_path):
+    """The images row counts done / total with a time-left estimate while the batch runs,
+    and the tiles row follows the image being analysed."""
+    folder = tmp_path / "three"
+    folder.mkdir()
+    for seed in range(3):
+        image = make_nuclei_image((300, 300), n_nuclei=5, seed=seed).image
+        tifffile.imwrite(folder / f"img{seed}.tif", image)
+    panel = detect.batch
+    detect.tile.value = 128  # several tiles per image
+    panel.folder.value = folder
+    panel.output.value = tmp_path / "out"
+    images: list[tuple[str, int, int]] = []
+    tiles: list[tuple[str, int, int]] = []
+
+    def recorded(row, seen):
+        """``row.update`` that also records what the row shows after each report."""
+        real = row.update
+
+        def update(item):
+            real(item)
+            seen.append((row.text.value, row.bar.value, row.bar.max))
+
+        return update
+
+    # plain attributes (monkeypatch's undo would delete them: a Container removes a widget then)
+    panel.progress.update = recorded(panel.progress, images)
+    panel.tiles.update = recorded(panel.tiles, tiles)
+
+    assert panel.run() is not None
+    assert not panel.progress.bar.native.isHidden()  # shown (the Batch tab itself is not)
+    wait(qtbot, panel)
+
+    assert [(bar_value, bar_max) for _, bar_value, bar_max in images] == [(1, 3), (2, 3), (3, 3)]
+    assert re.fullmatch(r"images 1 / 3, about \d+ s left", images[0][0])
+    assert re.fullmatch(r"images 2 / 3, about \d+ s left", images[1][0])
+    assert images[2][0] == "images 3 / 3"
+    assert re.fullmatch(r"3 of 3 images in \d+ s", panel.progress.text.value)
+    assert panel.progress.bar.native.isHidden()  # the run is over: only the summary stays
+    for name in ("img0.tif", "img2.tif"):  # every image's tiles, with their own estimate
+        ours = [text for text, _, _ in tiles if text.startswith(f"{name}: tiles ")]
+        assert ours and re.fullmatch(rf"{name}: tiles (\d+) / \1", ours[-1]), ours
+        assert any(re.search(r"about \d+ s left$", t) for t in ours), ours
+    assert panel.tiles.text.native.isHidden()

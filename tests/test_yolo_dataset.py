@@ -131,3 +131,51 @@ def test_check_out_folder_before_any_work(tmp_path):
     for nothing in ("", ".", None):
         with pytest.raises(ValueError, match="choose an output folder"):
             check_out_folder(nothing)
+
+
+# ------------------------------------------------------------ issue #15: annotated regions
+
+
+def test_two_groups_keep_one_for_val_and_one_for_train():
+    # a few-shot run needs something held out to show that the new model is better
+    assert sorted(assign_splits(["a", "b"], (0.7, 0.2, 0.1)).values()) == ["train", "val"]
+    assert set(assign_splits(["a", "b"], (1.0, 0.0, 0.0)).values()) == {"train"}
+    assert set(assign_splits(["a"], (0.7, 0.2, 0.1)).values()) == {"train"}
+
+
+def test_crop_to_regions_clips_boxes_and_marks_samples_complete():
+    from napari_yolocell.training.dataset import crop_to_regions
+
+    img = np.arange(100 * 120).reshape(100, 120)
+    boxes = np.array([[10, 10, 20, 20], [45, 30, 55, 40], [48, 10, 60, 20], [80, 80, 90, 90]])
+    sample = Sample(img, boxes, "img", classes=np.array([0, 1, 2, 3]))
+    crops = crop_to_regions(sample, [[0.2, 0, 50, 50], [70, 70, 200, 200], [300, 0, 400, 10]])
+    assert [c.name for c in crops] == ["img_r0", "img_r1"]  # the third is outside the image
+    first, second = crops
+    assert first.image.shape == (50, 50) and np.array_equal(first.image, img[:50, :50])
+    # 45..55 is half inside (kept, clipped); 48..60 only 2/12 inside (dropped: a sliver)
+    assert first.boxes.tolist() == [[10, 10, 20, 20], [45, 30, 50, 40]]
+    assert first.classes.tolist() == [0, 1]
+    assert second.image.shape == (30, 50) and second.boxes.tolist() == [[10, 10, 20, 20]]
+    assert all(c.complete for c in crops)
+
+
+def test_region_samples_skip_the_partial_annotation_warning(tmp_path):
+    from napari_yolocell.training.dataset import coverage_warning, samples_from_annotations
+
+    syn = make_nuclei_image((256, 256), n_nuclei=12, seed=2)
+    corner = syn.centers[(syn.centers < 100).all(axis=1)]
+    assert 0 < len(corner) < 12
+    whole = samples_from_annotations(syn.image, "cells", "points", corner - 0.5, diameter=16)
+    assert coverage_warning(whole[0]) is not None  # a corner of a large image: warned
+
+    region = [np.array([[0, 0], [0, 110], [110, 110], [110, 0]], float) - 0.5]  # napari coords
+    empty = [np.array([[150, 150], [150, 200], [200, 200], [200, 150]], float) - 0.5]
+    samples = samples_from_annotations(
+        syn.image, "cells", "points", corner - 0.5, diameter=16, regions=region + empty
+    )
+    assert [s.image.shape for s in samples] == [(110, 110), (50, 50)]
+    assert len(samples[0].boxes) == len(corner) and len(samples[1].boxes) <= 1
+    report = export_dataset(samples, tmp_path / "ds", tile=128, overlap=32)
+    assert not any("cover only" in w or "no annotations" in w for w in report.warnings)
+    assert report.n_images["train"] == report.n_images["val"] == 1

@@ -43,6 +43,7 @@ __all__ = [
     "evaluate",
     "evaluate_model",
     "evaluate_predictions",
+    "is_better",
     "match_detections",
     "results_table",
 ]
@@ -610,3 +611,40 @@ def compare_models(
         results.append(evaluate_model(model, dataset, split=split, params=params, **kwargs))
     table = results_table(results)
     return (table, results) if return_results else table
+
+
+def is_better(new: dict[str, Any], start: dict[str, Any], tol: float = 1e-9) -> bool:
+    """Whether a model's result beats another's: higher F1, or equal F1 and lower count error.
+
+    The rule that decides whether a fine-tuned model replaces its start in Detect: F1 says
+    whether the nuclei are found, the count error breaks ties (what the user reports).
+
+    Parameters
+    ----------
+    new, start : dict
+        :func:`evaluate_model` results on the same images at the same threshold (``f1``,
+        ``count_error``; a missing or NaN F1 counts as 0, a count error as the worst).
+    tol : float
+        F1 values closer than this are equal.
+
+    Examples
+    --------
+    >>> is_better({"f1": 0.9, "count_error": 0.2}, {"f1": 0.8, "count_error": 0.1})
+    True
+    >>> is_better({"f1": 0.8, "count_error": 0.05}, {"f1": 0.8, "count_error": 0.1})
+    True
+    >>> is_better({"f1": 0.8, "count_error": 0.1}, {"f1": 0.8, "count_error": 0.1})
+    False
+    """
+
+    def value(result: dict[str, Any], key: str, missing: float) -> float:
+        v = result.get(key)
+        return float(v) if v is not None and np.isfinite(v) else missing
+
+    def count_error(result: dict[str, Any]) -> float:
+        return value(result, "count_error", float("inf"))
+
+    f1_new, f1_start = value(new, "f1", 0.0), value(start, "f1", 0.0)
+    if abs(f1_new - f1_start) > tol:
+        return f1_new > f1_start
+    return count_error(new) < count_error(start)

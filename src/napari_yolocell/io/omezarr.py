@@ -23,10 +23,9 @@ import dask.array as da
 import numpy as np
 import zarr
 
-__all__ = ["ZARR_SUFFIXES", "OmeZarrImage", "is_zarr_path", "open_omezarr"]
+from napari_yolocell.io.zarr_files import ZARR_SUFFIXES, is_ngff_image, is_zarr_path
 
-#: Folder name endings opened as OME-Zarr (lower case; ``.ome.zarr`` is covered by ``.zarr``).
-ZARR_SUFFIXES = (".zarr",)
+__all__ = ["ZARR_SUFFIXES", "OmeZarrImage", "is_ngff_image", "is_zarr_path", "open_omezarr"]
 
 # Micrometres per NGFF (UDUNITS-2) length unit.
 _UNIT_TO_UM = {
@@ -79,11 +78,6 @@ class OmeZarrImage:
 
     def close(self) -> None:
         """Nothing to close (zarr opens chunk files per read); kept for symmetry with TIFFs."""
-
-
-def is_zarr_path(path: str | os.PathLike) -> bool:
-    """True when ``path`` names a zarr folder (``.zarr`` / ``.ome.zarr``, with or without ``/``)."""
-    return str(path).rstrip("/\\").lower().endswith(ZARR_SUFFIXES)
 
 
 def _ome_attrs(group: zarr.Group) -> dict[str, Any]:

@@ -4,7 +4,9 @@
 detection settings from a callable its owner gives it (the Detect widget's Image tab), and runs
 :func:`~napari_yolocell.engine.batch.run_batch` through the shared
 :mod:`~napari_yolocell.shell._worker`: each finished image arrives as a progress report, fills
-its row of the table and advances the progress bar.
+its row of the table and advances the images row (the Detect tab's
+:class:`~napari_yolocell.shell.progress_row.ProgressRow`: "images 2 / 12, about 1 min left");
+with one worker the core also reports the tiles of the image being analysed, in a second row.
 
 ``run_batch`` keeps every finished image in part files next to the output CSVs, so a cancelled
 (or crashed) run resumes where it stopped when it is started again with the same settings.
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from magicgui.widgets import Container, FileEdit, Label, LineEdit, PushButton, SpinBox, Table
@@ -34,8 +37,9 @@ from napari_yolocell.engine.detect import DetectParams
 from napari_yolocell.io.images import glob_images
 from napari_yolocell.shell import _qt
 from napari_yolocell.shell._worker import OneTaskAtATime, Outcome, Progress, Task, start
+from napari_yolocell.shell.progress_row import ProgressRow
 
-__all__ = ["BatchJob", "BatchPanel", "DetectSettings", "run_batch_job"]
+__all__ = ["BatchJob", "BatchPanel", "DetectSettings", "TileProgress", "run_batch_job"]
 
 DETECTIONS_CSV, COUNTS_CSV, ERRORS_CSV = (FOLDER_CSVS[k] for k in ("out", "counts", "errors"))
 
@@ -47,6 +51,14 @@ class DetectSettings:
     model: str | None
     backend: str
     params: DetectParams
+
+
+class TileProgress(NamedTuple):
+    """A tile report of the image being analysed (``Progress.data`` of a batch's reports)."""
+
+    path: str
+    done: int
+    total: int
 
 
 @dataclass
@@ -67,14 +79,19 @@ def run_batch_job(
 ) -> list[ImageResult]:
     """Run ``job`` (the worker thread's part); each finished image is reported as it ends.
 
-    Reports are ``(images done, images, "", (index, ImageResult))``. ``errors.csv`` is always
-    written (header only when every image was read), so scripts can rely on it.
+    Reports are ``(images done, images, "", (index, ImageResult))`` per finished image and,
+    with one worker, ``(images done, images, "", TileProgress)`` per tile of the image being
+    analysed (the core reports tiles only in-process). ``errors.csv`` is always written
+    (header only when every image was read), so scripts can rely on it.
     """
     done = [0]
 
     def on_result(index: int, res: ImageResult) -> None:
         done[0] += 1
         report(done[0], len(job.paths), "", (index, res))
+
+    def on_tile(path: str, tiles_done: int, tiles_total: int) -> None:
+        report(done[0], len(job.paths), "", TileProgress(path, tiles_done, tiles_total))
 
     return run_batch(
         [str(p) for p in job.paths],
@@ -84,6 +101,7 @@ def run_batch_job(
         workers=job.workers,
         backend=job.backend,
         on_result=on_result,
+        tile_progress=on_tile,
         cancel=cancel,
         empty_errors=True,
     )
@@ -128,6 +146,9 @@ class BatchPanel(OneTaskAtATime, Container):
         self.run_button = PushButton(text="Run batch")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
+        self.progress = ProgressRow("images")
+        self.tiles = ProgressRow("tiles")  # of the image being analysed (one worker only)
+        self._tiles_of: str | None = None
         self.table = Table(value={c: [] for c in SUMMARY_COLUMNS})
         self.total_label = Label(value="")
         self.extend(
@@ -137,6 +158,8 @@ class BatchPanel(OneTaskAtATime, Container):
                 Container(
                     widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False
                 ),
+                self.progress,
+                self.tiles,
                 self.status,
                 self.table,
                 self.total_label,
@@ -202,7 +225,7 @@ class BatchPanel(OneTaskAtATime, Container):
         self.task = start(
             partial(run_batch_job, job),
             partial(self._on_done, job),
-            on_progress=self._on_result,
+            on_progress=self._on_progress,
             on_finished=self._on_finished,
             desc="Batch detection (images)",
             total=len(job.paths),
@@ -214,6 +237,9 @@ class BatchPanel(OneTaskAtATime, Container):
             f"IoU {p.iou:.2f}" + (f", diameter {p.diameter:g} px" if p.diameter else "")
         )
         self.status.value = f"running on {len(job.paths)} images..."
+        self.progress.begin(f"images 0 / {len(job.paths)}, loading {Path(job.model).name}...")
+        self.tiles.end()
+        self._tiles_of = None
         self._update_total()
         return self.task
 
@@ -232,6 +258,20 @@ class BatchPanel(OneTaskAtATime, Container):
             return str(path.relative_to(root)) if root is not None else path.name
         except ValueError:
             return str(path)
+
+    def _on_progress(self, item: Progress) -> None:
+        if isinstance(item.data, TileProgress):
+            self._on_tiles(item.data)
+            return
+        self.progress.update(item)
+        self._on_result(item)
+
+    def _on_tiles(self, tiles: TileProgress) -> None:
+        if tiles.path != self._tiles_of:  # a new image: its own clock for the time left
+            self._tiles_of = tiles.path
+            self.tiles.unit = f"{self._display_name(Path(tiles.path))}: tiles"
+            self.tiles.begin()
+        self.tiles.update(Progress(tiles.done, tiles.total))
 
     def _on_result(self, item: Progress) -> None:
         index, res = item.data
@@ -252,8 +292,15 @@ class BatchPanel(OneTaskAtATime, Container):
         self.total_label.value = text
 
     def _on_done(self, job: BatchJob, outcome: Outcome) -> None:
+        self.tiles.end()
+        n_done = sum(r is not None for r in self.results)
         if outcome.cancelled:
-            n_done = sum(r is not None for r in self.results)
+            self.progress.end(f"cancelled after {n_done} of {len(job.paths)} images")
+        elif outcome.error is not None:
+            self.progress.end("")
+        else:
+            self.progress.end(f"{n_done} of {len(job.paths)} images in {self.progress.elapsed()}")
+        if outcome.cancelled:
             self.status.value = (
                 f"Cancelled with {n_done} of {len(job.paths)} images done; they are kept. "
                 "Press Run batch again with the same folder, pattern, output folder, model and "

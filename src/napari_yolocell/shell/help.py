@@ -69,6 +69,9 @@ TOOLTIPS: dict[str, str] = {
     # Train widget
     "ex_diameter": "Points only: the box drawn around each clicked centre; about the nucleus "
     "diameter in pixels.",
+    "ex_region": "A Shapes layer of rectangles around the parts you annotated completely. Only "
+    "the image inside them is exported (each rectangle as its own training image), so the "
+    "nuclei you did not annotate elsewhere are not taught as background.",
     "ex_tile": "Side of the training images cut from your image (px); the model is trained "
     "at this size.",
     "ex_overlap": "Margin shared by neighbouring training images (px).",

@@ -9,10 +9,11 @@ from magicgui.widgets import Container, Label, ProgressBar
 
 from napari_yolocell.shell._worker import Progress
 
-__all__ = ["ProgressRow", "progress_text"]
+__all__ = ["ProgressRow", "duration", "progress_text"]
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``"42 s"``, ``"3 min 05 s"``, ``"2 h 10 min"``."""
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds} s"
@@ -35,7 +36,7 @@ def progress_text(done: int, total: int, elapsed: float, unit: str = "tiles") ->
     """
     text = f"{unit} {done:,} / {total:,}" if total else f"{unit} {done:,}"
     if 0 < done < total and elapsed > 0:
-        text += f", about {_duration(elapsed / done * (total - done))} left"
+        text += f", about {duration(elapsed / done * (total - done))} left"
     return text
 
 
@@ -83,4 +84,4 @@ class ProgressRow(Container):
 
     def elapsed(self) -> str:
         """Time since :meth:`begin`, for the final message."""
-        return _duration(time.monotonic() - self._t0)
+        return duration(time.monotonic() - self._t0)

@@ -1,7 +1,11 @@
-"""npe2 reader: open (large, pyramidal) TIFFs lazily as napari Image layers.
+"""npe2 reader: open (large, pyramidal) TIFFs and OME-Zarr images lazily as napari Image layers.
 
 Dispatch rule (``napari_get_reader``):
 
+* a folder that is an OME-Zarr image (NGFF 0.4/0.5: its ``.zattrs`` / ``zarr.json`` names
+  ``multiscales`` or ``bioformats2raw.layout``) -> :func:`read_omezarr`; other zarr folders
+  (plain arrays or groups, plates, wells) -> None. A broken NGFF image it claimed (missing
+  level, unexpected axes, unreadable metadata) raises a one-line ``ValueError`` naming it;
 * a path whose name does not end in a TIFF suffix -> None (other readers get a chance);
 * a TIFF-named file that starts with another format's signature (a PNG/JPEG/GIF/BMP/JPEG 2000
   saved as ``.tif``) -> None, so napari's builtin readers can try it;
@@ -11,10 +15,12 @@ Dispatch rule (``napari_get_reader``):
   error instead of "no reader found". Only 4 bytes are read to decide;
 * a folder containing TIFFs -> the reader (same-shape files are stacked lazily).
 
-Answering imports nothing beyond the standard library; reading imports numpy, tifffile and, for
-compressed or tiled files, zarr. Layers get the levels as opened (zarr arrays or memory maps,
-:attr:`~napari_yolocell.io.tiff.TiffImage.arrays`), not dask arrays: a cold open through npe2
-then skips importing dask (and, on the first compute, dask.distributed).
+Answering imports nothing beyond the standard library; reading a TIFF imports numpy, tifffile
+and, for compressed or tiled files, zarr. TIFF layers get the levels as opened (zarr arrays or
+memory maps, :attr:`~napari_yolocell.io.tiff.TiffImage.arrays`), not dask arrays: a cold open
+through npe2 then skips importing dask (and, on the first compute, dask.distributed). OME-Zarr
+layers get :func:`~napari_yolocell.io.omezarr.open_omezarr`'s dask levels (size-1 axes
+squeezed, as the detection engine sees them), so reading one imports dask too.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari_yolocell.io.tiff_files import is_tiff_path, list_tiffs
+from napari_yolocell.io.zarr_files import is_ngff_image
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from napari_yolocell.io.omezarr import OmeZarrImage
     from napari_yolocell.io.tiff import TiffImage
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -40,7 +48,7 @@ _CONTRAST_SIDE = 1024
 
 
 def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list[LayerData]] | None:
-    """Return a reader function when ``path`` looks like TIFF data this plugin handles.
+    """Return a reader function when ``path`` looks like data this plugin handles.
 
     Parameters
     ----------
@@ -50,15 +58,26 @@ def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list
     Returns
     -------
     callable or None
-        :func:`read_tiff` or None when another reader should handle the path.
+        :func:`read_tiff` (TIFFs), :func:`read_omezarr` (OME-Zarr images), :func:`read_images`
+        (a list mixing both) or None when another reader should handle the path.
     """
     paths = [path] if isinstance(path, str | os.PathLike) else list(path)
-    if not paths or not all(_accepts(p) for p in paths):
+    kinds = {_kind(p) for p in paths}
+    if not paths or None in kinds:
         return None
-    return read_tiff
+    if kinds == {"tiff"}:
+        return read_tiff
+    return read_omezarr if kinds == {"zarr"} else read_images
 
 
-def _accepts(path: PathLike) -> bool:
+def _kind(path: PathLike) -> str | None:
+    """``"zarr"``, ``"tiff"`` or None (not ours); stdlib only, reads at most one small file."""
+    if is_ngff_image(path):  # before the TIFF folder rule: an image folder is never a stack
+        return "zarr"
+    return "tiff" if _accepts_tiff(path) else None
+
+
+def _accepts_tiff(path: PathLike) -> bool:
     p = Path(path)
     if p.is_dir():
         try:
@@ -110,6 +129,61 @@ def read_tiff(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
     return layers
 
 
+def read_omezarr(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
+    """Read OME-Zarr image folder(s) lazily into napari layer data tuples.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or list of them
+        ``.zarr`` / ``.ome.zarr`` image folders (NGFF 0.4 or 0.5).
+
+    Returns
+    -------
+    list of (data, kwargs, "image")
+        One per image: the list of resolution levels (multiscale) when there are several,
+        else the one lazy level; size-1 non-spatial axes squeezed, channels split.
+
+    Raises
+    ------
+    ValueError
+        A broken NGFF image (no zarr group, missing level, unexpected axes): one line naming
+        the folder.
+    """
+    from napari_yolocell.io.omezarr import open_omezarr
+
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    layers: list[LayerData] = []
+    for p in paths:
+        try:
+            image = open_omezarr(p)
+        except (OSError, ValueError) as exc:
+            # zarr's own messages can span lines; napari shows the first one best
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            message = lines[0] if str(p) in lines[0] else f"{p}: {lines[0]}"
+            raise ValueError(message) from exc
+        layers.append(omezarr_layer_data(image))
+    return layers
+
+
+def read_images(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
+    """Read a list mixing TIFFs and OME-Zarr images, in the order given.
+
+    Parameters
+    ----------
+    path : str, os.PathLike or list of them
+        Paths :func:`napari_get_reader` accepted.
+
+    Returns
+    -------
+    list of (data, kwargs, "image")
+    """
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    layers: list[LayerData] = []
+    for p in paths:
+        layers.extend(read_omezarr(p) if is_ngff_image(p) else read_tiff(p))
+    return layers
+
+
 def layer_data(image: TiffImage) -> LayerData:
     """Convert a :class:`TiffImage` into one napari Image layer data tuple.
 
@@ -123,31 +197,51 @@ def layer_data(image: TiffImage) -> LayerData:
     tuple
         ``(data, kwargs, "image")``.
     """
-    multiscale = image.is_pyramid
-    arrays = _layer_arrays(image)
+    return _layer_tuple(image, _layer_arrays(image), image.rgb)
+
+
+def omezarr_layer_data(image: OmeZarrImage) -> LayerData:
+    """Convert an :class:`~napari_yolocell.io.omezarr.OmeZarrImage` into a layer data tuple.
+
+    Parameters
+    ----------
+    image : OmeZarrImage
+        Opened image (its levels are lazy dask arrays; nothing is read but a contrast sample).
+
+    Returns
+    -------
+    tuple
+        ``(data, kwargs, "image")``, with the same keys as :func:`layer_data`.
+    """
+    return _layer_tuple(image, image.levels, rgb=False)
+
+
+def _layer_tuple(image: TiffImage | OmeZarrImage, arrays: list[Any], rgb: bool) -> LayerData:
+    multiscale = len(arrays) > 1
     data: Any = list(arrays) if multiscale else arrays[0]
     # napari drops the channel and RGB-sample axes from each layer: scale must match.
     dropped = {image.channel_axis} if image.channel_axis is not None else set()
-    if image.rgb:
+    if rgb:
         dropped.add(len(image.axes) - 1)
     scale = [s for i, s in enumerate(image.scale) if i not in dropped]
     name = _stem(image.path)
     kwargs: dict[str, Any] = {
         "multiscale": multiscale,
-        "rgb": image.rgb,
+        "rgb": rgb,
         "scale": scale,
         "metadata": {**image.metadata, "path": str(image.path)},
     }
     if image.channel_axis is not None:
         kwargs["channel_axis"] = image.channel_axis
-        n = image.shape[image.channel_axis]
-        names = image.channel_names or [f"ch{i}" for i in range(n)]
+        n = arrays[0].shape[image.channel_axis]
+        names = image.channel_names or []
+        names = names if len(names) == n else [f"ch{i}" for i in range(n)]
         kwargs["name"] = [f"{name} [{c}]" for c in names]
         kwargs["blending"] = "additive"
     else:
         kwargs["name"] = name
-    if not image.rgb:
-        limits = contrast_limits(image)
+    if not rgb:
+        limits = _sample_limits(arrays[-1], image.axes, image.channel_axis, rgb)
         if limits is not None:
             kwargs["contrast_limits"] = limits
     return data, kwargs, "image"
@@ -183,19 +277,25 @@ def contrast_limits(image: TiffImage) -> list[float] | list[list[float]] | None:
         ``[lo, hi]``, or one pair per channel when there is a channel axis; None when the
         sample could not be read.
     """
+    # read directly: a dask compute would import dask.distributed
+    return _sample_limits(image.arrays[-1], image.axes, image.channel_axis, image.rgb)
+
+
+def _sample_limits(
+    arr: Any, axes: str, channel_axis: int | None, rgb: bool
+) -> list[float] | list[list[float]] | None:
+    """:func:`contrast_limits` of one (the smallest) level ``arr`` with axis codes ``axes``."""
     import numpy as np
 
-    arr = image.arrays[-1]  # read directly: a dask compute would import dask.distributed
-    axes = image.axes
     spatial = {i for i, ax in enumerate(axes) if ax in "YX"}
     index: list[Any] = []
     for i, (ax, n) in enumerate(zip(axes, arr.shape, strict=True)):
-        if i == image.channel_axis:
+        if i == channel_axis:
             index.append(slice(None))
         elif i in spatial:
             start = max(0, (n - _CONTRAST_SIDE) // 2)
             index.append(slice(start, start + _CONTRAST_SIDE))
-        elif ax == "S" and image.rgb:
+        elif ax == "S" and rgb:
             index.append(slice(None))
         else:
             index.append(n // 2)  # middle plane of Z/T/...
@@ -203,10 +303,10 @@ def contrast_limits(image: TiffImage) -> list[float] | list[list[float]] | None:
         sample = _materialise(arr[tuple(index)])
     except Exception:  # noqa: BLE001 - a corrupt tile must not prevent opening the layer
         return None
-    if image.channel_axis is None:
+    if channel_axis is None:
         return _limits(sample)
     # channel axis position inside the sample: count earlier axes that were kept
-    c = sum(1 for i in range(image.channel_axis) if not isinstance(index[i], int))
+    c = sum(1 for i in range(channel_axis) if not isinstance(index[i], int))
     return [_limits(np.take(sample, k, axis=c)) for k in range(sample.shape[c])]
 
 
@@ -237,7 +337,7 @@ def _limits(sample: np.ndarray) -> list[float]:
 
 def _stem(path: Path) -> str:
     name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem if path.suffix else name

@@ -1,12 +1,15 @@
 """napari dock widget: make a YOLO dataset from annotations, review one, train and evaluate.
 
-Four tabs, each a thin shell over the core:
+Five tabs, each a thin shell over the core:
 
-- **Export**: image layer + annotation layer (Shapes, Points with a diameter, or Labels) ->
-  :func:`~napari_yolocell.training.dataset.samples_from_annotations` (conversion and checks)
-  -> :func:`~napari_yolocell.training.dataset.export_dataset`;
+- **Export**: image layer + annotation layer (Shapes, Points with a diameter, or Labels), and
+  optionally an "annotated region" Shapes layer (only the image inside its rectangles is
+  exported) -> :func:`~napari_yolocell.training.dataset.samples_from_annotations` (conversion
+  and checks) -> :func:`~napari_yolocell.training.dataset.export_dataset`;
 - **Import**: a YOLO dataset -> Image + Shapes layers for review
   (:func:`~napari_yolocell.shell.layers.import_dataset_layers`);
+- **Fine-tune**: a few minutes of few-shot training from a bundled model, kept only if it
+  beats its start on the held-out corrections (:mod:`~napari_yolocell.shell.finetune_panel`);
 - **Train**: :func:`~napari_yolocell.training.train.train` with a live loss / mAP50 plot, Cancel
   (keeps a resumable ``last.pt``) and Resume; the new ``best.pt`` is added to every Detect
   widget's model list through :func:`~napari_yolocell.shell.session.register_session_model`;
@@ -43,6 +46,7 @@ from napari_yolocell.analysis.plots import PLOTS, plot_training_history
 from napari_yolocell.io.geojson import read_geojson_annotations
 from napari_yolocell.shell import _qt, session
 from napari_yolocell.shell._worker import Outcome, Progress, Task, start
+from napari_yolocell.shell.finetune_panel import FinetunePanel
 from napari_yolocell.shell.help import apply_tooltips
 from napari_yolocell.shell.layers import geojson_to_layers, import_dataset_layers
 from napari_yolocell.shell.settings import persist
@@ -110,6 +114,7 @@ class TrainWidget(QWidget):
         self._containers: list[Container] = []
         self._build_export()
         self._build_import()
+        self.finetune = FinetunePanel(self)
         self._build_train()
         self._build_evaluate()
         _qt.wrap_labels(self.ex_label, self.im_label, self.tr_label, self.ev_label)
@@ -144,6 +149,7 @@ class TrainWidget(QWidget):
         """Re-read the model lists (called when a model is added in this session)."""
         self.tr_model.reset_choices()
         self.ev_models.reset_choices()
+        self.finetune.base.reset_choices()
 
     # ------------------------------------------------------------------ tasks
 
@@ -172,10 +178,12 @@ class TrainWidget(QWidget):
         return any(task.running for task in self.tasks.values())
 
     def _update_buttons(self) -> None:
-        training = self._busy("train")
+        # one training at a time, of either kind: each takes the whole CPU / GPU
+        training = self._busy("train") or self._busy(FinetunePanel.KEY)
         self.train_button.enabled = not training
         self.resume_button.enabled = not training
-        self.cancel_button.enabled = training
+        self.cancel_button.enabled = self._busy("train")
+        self.finetune.update_buttons(training, self._busy(FinetunePanel.KEY))
         self.export_button.enabled = not self._busy("export")
         self.import_button.enabled = not self._busy("import")
         self.evaluate_button.enabled = not self._busy("evaluate")
@@ -200,6 +208,10 @@ class TrainWidget(QWidget):
         )
         self.ex_diameter = FloatSpinBox(
             label="point diameter px", value=20.0, min=1.0, max=1000.0, visible=False
+        )
+        self.ex_region = ComboBox(
+            label="annotated region",
+            choices=lambda _w: [("none: the whole image", None), *self._layers("shapes")],
         )
         self.ex_out = FileEdit(label="output folder", mode="d")
         self.ex_tile = SpinBox(label="tile", value=640, min=32, max=4096, step=32)
@@ -228,6 +240,7 @@ class TrainWidget(QWidget):
                 self.ex_image,
                 self.ex_annotations,
                 self.ex_diameter,
+                self.ex_region,
                 self.ex_out,
                 self.ex_tile,
                 self.ex_overlap,
@@ -292,6 +305,23 @@ class TrainWidget(QWidget):
         if ann is None:
             raise ValueError("choose an annotation layer (Shapes, Points or Labels)")
         kind = _qt.layer_kind(ann)
+        region = self.ex_region.value
+        if region is ann:
+            raise ValueError(
+                f"{ann.name!r} cannot be both the annotations and the annotated region: draw "
+                "the region's rectangles on a Shapes layer of their own"
+            )
+        regions = None
+        if region is not None:
+            regions = {
+                "regions": region.data,
+                "region_options": {
+                    "name": region.name,
+                    "shape_types": region.shape_type,
+                    "ann_scale": region.scale,
+                    "ann_translate": region.translate,
+                },
+            }
         return samples_from_annotations(
             image.data[0] if image.multiscale else image.data,
             image.name,
@@ -305,6 +335,7 @@ class TrainWidget(QWidget):
             image_translate=image.translate,
             ann_scale=ann.scale,
             ann_translate=ann.translate,
+            **(regions or {}),
         )
 
     def export(self, _value=None) -> Task | None:
@@ -343,7 +374,7 @@ class TrainWidget(QWidget):
             text += "\n" + "\n".join(f"\N{WARNING SIGN} {w}" for w in report.warnings)
             _qt.show_warning("; ".join(report.warnings))
         self.ex_label.value = text
-        for widget in (self.im_path, self.tr_data, self.ev_data):
+        for widget in (self.im_path, self.tr_data, self.ev_data, self.finetune.data):
             widget.value = report.path
         _qt.show_info(f"YOLO dataset written to {report.path}")
 
@@ -397,8 +428,8 @@ class TrainWidget(QWidget):
             text += f"; {problems}"
             _qt.show_warning(f"Dataset {dataset.root}: {problems}")
         self.im_label.value = text
-        self.tr_data.value = dataset.root
-        self.ev_data.value = dataset.root
+        for widget in (self.tr_data, self.ev_data, self.finetune.data):
+            widget.value = dataset.root
 
     # ================================================================== train
 

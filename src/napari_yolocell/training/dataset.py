@@ -39,6 +39,7 @@ __all__ = [
     "assign_splits",
     "check_out_folder",
     "crop_boxes",
+    "crop_to_regions",
     "export_dataset",
     "plane_samples",
     "safe_name",
@@ -64,6 +65,10 @@ class Sample:
         Samples of one group always land in one split (e.g. fields of one well).
     split : {"train", "val", "test"}, optional
         Force the split (e.g. an official split); overrides the random assignment.
+    complete : bool
+        Every nucleus in ``image`` is annotated (a crop to an annotated region,
+        :func:`crop_to_regions`): the partial-annotation check (:func:`coverage_warning`) is
+        skipped, since few boxes or a few clustered boxes are then the truth.
     """
 
     image: np.ndarray
@@ -72,6 +77,7 @@ class Sample:
     classes: np.ndarray | None = None
     group: str | None = None
     split: str | None = None
+    complete: bool = False
 
 
 @dataclass
@@ -129,8 +135,8 @@ def coverage_warning(sample: Sample, min_share: float = MIN_ANNOTATED_SHARE) -> 
         return None
     return (
         f"{sample.name}: annotations cover only ~{share * 100:.0f} % of the image; unannotated "
-        "nuclei are taught as background: annotate every nucleus or crop the image to the "
-        "annotated region"
+        "nuclei are taught as background: annotate every nucleus, or draw rectangles around "
+        "the annotated part (an 'annotated region' Shapes layer) so only they are exported"
     )
 
 
@@ -156,7 +162,14 @@ def assign_splits(
     """Assign each distinct group to train/val/test with the given fractions (seeded).
 
     Counts are rounded so that every split with a non-zero fraction gets at least one group
-    when there are enough groups; the remainder goes to train.
+    when there are enough groups (val from 2 groups on, test from 3); the remainder goes to
+    train. Val comes first because a few-shot run needs held-out images to show that the
+    fine-tuned model beats its start.
+
+    Examples
+    --------
+    >>> sorted(assign_splits(["a", "b"]).values())
+    ['train', 'val']
     """
     frac = np.asarray(fractions, dtype=float)
     if frac.shape != (3,) or np.any(frac < 0) or frac.sum() <= 0:
@@ -168,8 +181,9 @@ def assign_splits(
     n = len(order)
     n_val = int(round(frac[1] * n))
     n_test = int(round(frac[2] * n))
-    if n >= 3:
+    if n >= 2 and frac[0] > 0:  # keep one group for training
         n_val = max(n_val, 1 if frac[1] > 0 else 0)
+    if n >= 3:
         n_test = max(n_test, 1 if frac[2] > 0 else 0)
     n_val, n_test = min(n_val, n), min(n_test, max(n - n_val, 0))
     out = {}
@@ -206,6 +220,65 @@ def crop_boxes(
     area = np.clip((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 1e-9, None)
     keep = (ih >= 1) & (iw >= 1) & (ih * iw / area >= min_fraction)
     return inter[keep] - np.array([y0, x0, y0, x0], dtype=float), keep
+
+
+def crop_to_regions(
+    sample: Sample, rectangles: np.ndarray, min_fraction: float = 0.4
+) -> list[Sample]:
+    """One complete sample per annotated region: the image inside each rectangle, with its boxes.
+
+    A biologist who corrects only part of an image marks that part with a rectangle; exporting
+    only the inside means the unannotated rest is never taught as background.
+
+    Parameters
+    ----------
+    sample : Sample
+        The whole image and its boxes.
+    rectangles : (R, 4) array
+        Regions as ``y0, x0, y1, x1`` pixels (exclusive ends); rounded to whole pixels and
+        clipped to the image. A region wholly outside the image is skipped.
+    min_fraction : float
+        A box cut by a region's edge is kept (clipped) if at least this fraction of its area
+        is inside, as for training tiles (:func:`crop_boxes`).
+
+    Returns
+    -------
+    list of Sample
+        Named ``<name>_r<k>``, marked ``complete`` (no partial-annotation warning), with the
+        sample's ``group`` and ``split`` (none: each region may land in its own split).
+
+    Examples
+    --------
+    >>> s = Sample(np.zeros((100, 100)), np.array([[10, 10, 20, 20], [60, 60, 70, 70]]), "a")
+    >>> [(c.name, c.image.shape, c.boxes.tolist()) for c in crop_to_regions(s, [[0, 0, 50, 40]])]
+    [('a_r0', (50, 40), [[10.0, 10.0, 20.0, 20.0]])]
+    """
+    image = np.asarray(sample.image)
+    h, w = image.shape[:2]
+    crops = []
+    for k, (y0, x0, y1, x1) in enumerate(np.asarray(rectangles, dtype=float).reshape(-1, 4)):
+        win = (
+            int(np.clip(round(y0), 0, h)),
+            int(np.clip(round(x0), 0, w)),
+            int(np.clip(round(y1), 0, h)),
+            int(np.clip(round(x1), 0, w)),
+        )
+        if win[2] - win[0] < 1 or win[3] - win[1] < 1:
+            continue
+        boxes, keep = crop_boxes(sample.boxes, win, min_fraction)
+        classes = None if sample.classes is None else np.asarray(sample.classes)[keep]
+        crops.append(
+            Sample(
+                image=image[win[0] : win[2], win[1] : win[3]],
+                boxes=boxes,
+                name=f"{sample.name}_r{k}",
+                classes=classes,
+                group=sample.group,
+                split=sample.split,
+                complete=True,
+            )
+        )
+    return crops
 
 
 def _normalise(image: np.ndarray, normalize: str, percentiles: Sequence[float]) -> np.ndarray:
@@ -340,9 +413,15 @@ def samples_from_annotations(
     *,
     rgb: bool = False,
     ann_name: str = "annotations",
+    regions: Any = None,
+    region_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> list[Sample]:
     """Samples of an image and its napari annotation layer (Shapes, Points or Labels data).
+
+    With ``regions`` (an "annotated region" Shapes layer), only the image inside its shapes is
+    exported, each one as its own sample (:func:`crop_to_regions`); annotations outside every
+    region are left out, and so are planes without a region.
 
     Parameters
     ----------
@@ -358,6 +437,12 @@ def samples_from_annotations(
         Whether the last axis of ``image`` is colour.
     ann_name : str
         The annotation layer's name, for the messages.
+    regions : list of arrays, optional
+        The region layer's ``Shapes.data`` (each shape's bounding box is a region), in napari
+        data coordinates.
+    region_options : dict, optional
+        ``shape_types``, ``name`` and the region layer's ``ann_scale`` / ``ann_translate``
+        (the image transforms are taken from ``options``).
     **options
         ``diameter``, ``shape_types`` and the layer transforms of
         :func:`~napari_yolocell.training.annotations.annotation_boxes`.
@@ -373,7 +458,23 @@ def samples_from_annotations(
     """
     shape = tuple(int(n) for n in (image.shape[:-1] if rgb else image.shape))
     boxes = annotation_boxes(kind, annotations, shape, name=ann_name, **options)
-    return plane_samples(image, image_name, boxes, rgb=rgb)
+    if regions is None:
+        return plane_samples(image, image_name, boxes, rgb=rgb)
+    image_tf = {k: options[k] for k in ("image_scale", "image_translate") if k in options}
+    rects = annotation_boxes(
+        "shapes",
+        regions,
+        shape,
+        **{"name": "annotated region", **image_tf, **(region_options or {})},
+    )
+    # A plane with a region but no boxes is kept: the region says it holds no nucleus.
+    planes = {p: boxes.get(p, np.zeros((0, 4))) for p in rects}
+    samples = plane_samples(image, image_name, planes, rgb=rgb)
+    return [
+        crop
+        for s, p in zip(samples, sorted(planes), strict=True)
+        for crop in crop_to_regions(s, rects[p])
+    ]
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
@@ -483,7 +584,7 @@ def export_dataset(
                 cls_kept = np.asarray(classes)[keep]
                 if rep.messages:
                     report.warnings.append(f"{s.name}: {rep.summary()}")
-                partial = coverage_warning(s)
+                partial = None if s.complete else coverage_warning(s)
                 if partial is not None:
                     report.warnings.append(partial)
             img8 = norm_cache[id(s)]

@@ -1,0 +1,189 @@
+"""Few-shot path of the Train widget in a real (headless) viewer (issue #15).
+
+A 384 x 384 synthetic image whose nuclei are clicked only inside two "annotated region"
+rectangles (192 x 192 each): the export crops one training image per region (one in train,
+one held out in val), the Fine-tune tab trains for one epoch from the bundled model and adds the
+result to Detect only when it beats the start on the held-out region. The decision's two
+branches are checked with given scores; one real tiny run goes end to end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import napari_yolocell.shell.detect_widget as wd
+from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.shell import _qt, session
+from napari_yolocell.shell._worker import Outcome
+from napari_yolocell.shell.finetune_panel import FinetuneRun
+from napari_yolocell.shell.train_widget import TrainWidget
+from napari_yolocell.training.train import TrainResult
+
+TIMEOUT = 180_000
+SIDE = 192  # region side = export tile: no padding, cheap training tiles
+
+
+def _rect(y0: float, x0: float, y1: float, x1: float) -> np.ndarray:
+    # napari puts pixel centres on whole numbers: pixel i spans [i - 0.5, i + 0.5)
+    return np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float) - 0.5
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    return make_nuclei_image((384, 384), n_nuclei=24, seed=1)
+
+
+@pytest.fixture
+def setup(make_napari_viewer, nuclei, monkeypatch):
+    viewer = make_napari_viewer()
+    viewer.add_image(nuclei.image, name="cells")
+    c = nuclei.centers
+    inside = ((c < SIDE).all(axis=1)) | ((c >= SIDE).all(axis=1))  # the two diagonal regions
+    viewer.add_points(c[inside] - 0.5, name="corrected")
+    viewer.add_shapes(
+        [_rect(0, 0, SIDE, SIDE), _rect(SIDE, SIDE, 384, 384)],
+        shape_type="rectangle",
+        name="annotated region",
+    )
+    widget = TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.ex_image.value = viewer.layers["cells"]
+    widget.ex_annotations.value = viewer.layers["corrected"]
+    widget.ex_region.value = viewer.layers["annotated region"]
+    widget.ex_diameter.value = 18.0
+    widget.ex_tile.value = SIDE
+    errors: list[str] = []
+    warnings: list[str] = []
+    monkeypatch.setattr(_qt, "show_error", errors.append)
+    monkeypatch.setattr(_qt, "show_warning", warnings.append)
+    return viewer, widget, errors, warnings
+
+
+def wait(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+
+
+def export(qtbot, widget, out):
+    widget.ex_out.value = out
+    assert widget.export() is not None
+    wait(qtbot, widget)
+
+
+def test_region_export_crops_each_region_and_holds_one_out(qtbot, setup, tmp_path):
+    viewer, widget, errors, warnings = setup
+    out = tmp_path / "ds"
+    export(qtbot, widget, out)
+    assert errors == []
+    assert not any("cover only" in w for w in warnings)  # regions are complete: no warning
+    assert widget.last_report.n_images == {"train": 1, "val": 1, "test": 0}
+    n_clicked = len(viewer.layers["corrected"].data)
+    assert 0 < sum(widget.last_report.n_objects.values()) <= n_clicked
+    assert widget.finetune.data.value == out  # the Fine-tune tab is ready to go
+
+    # the same layer cannot be both: the user is told, nothing is written
+    widget.ex_region.value = widget.ex_annotations.value = viewer.layers["annotated region"]
+    widget.ex_out.value = tmp_path / "never"
+    assert widget.export() is None
+    assert "annotated region" in widget.ex_label.value and not (tmp_path / "never").exists()
+
+
+def _run(tmp_path, held_out=1, scores=None, cancelled=False):
+    best = tmp_path / "run" / "weights" / "best.pt"
+    best.parent.mkdir(parents=True, exist_ok=True)
+    best.write_bytes(b"weights")
+    result = TrainResult(best=best, last=best, metrics={}, run_dir=best.parent.parent)
+    result.cancelled = cancelled
+    return FinetuneRun(result, "nucleus-v5n", tmp_path / "ds", held_out=held_out, scores=scores)
+
+
+@pytest.mark.parametrize(
+    ("new", "added"),
+    [
+        ({"f1": 0.9, "count_error": 0.05}, True),
+        ({"f1": 0.8, "count_error": 0.05}, True),  # same F1, smaller count error
+        ({"f1": 0.7, "count_error": 0.01}, False),
+    ],
+)
+def test_new_model_added_to_detect_only_when_it_beats_the_start(setup, tmp_path, new, added):
+    viewer, widget, errors, _warnings = setup
+    detect = wd.DetectWidget(viewer)
+    run = _run(tmp_path, scores=({"f1": 0.8, "count_error": 0.1}, new))
+    key = str(run.result.best.resolve())
+    try:
+        widget.finetune._done(Outcome(value=run))
+        text = widget.finetune.label.value
+        assert errors == [] and "\n" not in text  # one line
+        assert (key in detect.model.choices) is added
+        assert f"F1 {new['f1']:.3f} vs 0.800" in text and "1 held-out image" in text
+        if added:
+            assert "beats nucleus-v5n" in text and "added to Detect" in text
+            assert key in widget.finetune.base.choices  # and it can be fine-tuned further
+        else:
+            assert "does not beat nucleus-v5n" in text and str(run.result.best) in text
+    finally:
+        session.forget_session_model(run.result.best)
+
+
+def test_nothing_held_out_or_cancelled_adds_nothing(setup, tmp_path):
+    viewer, widget, _errors, _warnings = setup
+    detect = wd.DetectWidget(viewer)
+    run = _run(tmp_path, held_out=0)
+    widget.finetune._done(Outcome(value=run))
+    assert "nothing held out" in widget.finetune.label.value
+    assert str(run.result.best) in widget.finetune.label.value
+    widget.finetune._done(Outcome(value=_run(tmp_path, cancelled=True)))
+    assert "press Resume" in widget.finetune.label.value
+    assert str(run.result.best.resolve()) not in detect.model.choices
+
+
+def test_finetune_cancel_keeps_last_for_resume(qtbot, setup, tmp_path):
+    viewer, widget, errors, _warnings = setup
+    export(qtbot, widget, tmp_path / "ds")
+    panel = widget.finetune
+    panel.device.value = "cpu"
+    panel.out.value = tmp_path / "runs"
+    assert panel.start(batch=2) is not None
+    assert panel.cancel_button.enabled and not panel.run_button.enabled
+    assert not widget.train_button.enabled  # one training at a time
+    panel.cancel()  # should_stop is true from the first batch on
+    wait(qtbot, widget)
+    assert errors == []
+    run = panel.last_run
+    assert run.result.cancelled and run.result.last.is_file() and run.scores is None
+    assert "press Resume" in panel.label.value
+    assert panel.run_button.enabled and widget.train_button.enabled
+    job = panel.job(resume=True)
+    assert job["resume"] == run.result.last and job["base"] == run.base
+
+
+def test_finetune_end_to_end_scores_held_out_region(qtbot, setup, tmp_path, monkeypatch):
+    viewer, widget, errors, _warnings = setup
+    export(qtbot, widget, tmp_path / "ds")
+    panel = widget.finetune
+    assert panel.base.value == "nucleus-v5n"  # the bundled default comes first
+    panel.max_epochs.value = 1
+    panel.device.value = "cpu"
+    panel.out.value = tmp_path / "runs"
+    seen = []
+    show = panel._on_progress
+    monkeypatch.setattr(panel, "_on_progress", lambda item: (seen.append(item), show(item)))
+    assert panel.start(batch=2, minutes=0.1) is not None  # seconds, not the 1 min minimum
+    wait(qtbot, widget)
+    assert errors == []
+    run = panel.last_run
+    try:
+        assert any("left" in item.text for item in seen)  # epoch and time left were shown
+        assert any("scoring" in item.text for item in seen)
+        assert len(panel.history) == 1 and panel.figure.axes  # one epoch on the live plot
+        assert run.held_out == 1 and run.scores is not None
+        start, new = run.scores
+        assert start["n_true"] == new["n_true"] > 0
+        text = panel.label.value
+        registered = str(run.result.best.resolve()) in session.session_models()
+        assert ("added to Detect as" in text) is registered
+        assert ("beats nucleus-v5n" in text) is registered
+        assert registered or "does not beat" in text
+    finally:
+        if run is not None and run.result.best is not None:
+            session.forget_session_model(run.result.best)
