@@ -125,6 +125,7 @@ class ClassicYolov5(nn.Module):
 
     def __init__(self, cfg: dict) -> None:
         super().__init__()
+        self.yaml = cfg  # the architecture, kept for the pickle-free cache
         self.model, self.save, self.froms = _parse(cfg)
 
     def forward(self, x):

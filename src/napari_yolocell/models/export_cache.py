@@ -11,6 +11,9 @@ in ``<cache>/<sha256 of the weights>/<format>-v<N>/``:
   compiled;
 - ``meta.json`` next to each: the checkpoint's ``"yolocell"`` settings, class names, stride.
 
+An export of a checkpoint that is not bundled is made from its pickle-free form in
+``torch-v1/`` (:mod:`~napari_yolocell.models.torch_cache`), so the pickle is read at most once.
+
 The cache folder is ``$YOLOCELL_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/napari-yolocell/exports``
 (``~/.cache/napari-yolocell/exports``). An export is written to a temporary folder beside its
 final place and renamed into place (``os.replace``), so a crash never leaves a half export and
@@ -29,14 +32,14 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
+from napari_yolocell.models import torch_cache
 from napari_yolocell.models.checkpoints import load_network, network_family
-from napari_yolocell.models.integrity import file_sha256
 from napari_yolocell.models.ultralytics_env import import_ultralytics
+from napari_yolocell.models.user_cache import cache_root, weights_sha256
 
 FORMATS = ("onnx", "openvino")
 #: Bump when the export recipe changes: old exports are then ignored (and may be deleted).
@@ -44,44 +47,8 @@ EXPORT_VERSION = 1
 ONNX_OPSET = 17
 META_FILE = "meta.json"
 _MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
-_HASHES: dict[tuple, str] = {}
-_LOCK = threading.Lock()
 
-
-def cache_root() -> Path:
-    """Folder holding all exports (created on demand; a temp folder if home is read-only)."""
-    env = os.environ.get("YOLOCELL_CACHE_DIR")
-    if env:
-        root = Path(env).expanduser()
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-        root = Path(base) / "napari-yolocell" / "exports"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if not os.access(root, os.W_OK):
-            raise PermissionError(root)
-    except OSError:  # read-only home on some clusters: exports then live for this machine's boot
-        user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-        root = Path(tempfile.gettempdir()) / f"napari-yolocell-exports-{user}"
-        root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def weights_sha256(path: str | Path, expected: str | None = None) -> str:
-    """SHA-256 of a weights file, memoised per (path, size, mtime); ``expected`` if known."""
-    if expected:
-        return expected.lower()
-
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    with _LOCK:
-        if key in _HASHES:
-            return _HASHES[key]
-    digest = file_sha256(path)
-    with _LOCK:
-        _HASHES[key] = digest
-    return digest
+__all__ = ["cache_root", "cached_export", "export_dir", "export_onnx", "weights_sha256"]
 
 
 def export_dir(key: str, fmt: str, root: Path | None = None) -> Path:
@@ -113,7 +80,9 @@ def cached_export(spec, fmt: str, model=None, root: Path | None = None) -> Path:
     fmt : {"onnx", "openvino"}
         Export format.
     model : ultralytics.YOLO, optional
-        The already loaded model; loaded from ``spec.path`` only when an export is needed.
+        The already loaded model; loaded only when an export is needed: bundled weights from
+        ``spec.path``, others from their pickle-free cached form
+        (:func:`~napari_yolocell.models.torch_cache.load_network_cached`).
     root : pathlib.Path, optional
         Cache folder (default :func:`cache_root`).
 
@@ -132,8 +101,10 @@ def cached_export(spec, fmt: str, model=None, root: Path | None = None) -> Path:
     final = export_dir(key, fmt, root)
     if model_file(final, fmt).is_file():
         return final
-    if model is None:
-        model = load_network(spec.path, trusted=spec.sha256 is not None)
+    if model is None and spec.sha256 is not None:  # bundled, hash-checked weights
+        model = load_network(spec.path, trusted=True)
+    elif model is None:  # never the pickle again once converted (:mod:`torch_cache`)
+        model = torch_cache.load_network_cached(spec.path, root=root)
     if fmt == "openvino":
         onnx_dir = cached_export(spec, "onnx", model=model, root=root)
         build = lambda tmp: _onnx_to_openvino(model_file(onnx_dir, "onnx"), tmp)  # noqa: E731

@@ -16,7 +16,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from napari_yolocell.models import export_cache
+from napari_yolocell.models import export_cache, torch_cache
 from napari_yolocell.models.backends import (
     ForeignExportDetector,
     ModuleDetector,
@@ -27,12 +27,12 @@ from napari_yolocell.models.backends import (
 from napari_yolocell.models.checkpoints import load_network, network_family
 from napari_yolocell.models.classical import ClassicalDetector
 from napari_yolocell.models.detector import BACKEND_CHOICES, Detector, default_device
-from napari_yolocell.models.export_cache import cache_root
 from napari_yolocell.models.integrity import file_sha256, verify_folder, verify_sha256
 from napari_yolocell.models.registry import resolve_model
 from napari_yolocell.models.safety import UntrustedModelError
 from napari_yolocell.models.safety import trust as trust_file
 from napari_yolocell.models.spec import CHECKPOINT_KEY, ModelSpec, WeightsError, sidecar_path
+from napari_yolocell.models.user_cache import cache_root
 
 #: Preference of ``backend="auto"`` on a CPU: measured fastest first (``"openvino"`` becomes
 #: ``"openvino-int8"`` for models that ship an INT8 version).
@@ -169,8 +169,11 @@ def is_exported_model(path) -> bool:
 
 
 def _load_network(spec: ModelSpec):
-    # bundled weights were hash-checked by load_detector: they load as ultralytics does
-    return load_network(spec.path, trusted=spec.sha256 is not None)
+    if spec.sha256 is not None or _is_architecture(spec):
+        # bundled weights were hash-checked by load_detector: they load as ultralytics does
+        return load_network(spec.path, trusted=spec.sha256 is not None)
+    # any other checkpoint is unpickled once, then loaded from its pickle-free form
+    return torch_cache.load_network_cached(spec.path)
 
 
 def _torch_detector(model, spec: ModelSpec, device: str | None) -> Detector:
