@@ -47,6 +47,11 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTI
 _CONTRAST_SIDE = 1024
 
 
+def _as_list(path: PathLike | Sequence[PathLike]) -> list[PathLike]:
+    """napari passes one path or a list of them."""
+    return [path] if isinstance(path, str | os.PathLike) else list(path)
+
+
 def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list[LayerData]] | None:
     """Return a reader function when ``path`` looks like data this plugin handles.
 
@@ -61,7 +66,7 @@ def napari_get_reader(path: PathLike | Sequence[PathLike]) -> Callable[..., list
         :func:`read_tiff` (TIFFs), :func:`read_omezarr` (OME-Zarr images), :func:`read_images`
         (a list mixing both) or None when another reader should handle the path.
     """
-    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    paths = _as_list(path)
     kinds = {_kind(p) for p in paths}
     if not paths or None in kinds:
         return None
@@ -121,7 +126,7 @@ def read_tiff(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
     """
     from napari_yolocell.io.tiff import open_tiffs
 
-    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    paths = _as_list(path)
     layers: list[LayerData] = []
     for p in paths:
         for image in open_tiffs(p):
@@ -151,7 +156,7 @@ def read_omezarr(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
     """
     from napari_yolocell.io.omezarr import open_omezarr
 
-    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    paths = _as_list(path)
     layers: list[LayerData] = []
     for p in paths:
         try:
@@ -177,7 +182,7 @@ def read_images(path: PathLike | Sequence[PathLike]) -> list[LayerData]:
     -------
     list of (data, kwargs, "image")
     """
-    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    paths = _as_list(path)
     layers: list[LayerData] = []
     for p in paths:
         layers.extend(read_omezarr(p) if is_ngff_image(p) else read_tiff(p))
