@@ -104,3 +104,26 @@ def _private_widget_settings(request: pytest.FixtureRequest, tmp_path_factory, m
     """Widgets remember their settings in the user's config folder: never the real one here."""
     if "make_napari_viewer" in request.fixturenames and "YOLOCELL_CONFIG_DIR" not in os.environ:
         monkeypatch.setenv("YOLOCELL_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
+
+
+def reader_imports(path) -> tuple[set[str], set[str]]:
+    """Top-level modules imported, in a fresh process, once napari asked our reader about
+    ``path`` and once the reader read it: ``(asked, read)``."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from napari_yolocell.shell.reader import napari_get_reader\n"
+        "top = lambda: sorted({m.split('.')[0] for m in sys.modules})\n"
+        "reader = napari_get_reader(sys.argv[1])\n"
+        "asked = top()\n"
+        "reader(sys.argv[1])\n"
+        "print(json.dumps([asked, top()]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+    )
+    asked, read = (set(m) for m in json.loads(out.stdout.splitlines()[-1]))
+    return asked, read

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import struct
-import subprocess
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -13,6 +10,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import tifffile
+from conftest import reader_imports
 from tifffile.zarr import ZarrTiffStore
 
 from napari_yolocell.data.synthetic_tiff import write_synthetic_tiff
@@ -83,19 +81,7 @@ def test_pyramid_subifds(pyramid):
 def test_read_path_imports_only_what_it_needs(pyramid):
     """A cold open through napari: asking imports nothing heavy, reading no dask/torch/pandas."""
     path, _ = pyramid
-    code = (
-        "import json, sys\n"
-        "from napari_yolocell.shell.reader import napari_get_reader\n"
-        "top = lambda: sorted({m.split('.')[0] for m in sys.modules})\n"
-        "reader = napari_get_reader(sys.argv[1])\n"
-        "asked = top()\n"
-        "reader(sys.argv[1])\n"
-        "print(json.dumps([asked, top()]))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
-    )
-    asked, read = (set(m) for m in json.loads(out.stdout.splitlines()[-1]))
+    asked, read = reader_imports(path)
     assert not asked & {"numpy", "tifffile", "zarr", "dask"}, asked
     assert {"numpy", "tifffile", "zarr"} <= read
     assert not read & {"dask", "distributed", "scipy", "pandas", "torch"}, read

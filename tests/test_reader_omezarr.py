@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import tifffile
 import zarr
+from conftest import reader_imports
 
 from napari_yolocell.shell.reader import (
     napari_get_reader,
@@ -136,19 +133,7 @@ def test_a_list_mixing_tiff_and_zarr(grey, tmp_path):
 
 def test_asking_imports_only_the_standard_library(grey):
     path = grey[0]["0.5"]
-    code = (
-        "import json, sys\n"
-        "from napari_yolocell.shell.reader import napari_get_reader\n"
-        "top = lambda: sorted({m.split('.')[0] for m in sys.modules})\n"
-        "reader = napari_get_reader(sys.argv[1])\n"
-        "asked = top()\n"
-        "reader(sys.argv[1])\n"
-        "print(json.dumps([asked, top()]))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
-    )
-    asked, read = (set(m) for m in json.loads(out.stdout.splitlines()[-1]))
+    asked, read = reader_imports(path)
     assert not asked & {"numpy", "tifffile", "zarr", "dask"}, asked
     assert {"numpy", "zarr"} <= read
     assert not read & {"torch", "pandas"}, read
