@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from napari_yolocell.engine.detect import DetectParams, param_help
+from napari_yolocell.engine.detect import DIAMETER_PIXELS, DetectParams, param_help
 from napari_yolocell.engine.normalize import MODES as NORMALIZE_MODES
 from napari_yolocell.models.detector import BACKEND_CHOICES, class_names, resolve_class
 
@@ -53,6 +53,8 @@ def _detect_params(args):
         channel=args.channel,
         normalize=args.normalize,
         diameter=args.diameter if isinstance(args.diameter, float) else None,
+        diameter_pixels=getattr(args, "diameter_pixels", "full"),
+        planes=getattr(args, "planes", False),
         auto_diameter=args.diameter == "auto",
         batch=args.batch,
         level=args.level,
@@ -113,6 +115,7 @@ def _detect_one(path: Path, detector, params, quiet: bool) -> pd.DataFrame:
                 channel_axis=img.channel_axis,
                 rgb=img.rgb,
                 progress=progress,
+                axes=img.axes,
             )
         finally:
             bar.close()
@@ -563,10 +566,18 @@ def _add_detect_options(
         "--diameter",
         type=_diameter_arg,
         default="auto",
-        help="typical nucleus diameter in px (tiles are resized to the model's scale); "
+        help="typical nucleus diameter in px (tiles are resized to the model's scale), in "
+        "full-resolution (level 0) pixels also with --level (see --diameter-pixels); "
         "auto (default): measured on each image, resized only when nuclei are far larger "
         "than the model's; model: never resize",
     )
+    p.add_argument(
+        "--diameter-pixels",
+        choices=list(DIAMETER_PIXELS),
+        default=defaults.diameter_pixels,
+        help=param_help("diameter_pixels"),
+    )
+    p.add_argument("--planes", action="store_true", help=param_help("planes"))
     p.add_argument("--batch", type=int, default=defaults.batch, help=param_help("batch"))
     p.add_argument("--level", type=int, default=defaults.level, help=param_help("level"))
     p.add_argument(

@@ -99,10 +99,13 @@ def detect_file(
                 rgb=img.rgb,
                 progress=progress,
                 cancel=cancel,
+                axes=img.axes,
             )
             if measure:  # while the file is open: reads one window per block of nuclei
+                # the channel axis detection used (an unlabelled one --channel named)
+                channel_axis = df.attrs.get("channel_axis", img.channel_axis)
                 df = measure_nuclei(
-                    data, df, img.channel_axis, rgb=img.rgb, pixel_size_um=img.pixel_size_um
+                    data, df, channel_axis, rgb=img.rgb, pixel_size_um=img.pixel_size_um
                 )
         finally:
             img.close()

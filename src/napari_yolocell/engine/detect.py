@@ -126,9 +126,20 @@ class DetectParams:
     percentiles : tuple of float or None
         (low, high) for percentile normalisation; None = the model's.
     diameter : float or None
-        Typical nucleus diameter in the image, in full-resolution pixels. When given, tiles are
-        resized by ``model.diameter_px / diameter`` before the forward pass (boxes are mapped
-        back), so a model trained on ~20 px nuclei finds 60 px nuclei.
+        Typical nucleus diameter in the image, in the pixels ``diameter_pixels`` names
+        (default: full-resolution, level-0 pixels, whatever ``level`` is analysed). When given,
+        tiles are resized by ``model.diameter_px / diameter`` (at the analysed level) before
+        the forward pass (boxes are mapped back), so a model trained on ~20 px nuclei finds
+        60 px nuclei.
+    diameter_pixels : {"full", "level"}
+        Which pixels ``diameter`` counts: ``"full"`` (level 0) or ``"level"`` (the analysed
+        ``level``). On level 1 of a 2x pyramid, 20 px nuclei are ``diameter=20`` or
+        ``diameter=10, diameter_pixels="level"``: both give the same tiles and count.
+    planes : bool
+        The image's leading axis is unlabelled (a plain multi-page TIFF: tifffile says ``Q``
+        or ``I``) and 2-4 long, so it may hold channels as well as planes: say they are planes
+        (Z, T...). Without it (or ``channel``) such an image is refused, never guessed
+        (:func:`image_channel_axis`).
     batch : int
         Tiles per forward pass (larger is faster on a GPU, uses more memory).
     level : int
@@ -172,6 +183,16 @@ class DetectParams:
     )
     percentiles: tuple[float, float] | None = None
     diameter: float | None = None
+    diameter_pixels: str = _param(
+        "full",
+        "pixels --diameter counts on a pyramid --level: full (default) = full-resolution "
+        "(level 0) pixels, level = pixels of the analysed level",
+    )
+    planes: bool = _param(
+        False,
+        "an unlabelled leading axis of 2-4 (a plain multi-page TIFF) holds planes (Z, T...), "
+        "not channels; without this (or --channel) such a file is refused, never guessed",
+    )
     batch: int = _param(8, "tiles per forward pass")
     level: int = _param(0, "pyramid level (0 = full resolution)")
     ios: float | None = 0.7
@@ -223,6 +244,7 @@ def resolve_params(
         raise ValueError(f"batch must be >= 1, got {params.batch}")
     if params.diameter is not None and not params.diameter > 0:
         raise ValueError(f"diameter must be positive, got {params.diameter}")
+    params = full_resolution_diameter(params, level_factor)
     scale, expected = 1.0, float(spec.diameter_px)
     if params.diameter is not None:
         expected = params.diameter / level_factor
@@ -237,8 +259,119 @@ def resolve_params(
     return params, scale
 
 
+#: Values of :attr:`DetectParams.diameter_pixels`.
+DIAMETER_PIXELS = ("full", "level")
+
+
+def full_resolution_diameter(params: DetectParams, level_factor: float) -> DetectParams:
+    """``params`` with ``diameter`` in full-resolution pixels (``diameter_pixels="full"``).
+
+    Parameters
+    ----------
+    params : DetectParams
+        Settings whose ``diameter`` may count pixels of the analysed level.
+    level_factor : float
+        Full-resolution pixels per pixel of the analysed level.
+
+    Returns
+    -------
+    DetectParams
+        A copy (or ``params`` itself when nothing changes).
+    """
+    if params.diameter_pixels not in DIAMETER_PIXELS:
+        raise ValueError(
+            f"diameter_pixels must be one of {', '.join(DIAMETER_PIXELS)}, "
+            f"got {params.diameter_pixels!r}"
+        )
+    if params.diameter_pixels == "full":
+        return params
+    diameter = None if params.diameter is None else params.diameter * level_factor
+    return dataclasses.replace(params, diameter=diameter, diameter_pixels="full")
+
+
 # ---------------------------------------------------------------------------------------------
 # Image layout
+
+#: tifffile's codes of axes whose meaning the file does not state (Q: unknown, I: a sequence).
+UNLABELLED_AXES = "QI"
+#: An unlabelled leading axis this long may hold channels (stain + markers) as well as planes.
+AMBIGUOUS_LENGTHS = range(2, 5)
+
+
+def unlabelled_axis(
+    shape: Sequence[int], axes: str | None, channel_axis: int | None = None, rgb: bool | None = None
+) -> int | None:
+    """The leading axis when its meaning is unknown and it could be channels, else None.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Full-resolution shape.
+    axes : str or None
+        tifffile axis codes (``"QYX"``...); None: the caller states nothing (every extra axis
+        is a plane, as for a plain array).
+    channel_axis : int, optional
+        A channel axis the file labels (then nothing is ambiguous).
+    rgb : bool, optional
+        Whether the last axis is colour; None guesses as :func:`detect_image` does.
+
+    Returns
+    -------
+    int or None
+        0 when ``axes[0]`` is unlabelled (:data:`UNLABELLED_AXES`) and 2-4 long, else None.
+    """
+    if axes is None or channel_axis is not None or len(axes) != len(shape):
+        return None
+    if rgb is None:
+        rgb = len(shape) >= 3 and shape[-1] in (3, 4)
+    if len(shape) <= (3 if rgb else 2):
+        return None
+    if axes[0] in UNLABELLED_AXES and int(shape[0]) in AMBIGUOUS_LENGTHS:
+        return 0
+    return None
+
+
+def channel_refusal(n: int, axis: int, unlabelled: bool = False) -> str:
+    """The one line refusing an image whose channel was not chosen (CLI and widgets)."""
+    line = (
+        f"image has {n} channels (axis {axis}): choose the nuclear stain's "
+        "(--channel C; widget: channel)"
+    )
+    if unlabelled:
+        line += "; if they are planes (Z, T...), say so (--planes; widget: channel = planes)"
+    return line
+
+
+def image_channel_axis(
+    shape: Sequence[int],
+    axes: str | None,
+    channel_axis: int | None,
+    rgb: bool | None,
+    params: DetectParams,
+) -> int | None:
+    """The channel axis detection uses: the file's, or an unlabelled axis ``params`` names.
+
+    An unlabelled leading axis of 2-4 (:func:`unlabelled_axis`) is a channel axis when
+    ``params.channel`` is given, planes when ``params.planes`` is; with neither it is refused.
+
+    Raises
+    ------
+    ValueError
+        An ambiguous axis that neither ``channel`` nor ``planes`` resolves (one line, see
+        :func:`channel_refusal`), or both given for it.
+    """
+    axis = unlabelled_axis(shape, axes, channel_axis, rgb)
+    if axis is None:
+        return channel_axis
+    if params.channel is not None and params.planes:
+        raise ValueError(
+            f"axis {axis} cannot be channels (--channel) and planes (--planes) at once"
+        )
+    if params.channel is not None:
+        return axis
+    if params.planes:
+        return None
+    raise ValueError(channel_refusal(int(shape[axis]), axis, unlabelled=True))
 
 
 @dataclass
@@ -381,7 +514,8 @@ def _check_channel(layout: _Layout, channel: int | None) -> None:
             raise ValueError(f"channel {channel} out of range: the image has {n} channels")
     elif layout.rgb and channel is not None and not 0 <= channel < 3:
         raise ValueError(f"channel {channel} out of range for an RGB image (0, 1, 2)")
-    elif not layout.rgb and channel not in (None, 0):
+    elif not layout.rgb and channel is not None and (channel != 0 or layout.plane_axes):
+        # channel 0 of a single grey plane is that plane; of planes it would be ignored
         raise ValueError(f"channel {channel} given but the image has no channel axis")
 
 
@@ -508,6 +642,30 @@ def _empty_tiles(
             ox1 = min(overview.shape[1], math.ceil(xs.stop / fx) + SKIP_MARGIN)
             empty[i] = not bright[ox0:ox1].any()
     return empty
+
+
+#: A given diameter this close (ratio) to the measured one reads the pixels it was meant in.
+LEVEL_READING_TOLERANCE = 1.5
+
+
+def _check_level_diameter(params: DetectParams, measured: float | None, factor: float) -> None:
+    """Refuse a full-resolution ``diameter`` that matches the nuclei only in level pixels.
+
+    On level ``L`` of a pyramid, ``--diameter 10`` for nuclei 10 px wide at that level (20 px
+    at full resolution) would shrink them 2x more and miss most: one line instead of a wrong
+    count. Silent when the size cannot be measured or the reading is not clear-cut.
+    """
+    if measured is None or factor < LEVEL_READING_TOLERANCE or params.diameter is None:
+        return
+    as_full = abs(math.log(params.diameter / measured))
+    as_level = abs(math.log(params.diameter * factor / measured))
+    if as_level < math.log(LEVEL_READING_TOLERANCE) <= as_full:
+        raise ValueError(
+            f"diameter {params.diameter:g} is in full-resolution (level 0) pixels, but the "
+            f"nuclei measure ~{measured:.0f} px there (~{measured / factor:.0f} px at level "
+            f"{params.level}): give --diameter {measured:.0f}, or --diameter-pixels level "
+            "(widget: diameter in px of the analysed level)"
+        )
 
 
 def measure_diameter(
@@ -705,6 +863,7 @@ def iter_detect(
     rgb: bool | None = None,
     planes: Sequence[int] | None = None,
     cancel: Cancel = None,
+    axes: str | None = None,
 ) -> Generator[tuple[int, int], None, pd.DataFrame]:
     """Detect nuclei, yielding progress; the generator's return value is the table.
 
@@ -712,9 +871,11 @@ def iter_detect(
     ``(0, total)``, then after every batch. Use with napari's ``thread_worker`` (its
     ``returned`` signal carries the table) or drive it with ``yield from``.
     """
+    params = params or DetectParams()
+    shape = tuple(_as_levels(image)[0].shape)
+    channel_axis = image_channel_axis(shape, axes, channel_axis, rgb, params)
     detector = _load(detector)
     layout = _layout(image, channel_axis, rgb)
-    params = params or DetectParams()
     if not 0 <= params.level < len(layout.levels):
         raise ValueError(
             f"level {params.level} not available: the image has {len(layout.levels)} level(s)"
@@ -726,20 +887,26 @@ def iter_detect(
         full.shape[layout.y_axis] / array.shape[layout.y_axis],
         full.shape[layout.x_axis] / array.shape[layout.x_axis],
     )
+    params = full_resolution_diameter(params, float(np.mean(factor)))
     stats_array = layout.levels[_stats_level(layout, params.level)]
     plane_ids = list(range(math.prod(layout.plane_shape))) if planes is None else list(planes)
     plane_index = list(itertools.product(*(range(n) for n in layout.plane_shape)))
     measured, first_sample = None, None
-    if params.diameter is None and params.auto_diameter and plane_ids:
+    # measured for "auto", and to catch a level diameter read as full-resolution pixels
+    check_level = params.diameter is not None and params.level > 0
+    if (params.diameter is None and params.auto_diameter or check_level) and plane_ids:
         first = plane_index[plane_ids[0]] if 0 <= plane_ids[0] < len(plane_index) else None
         if first is not None:
             stats_view = PlaneView(stats_array, layout, first, params.channel)
             measured, first_sample = measure_diameter(
                 stats_view, full.shape[layout.y_axis], detector.spec
             )
-            chosen = auto_diameter(measured, float(detector.spec.diameter_px))
-            if chosen is not None:
-                params = dataclasses.replace(params, diameter=chosen)
+            if check_level:
+                _check_level_diameter(params, measured, float(np.mean(factor)))
+            else:
+                chosen = auto_diameter(measured, float(detector.spec.diameter_px))
+                if chosen is not None:
+                    params = dataclasses.replace(params, diameter=chosen)
     params, scale = resolve_params(params, detector.spec, level_factor=float(np.mean(factor)))
     shape_yx = (int(array.shape[layout.y_axis]), int(array.shape[layout.x_axis]))
     tiles = tile_grid(shape_yx, params.tile, params.overlap)
@@ -797,6 +964,8 @@ def iter_detect(
         skipped_tiles=state["skipped"],
         diameter=params.diameter,
         measured_diameter=measured,
+        level_factor=float(np.mean(factor)),
+        channel_axis=layout.channel_axis,
     )
     return df
 
@@ -811,6 +980,7 @@ def detect_image(
     planes: Sequence[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: Cancel = None,
+    axes: str | None = None,
 ) -> pd.DataFrame:
     """Detect and locate nuclei in an image of any size.
 
@@ -835,6 +1005,10 @@ def detect_image(
         Called as ``progress(done_tiles, total_tiles)``.
     cancel : callable or threading.Event, optional
         Checked before every batch; when true, :class:`DetectionCancelled` is raised.
+    axes : str, optional
+        tifffile axis codes of the image (``OpenedImage.axes``): an unlabelled leading axis
+        of 2-4 then needs ``params.channel`` or ``params.planes``
+        (:func:`image_channel_axis`). None: every extra axis is a plane.
 
     Returns
     -------
@@ -852,7 +1026,14 @@ def detect_image(
         When cancelled.
     """
     runner = iter_detect(
-        image, detector, params, channel_axis=channel_axis, rgb=rgb, planes=planes, cancel=cancel
+        image,
+        detector,
+        params,
+        channel_axis=channel_axis,
+        rgb=rgb,
+        planes=planes,
+        cancel=cancel,
+        axes=axes,
     )
     while True:
         try:
