@@ -71,7 +71,7 @@ def test_layers_2d_names_features_metadata_and_filter():
     assert skw["shape_type"] == "rectangle"
     assert skw["scale"] == [0.5, 0.25] and pkw["translate"] == [1.0, 2.0]
     for kw in (skw, pkw):
-        assert list(kw["features"].columns) == ["confidence", "class"]
+        assert list(kw["features"].columns) == ["confidence", "class", "id"]
         assert kw["features"]["confidence"].tolist() == [0.9, 0.6]
         assert kw["metadata"]["yolocell_source"] == "cells"
         assert kw["metadata"]["detections"] is DF2  # full table, for re-filtering

@@ -60,8 +60,8 @@ def test_detect_layers_count_rerun_and_slider(qtbot, setup, nuclei):
     assert boxes._type_string == "shapes" and points._type_string == "points"
     assert boxes.nshapes == len(points.data) == nuclei.count == 20
     assert boxes.name == "cells boxes (20)" and points.name == "cells nuclei (20)"
-    assert list(boxes.features.columns) == ["confidence", "class"]
-    assert list(points.features.columns) == ["confidence", "class"]
+    assert list(boxes.features.columns) == ["confidence", "class", "id"]
+    assert list(points.features.columns) == ["confidence", "class", "id"]
     assert len(boxes.metadata["detections"]) == 20
     assert "20 nuclei" in widget.count_label.value
     # centres land on the truth (napari puts pixel centres on integers: truth - 0.5)

@@ -9,6 +9,10 @@ The widget only gathers parameters, starts a task and turns results into layers:
   :func:`~napari_yolocell.shell.layers.detections_to_layers` (testable without a viewer);
 - counting, ROI counts, CSV export and calibration reuse the table kept from the last run, so
   moving the confidence slider or calibrating never re-runs the model;
+- the user's edits of the result layers (deleted, added or moved boxes and points) are folded
+  into that table (:func:`~napari_yolocell.shell.layers.apply_layer_edits`), so the slider
+  filters the edited set and the count, layer names and every export follow the edits; a
+  re-run keeps an edited result as plain layers;
 - results above :data:`~napari_yolocell.shell.layers.LARGE_RESULT` nuclei draw boxes only for the
   visible region (:meth:`DetectWidget.show_boxes_in_view`); the points always hold all;
 - the widget has two tabs: *Image* (this module) and *Batch*
@@ -66,15 +70,20 @@ from napari_yolocell.shell.batch_widget import BatchPanel, DetectSettings
 from napari_yolocell.shell.help import apply_tooltips
 from napari_yolocell.shell.layers import (
     BOXES_KEY,
+    DRAWN_KEY,
+    ID,
     KIND_KEY,
     LARGE_RESULT,
     MAX_BOXES_IN_VIEW,
     SOURCE_KEY,
     LayerDataTuple,
+    apply_layer_edits,
     detections_to_layers,
+    edits_summary,
     filter_detections,
     points_to_table,
     roi_polygons,
+    set_layer_features,
     update_result_layers,
 )
 from napari_yolocell.shell.measure_panel import MarkerPanel
@@ -92,6 +101,8 @@ __all__ = ["LOW_CONF", "DetectWidget", "run_detection"]
 #: without re-running (the calibration grid starts at 0.05 too).
 LOW_CONF = 0.05
 UNTRAINED = ("yolov5n.yaml", "yolov6n.yaml")
+#: Data events of a result layer that end a user's edit (the "-ing" ones announce it).
+EDIT_DONE = ("added", "removed", "changed")
 #: The ROI table: the counts CSV's columns without the image's name.
 ROI_COLUMNS = [c for c in COUNT_COLUMNS if c != "image"]
 
@@ -164,6 +175,7 @@ class DetectWidget(OneTaskAtATime, Container):
         self.task: Task | None = None
         self._calibrate_after_run = False
         self._run_again = False
+        self._updating = False  # set while the widget itself redraws result layers
         self.last_calibration: Calibration | None = None
 
         # --- input
@@ -531,7 +543,8 @@ class DetectWidget(OneTaskAtATime, Container):
                 f"{Path(job.model).name!r}: {_qt.error_text(outcome.error)}"
             )
             return
-        df = outcome.value
+        df = outcome.value.reset_index(drop=True)  # row ids: the edits map back through them
+        self._keep_edited_layers(job.source)
         self._results[job.source] = _Result(
             source=job.source,
             df=df,
@@ -640,6 +653,15 @@ class DetectWidget(OneTaskAtATime, Container):
             self._replace_layers(res.source, self.results_to_layers(res.source))
             layers = self.result_layers(res.source)
         else:
+            self._update_layers(res, layers, points=points)
+        self._boxes_view = self.view_region(res)
+        self._refresh_counts()
+        return len(layers["boxes"].data)
+
+    def _update_layers(self, res: _Result, layers: dict[str, Any], **kwargs: Any) -> None:
+        """Show ``res`` at the slider's confidence in its layers (not heard as a user edit)."""
+        self._updating = True
+        try:
             update_result_layers(
                 layers["boxes"],
                 layers["nuclei"],
@@ -648,11 +670,62 @@ class DetectWidget(OneTaskAtATime, Container):
                 res.plane_shape,
                 float(self.conf.value),
                 view=self.view_region(res),
-                points=points,
+                **kwargs,
             )
-        self._boxes_view = self.view_region(res)
+        finally:
+            self._updating = False
+
+    def _on_result_edit(self, source: str, kind: str, event: Any) -> None:
+        """The user deleted, added or moved boxes or points: fold that into the stored table.
+
+        The slider then filters the edited set (deleted nuclei never come back, added ones
+        have confidence 1), and the count, layer names and exports follow.
+        """
+        if self._updating or str(getattr(event, "action", "changed")) not in EDIT_DONE:
+            return
+        res, layer = self._results.get(source), event.source
+        if res is None or layer.metadata.get(SOURCE_KEY) != source:
+            return
+        table, ids = apply_layer_edits(
+            res.df,
+            kind,
+            layer.data,
+            layer.features[ID].to_numpy() if ID in layer.features else [],
+            layer.metadata.get(DRAWN_KEY, []),
+            res.plane_shape,
+        )
+        if table is res.df:
+            return
+        res.df = table
+        self._updating = True
+        try:  # the edited layer learns its new rows; the other one is redrawn
+            features = layer.features.copy()
+            features[ID] = ids
+            features["confidence"] = table.loc[ids, "confidence"].to_numpy(float)
+            set_layer_features(layer, features)
+            layer.refresh_colors()
+        finally:
+            self._updating = False
+        layers = self.result_layers(source)
+        if set(layers) == {"boxes", "nuclei"}:
+            other = {"points": kind == "boxes", "redraw_boxes": kind == "nuclei"}
+            self._update_layers(res, layers, **other)
         self._refresh_counts()
-        return len(layers["boxes"].data)
+
+    def _keep_edited_layers(self, source: str) -> None:
+        """Before a re-run replaces an edited result, its layers become the user's own."""
+        old = self._results.get(source)
+        summary = edits_summary(old.df) if old is not None else ""
+        if not summary:
+            return
+        for layer in self.result_layers(source).values():
+            for key in (SOURCE_KEY, KIND_KEY, DRAWN_KEY):
+                layer.metadata.pop(key, None)
+            layer.name = f"{layer.name} edited"
+        _qt.show_info(
+            f"The re-run replaced the result of {source!r}; your edited boxes and nuclei "
+            f"({summary.removeprefix('your edits: ')}) are kept as layers ending in 'edited'."
+        )
 
     def result_layers(self, source: str | None = None) -> dict[str, Any]:
         """``{"boxes": layer, "nuclei": layer}`` currently in the viewer for ``source``."""
@@ -674,6 +747,8 @@ class DetectWidget(OneTaskAtATime, Container):
                 self.viewer.layers.remove(layer)
         for layer in new:
             self.viewer.add_layer(layer)
+            on_edit = partial(self._on_result_edit, source, layer.metadata[KIND_KEY])
+            layer.events.data.connect(on_edit)
         self._boxes_view = self.view_region(self.result(source))
         if self.image.value is not None:  # keep the analysed image selected for the next run
             self.viewer.layers.selection.active = self.image.value
@@ -713,6 +788,9 @@ class DetectWidget(OneTaskAtATime, Container):
             text += f" ({shown['plane'].nunique()} of {res.n_planes} planes with nuclei)"
         if self.conf.value < res.run_conf - 1e-9:
             text += f"; run used {res.run_conf:.2f}, re-run to see lower ones"
+        edits = edits_summary(res.df)
+        if edits:
+            text += f"; {edits} (kept whatever the confidence; added nuclei count as 1.00)"
         measured, used = res.df.attrs.get("measured_diameter"), res.df.attrs.get("diameter")
         if measured is not None and used is not None:
             text += f"; nuclei measured ~{used:.0f} px across: tiles resized to the model's scale"

@@ -7,6 +7,9 @@ Everything here is plain numpy / pandas so it can be tested without Qt and reuse
 - :func:`to_layer_coords` / :func:`~napari_yolocell.io.coords.to_table_coords` convert between
   the table's pixel-edge convention and napari's pixel-centre convention, including the leading
   (Z, T...) axes; :func:`update_result_layers` refreshes existing result layers in place;
+- :func:`apply_layer_edits` folds the user's edits of a result layer (deleted, added or moved
+  boxes and points) back into the stored table, so the confidence slider filters the user's
+  edited set: deleted nuclei never come back, added ones (confidence :data:`USER_CONF`) stay;
 - :func:`roi_polygons` turns a Shapes layer into ROI polygons in an image's table coordinates;
 - :func:`to_napari_layers` / :func:`import_dataset_layers` show a YOLO dataset for review;
 - :func:`boxes_in_view` picks the boxes drawn for large results (more than
@@ -36,15 +39,22 @@ from napari_yolocell.io.yolo import SPLITS, YoloDataset, YoloSample, load_image,
 
 __all__ = [
     "BOXES_KEY",
+    "DRAWN_KEY",
+    "EDITS_KEY",
+    "ID",
     "LARGE_RESULT",
     "MAX_BOXES_IN_VIEW",
     "LayerDataTuple",
     "PIXEL_CENTER",
+    "USER_CONF",
+    "apply_layer_edits",
     "boxes_in_view",
     "boxes_name",
     "boxes_to_rectangles",
     "detections_to_layers",
+    "edits_summary",
     "ellipse_polygon",
+    "feature_defaults",
     "filter_detections",
     "geojson_to_layers",
     "import_dataset_layers",
@@ -52,6 +62,7 @@ __all__ = [
     "points_to_table",
     "result_names",
     "roi_polygons",
+    "set_layer_features",
     "shapes_to_polygons",
     "to_layer_coords",
     "to_napari_layers",
@@ -76,6 +87,15 @@ LARGE_RESULT = 20_000
 MAX_BOXES_IN_VIEW = 5_000
 #: ``metadata["boxes"]`` of a boxes layer: "all", or "view" when it holds the in-view subset.
 BOXES_KEY = "boxes"
+#: Feature of every result box / point: its row (index) in the stored table, so an edit of the
+#: layer maps back to the table; items the user adds have -1 until they are given a row.
+ID = "id"
+#: ``metadata[DRAWN_KEY]``: the ids drawn by the last redraw (what an edit is compared with).
+DRAWN_KEY = "drawn_ids"
+#: Confidence given to a nucleus the user added: it is shown at every slider position.
+USER_CONF = 1.0
+#: ``table.attrs[EDITS_KEY]``: how many nuclei the user removed, added and moved so far.
+EDITS_KEY = "edits"
 
 
 def filter_detections(df: pd.DataFrame, conf: float | None) -> pd.DataFrame:
@@ -174,7 +194,21 @@ def _features(df: pd.DataFrame) -> pd.DataFrame:
     for col in df.columns:  # measured nuclei carry their means, area and marker class
         if col.startswith("mean_c") or col in _MEASURED:
             out[col] = df[col].to_numpy()
+    out[ID] = np.asarray(df.index, dtype=np.int64)
     return out
+
+
+def feature_defaults(features: pd.DataFrame) -> dict[str, Any]:
+    """Feature values of a box or point the user adds: no row yet, confidence :data:`USER_CONF`.
+
+    napari would otherwise copy the last item's values, id included, into a new item.
+    """
+    out: dict[str, Any] = {}
+    for col in features.columns:
+        kind = features[col].dtype.kind
+        out[col] = np.nan if kind == "f" else 0 if kind in "iub" else ""
+    out.update({"confidence": USER_CONF, "class": 0, ID: -1})
+    return {k: v for k, v in out.items() if k in features.columns}
 
 
 def boxes_in_view(
@@ -286,22 +320,30 @@ def detections_to_layers(
         common["translate"] = list(translate)
     point_name = result_names(source_name, n)[1]
     meta = {SOURCE_KEY: source_name, "detections": df, "conf": conf, "plane_shape": list(shape)}
+    box_features, point_features = _features(boxes), _features(shown)
     shapes_kwargs = {
         **common,
-        "features": _features(boxes),
+        "features": box_features,
+        "feature_defaults": feature_defaults(box_features),
         "name": boxes_name(source_name, len(boxes), n, mode),
         "shape_type": "rectangle",
         "face_color": "transparent",
         "edge_width": max(1.0, side / 12),
-        "metadata": {**meta, KIND_KEY: "boxes", BOXES_KEY: mode},
+        "metadata": {
+            **meta,
+            KIND_KEY: "boxes",
+            BOXES_KEY: mode,
+            DRAWN_KEY: box_features[ID].to_numpy(),
+        },
     }
     points_kwargs = {
         **common,
-        "features": _features(shown),
+        "features": point_features,
+        "feature_defaults": feature_defaults(point_features),
         "name": point_name,
         "size": max(2.0, side / 4),
         "border_width": 0,
-        "metadata": {**meta, KIND_KEY: "nuclei"},
+        "metadata": {**meta, KIND_KEY: "nuclei", DRAWN_KEY: point_features[ID].to_numpy()},
     }
     # a colour *property* on an empty layer has no values to map
     if len(boxes):
@@ -442,6 +484,14 @@ def _colour_by_confidence(layer: Any, attr: str, n: int) -> None:
     layer.refresh_colors()
 
 
+def set_layer_features(layer: Any, features: pd.DataFrame) -> None:
+    """Give ``layer`` these features (one row per item), napari's defaults for added items,
+    and remember the ids drawn (what the user's next edit is compared with)."""
+    layer.features = features
+    layer.feature_defaults = feature_defaults(features)
+    layer.metadata[DRAWN_KEY] = features[ID].to_numpy()
+
+
 def update_result_layers(
     boxes: Any,
     nuclei: Any,
@@ -451,27 +501,146 @@ def update_result_layers(
     conf: float,
     view: Sequence[float] | None = None,
     points: bool = True,
+    redraw_boxes: bool = True,
 ) -> None:
     """Show ``shown`` in the existing result layers (keeps user styling and layer order).
 
     Above :data:`LARGE_RESULT` rows only the boxes in ``view`` are drawn; ``points=False``
-    leaves the points layer alone (only the visible region changed). ``boxes`` and ``nuclei``
-    are napari Shapes and Points layers (duck-typed: napari is not imported here).
+    leaves the points layer alone (only the visible region changed), ``redraw_boxes=False``
+    leaves the boxes alone but renames the layer (the user has just edited it). ``boxes`` and
+    ``nuclei`` are napari Shapes and Points layers (duck-typed: napari is not imported here).
     """
     drawn, mode = boxes_in_view(shown, view)
-    boxes.data = list(to_layer_coords(drawn, plane_shape)[1])
-    boxes.features = _features(drawn)
-    boxes.metadata[BOXES_KEY] = mode
-    _colour_by_confidence(boxes, "edge", len(drawn))
-    boxes.name = boxes_name(source, len(drawn), len(shown), mode)
+    if redraw_boxes:
+        boxes.data = list(to_layer_coords(drawn, plane_shape)[1])
+        set_layer_features(boxes, _features(drawn))
+        boxes.metadata[BOXES_KEY] = mode
+        _colour_by_confidence(boxes, "edge", len(drawn))
+        boxes.name = boxes_name(source, len(drawn), len(shown), mode)
+    else:
+        boxes.name = boxes_name(source, len(boxes.data), len(shown), mode)
     boxes.metadata["conf"] = conf
-    if not points:
+    if not points:  # the count may still have changed (an edit of the boxes)
+        nuclei.name = result_names(source, len(shown))[1]
         return
     nuclei.data = to_layer_coords(shown, plane_shape)[0]
-    nuclei.features = _features(shown)
+    set_layer_features(nuclei, _features(shown))
     _colour_by_confidence(nuclei, "face", len(shown))
     nuclei.metadata["conf"] = conf
     nuclei.name = result_names(source, len(shown))[1]
+
+
+def _geometry(kind: str, data: Any, plane_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(planes, geometry)`` of a layer's items in table coordinates: ``y0 x0 y1 x1`` of each
+    box (its vertices' extent) or ``y x`` of each point."""
+    if kind == "nuclei":
+        pts = np.asarray(data, float)
+        return to_table_coords(pts.reshape(len(pts), -1) if len(pts) else pts, plane_shape)
+    planes, geom = np.zeros(len(data), np.int64), np.zeros((len(data), 4))
+    for i, verts in enumerate(data):
+        plane, yx = to_table_coords(np.asarray(verts, float), plane_shape)
+        planes[i], geom[i] = plane[0], np.concatenate([yx.min(axis=0), yx.max(axis=0)])
+    return planes, geom
+
+
+def _boxes_of(kind: str, geom: np.ndarray, half: np.ndarray) -> np.ndarray:
+    """``y0 x0 y1 x1`` of each item: a box as it is, a point centred in a box of ``half`` sides."""
+    if kind == "nuclei":
+        return np.concatenate([geom - half, geom + half], axis=1)
+    return geom
+
+
+def apply_layer_edits(
+    table: pd.DataFrame,
+    kind: str,
+    data: Any,
+    ids: Sequence[Any],
+    drawn: Sequence[Any],
+    plane_shape: Sequence[int] = (),
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The stored table after the user edited one result layer, and each item's row id.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The stored (low-threshold) table; its index identifies the rows.
+    kind : {"boxes", "nuclei"}
+        A Shapes layer of boxes or a Points layer of centres.
+    data : sequence
+        The layer's data now (rectangle vertices, or point coordinates), in data coordinates.
+    ids : sequence of int
+        The layer's :data:`ID` feature now; -1 (or a repeated id) marks an item the user added.
+    drawn : sequence of int
+        The ids drawn by the last redraw: those missing from ``ids`` were deleted.
+    plane_shape : sequence of int
+        Shape of the image's leading axes.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        Deleted rows dropped, moved ones updated (a moved point keeps its box size), added
+        ones appended with confidence :data:`USER_CONF` (a point gets a box of the median
+        size); ``attrs`` kept, with :data:`EDITS_KEY` counting removed / added / moved nuclei.
+        The same object when nothing changed.
+    ids : (N,) int array
+        The row id of each layer item, in layer order (new rows included).
+    """
+    ids = np.asarray(ids, dtype=float).reshape(-1)
+    known = np.isin(ids, np.asarray(table.index, dtype=float))
+    known &= ~pd.Series(ids).duplicated().to_numpy()  # a copy of an item is a new item
+    removed = np.setdiff1d(np.asarray(drawn, dtype=np.int64), ids[known].astype(np.int64))
+    planes, geom = _geometry(kind, data, plane_shape)
+    rows = ids[known].astype(np.int64)
+    old = table.loc[rows]
+    cols = ["y", "x"] if kind == "nuclei" else ["y0", "x0", "y1", "x1"]
+    changed = (old["plane"].to_numpy() != planes[known]) | ~np.isclose(
+        old[cols].to_numpy(float), geom[known], atol=1e-6
+    ).all(axis=1)
+    half = (old[["y1", "x1"]].to_numpy(float) - old[["y0", "x0"]].to_numpy(float)) / 2
+    next_id = int(max(table.index, default=-1)) + 1
+    new_ids = np.empty(len(ids), np.int64)
+    new_ids[known] = rows
+    new_ids[~known] = np.arange(next_id, next_id + int((~known).sum()))
+    if not (len(removed) or changed.any() or (~known).any()):
+        return table, new_ids
+    out = table.drop(index=removed)
+    if changed.any():
+        boxes = _boxes_of(kind, geom[known][changed], half[changed])
+        _set_boxes(out, rows[changed], planes[known][changed], boxes)
+    if (~known).any():
+        boxes = _boxes_of(kind, geom[~known], _median_half(table))
+        added = pd.DataFrame(index=pd.Index(new_ids[~known]), columns=out.columns)
+        _set_boxes(added, new_ids[~known], planes[~known], boxes)
+        added["confidence"], added["class"] = USER_CONF, 0
+        out = pd.concat([out, added.astype(out.dtypes.to_dict(), errors="ignore")])
+    out.attrs = dict(table.attrs)
+    before = dict(table.attrs.get(EDITS_KEY) or {})
+    counts = {"removed": len(removed), "added": int((~known).sum()), "moved": int(changed.sum())}
+    out.attrs[EDITS_KEY] = {k: int(before.get(k, 0)) + n for k, n in counts.items()}
+    return out, new_ids
+
+
+def _set_boxes(df: pd.DataFrame, rows: np.ndarray, planes: np.ndarray, boxes: np.ndarray) -> None:
+    """Write planes, boxes and their centres into rows of ``df`` (in place)."""
+    df.loc[rows, ["y0", "x0", "y1", "x1"]] = boxes
+    df.loc[rows, "plane"] = planes
+    df.loc[rows, "y"] = (boxes[:, 0] + boxes[:, 2]) / 2
+    df.loc[rows, "x"] = (boxes[:, 1] + boxes[:, 3]) / 2
+
+
+def _median_half(table: pd.DataFrame) -> np.ndarray:
+    """Half the median box side (y, x) of the table: the box given to a clicked nucleus."""
+    if not len(table):
+        return np.array([5.0, 5.0])
+    sides = table[["y1", "x1"]].to_numpy(float) - table[["y0", "x0"]].to_numpy(float)
+    return np.median(sides, axis=0) / 2
+
+
+def edits_summary(table: pd.DataFrame) -> str:
+    """``"your edits: 7 removed, 2 added"`` (empty when the user has not edited the result)."""
+    edits = table.attrs.get(EDITS_KEY) or {}
+    parts = [f"{n} {what}" for what, n in edits.items() if n]
+    return f"your edits: {', '.join(parts)}" if parts else ""
 
 
 # --------------------------------------------------------------------------- YOLO datasets
