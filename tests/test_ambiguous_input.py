@@ -9,6 +9,7 @@ give the same tiles, and the wrong reading is refused rather than counted.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 
@@ -168,3 +169,36 @@ def test_levels_agree_with_a_real_model_fp32():
     counts = {name: len(detect_image(levels, det, p)) for name, p in runs.items()}
     for name, count in counts.items():
         assert abs(count - syn.count) <= 0.01 * syn.count, (name, counts)
+
+
+# ------------------------------------------------------------------ marker images
+
+
+def test_marker_must_be_one_plane_of_the_detection_size():
+    from napari_yolocell.analysis.measure import check_marker_plane
+
+    check_marker_plane((256, 256), (256, 256))
+    with pytest.raises(ValueError, match="one 2-D plane of 256 x 256"):
+        check_marker_plane((2, 256, 256), (256, 256), "stack")
+    with pytest.raises(ValueError, match="not 256 x 256"):
+        check_marker_plane((128, 128), (256, 256))
+    with pytest.raises(ValueError, match="3 planes"):
+        check_marker_plane((256, 256), (256, 256), n_planes=3)
+
+
+def test_cli_marker_channel_of_a_plain_two_plane_file(tmp_path, capsys):
+    """--channel 0 on a QYX file: the marker in plane 1 is measured, not the stain again."""
+    stain = make_nuclei_image((256, 256), n_nuclei=12, seed=3)
+    yy, xx = np.mgrid[:256, :256]
+    marker = np.full((256, 256), 5, np.uint16)
+    positive = np.arange(stain.count) % 3 == 0
+    for (cy, cx), pos in zip(stain.centers, positive, strict=True):
+        marker[(yy - cy) ** 2 + (xx - cx) ** 2 < 16] = 1000 if pos else 12
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, np.stack([stain.image, marker]))
+    counts = tmp_path / "c.csv"
+    args = ["detect", str(path), "--model", "classical", "--quiet", "--counts", str(counts)]
+    assert main([*args, "--channel", "0", "--marker-channel", "1"]) == 0
+    table = pd.read_csv(tmp_path / "c.marker_counts.csv")
+    whole = table[table["roi"] == "all"].set_index("class")["count"]
+    assert whole["positive"] == positive.sum() and whole["negative"] == (~positive).sum()

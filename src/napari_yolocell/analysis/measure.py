@@ -21,6 +21,7 @@ from napari_yolocell.io.tables import MARKER_COUNT_COLUMNS, WHOLE_IMAGE_ROI, roi
 __all__ = [
     "MARKER_CLASSES",
     "THRESHOLD_METHODS",
+    "check_marker_plane",
     "classify_marker",
     "marker_counts",
     "marker_threshold",
@@ -31,6 +32,49 @@ __all__ = [
 MARKER_CLASSES = ("positive", "negative")
 #: Automatic threshold methods (scikit-image's).
 THRESHOLD_METHODS = ("otsu", "li", "triangle")
+
+
+def check_marker_plane(
+    shape: Sequence[int], plane_yx: Sequence[int], name: str = "marker", n_planes: int = 1
+) -> None:
+    """Refuse a marker image that is not one 2-D plane of the detection plane's size.
+
+    A stack (channels or planes) as the marker would be read plane by plane against the
+    nuclei's plane numbers: the stain measured as the marker, a plausible but wrong split.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The marker image's full-resolution shape (RGB includes the colour axis).
+    plane_yx : sequence of int
+        (height, width) of the plane the nuclei were detected in.
+    name : str
+        The marker's name, for the message.
+    n_planes : int
+        Planes the detections span: a 2-D marker matches one.
+
+    Raises
+    ------
+    ValueError
+        One line naming what is wrong.
+    """
+    shape = tuple(int(n) for n in shape)
+    h, w = (int(n) for n in plane_yx)
+    size = " x ".join(str(n) for n in shape)
+    if len(shape) != 2:
+        raise ValueError(
+            f"{name!r} is {size}: a marker must be one 2-D plane of {h} x {w} px; open its "
+            "channels or planes as separate layers and choose one"
+        )
+    if shape != (h, w):
+        raise ValueError(
+            f"{name!r} is {size} px, not {h} x {w} px like the plane the nuclei were found in"
+        )
+    if n_planes > 1:
+        raise ValueError(
+            f"the nuclei were found in {n_planes} planes but {name!r} is one plane: detect "
+            "in the matching plane only ('current plane only')"
+        )
 
 
 def _otsu_exact(v: np.ndarray) -> float:

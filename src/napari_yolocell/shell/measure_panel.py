@@ -17,7 +17,12 @@ import numpy as np
 import pandas as pd
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label, PushButton, Table
 
-from napari_yolocell.analysis.measure import classify_marker, marker_counts, marker_threshold
+from napari_yolocell.analysis.measure import (
+    check_marker_plane,
+    classify_marker,
+    marker_counts,
+    marker_threshold,
+)
 from napari_yolocell.engine.measure import measure_nuclei
 from napari_yolocell.io.tables import DETECTION_COLUMNS, MARKER_COUNT_COLUMNS, write_csv_atomic
 from napari_yolocell.shell import _qt
@@ -106,17 +111,18 @@ class MarkerPanel(Container):
         if layer.rgb:
             _qt.show_error("Cannot measure an RGB marker: split it into channels first")
             return None
-        if tuple(full.shape[-2:]) != tuple(_image_yx(self.owner, res)):
-            _qt.show_error(
-                f"Cannot measure: {layer.name!r} is {full.shape[-2]} x {full.shape[-1]} px, "
-                "not the size of the analysed image"
-            )
-            return None
         table = res.df[[c for c in res.df.columns if c in DETECTION_COLUMNS or c == "small"]]
+        planes = table["plane"].nunique()
+        try:
+            check_marker_plane(full.shape, _image_yx(self.owner, res), layer.name, planes)
+        except ValueError as exc:
+            self.summary.value = f"Cannot measure: {exc}"
+            _qt.show_error(f"Cannot measure: {exc}")
+            return None
         self.summary.value = f"measuring {layer.name} in {len(table):,} nuclei..."
         self.measure_button.enabled = False
         self.task = start(
-            lambda _report, _cancel: measure_nuclei(data, table, rgb=False),
+            lambda _report, _cancel: _measure_one_plane(data, table),
             self._measured,
             on_finished=lambda: setattr(self.measure_button, "enabled", True),
             desc=f"Measuring {layer.name}",
@@ -221,6 +227,13 @@ class MarkerPanel(Container):
             _qt.show_info(f"Wrote {self.export_counts(path)}")
         except (OSError, ValueError) as exc:
             _qt.show_error(f"Export failed: {exc}")
+
+
+def _measure_one_plane(marker: Any, table: pd.DataFrame) -> pd.DataFrame:
+    """Measure a 2-D ``marker`` at nuclei found in one plane (of any number)."""
+    out = measure_nuclei(marker, table.assign(plane=0), rgb=False)
+    out["plane"] = table["plane"].to_numpy()
+    return out
 
 
 def _image_yx(owner: Any, res: Any) -> tuple[int, int]:
