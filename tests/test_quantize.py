@@ -1,4 +1,5 @@
-"""The bundled INT8 OpenVINO models: integrity, backend choice, same counts as PyTorch."""
+"""INT8 OpenVINO models: the bundled ones (integrity, backend choice, same counts as PyTorch),
+what stays FP32, the check against FP32, and the per-user quantization cache (issue 23)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import pytest
 
 from napari_yolocell.data.synthetic import make_nuclei_image
 from napari_yolocell.engine.detect import DetectParams, detect_image
+from napari_yolocell.models import int8_cache
 from napari_yolocell.models.backends import OpenVinoDetector
 from napari_yolocell.models.integrity import folder_hashes, verify_folder
-from napari_yolocell.models.loading import make_detector
+from napari_yolocell.models.loading import clear_cache, load_detector, make_detector
 from napari_yolocell.models.registry import list_models, resolve_model
 from napari_yolocell.models.spec import ModelSpec
-from napari_yolocell.training.quantize import calibration_tiles
+from napari_yolocell.training import quantize
+from napari_yolocell.training.quantize import calibration_tiles, fp32_nodes
 
 pytest.importorskip("openvino")
 BUNDLED_INT8 = [m for m in list_models() if m.int8]
@@ -64,7 +67,135 @@ def test_auto_uses_int8_on_cpu_and_counts_like_pytorch():
     assert abs(int8_count - torch_count) <= 0.02 * torch_count
 
 
-def test_int8_backend_needs_an_int8_model():
+def test_int8_backend_needs_an_int8_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("YOLOCELL_CACHE_DIR", str(tmp_path))
     spec = ModelSpec(name="own", path=resolve_model("default").path)
-    with pytest.raises(ValueError, match="no INT8 version"):
+    with pytest.raises(ValueError, match="no INT8 version.*yolocell quantize"):
         make_detector(spec, "openvino-int8", "cpu")
+
+
+def test_calibration_tiles_at_several_scales():
+    image = make_nuclei_image((700, 900), n_nuclei=200, seed=1).image
+    tiles = calibration_tiles([image], tile=320, per_image=2, scales=(1.0, 0.5))
+    assert len(tiles) == 4 and all(t.shape == (1, 3, 320, 320) for t in tiles)
+
+
+def test_matches_is_one_to_one():
+    a = np.array([[0, 0, 10, 10, 0.9, 0], [20, 20, 30, 30, 0.8, 0]], float)
+    b = np.array([[1, 0, 11, 10, 0.9, 0], [0, 1, 10, 11, 0.7, 0], [50, 50, 60, 60, 0.5, 0]])
+    assert quantize._matches(a, b) == 1
+    assert quantize._matches(a, a) == 2 and quantize._matches(a, b[:0]) == 0
+
+
+def _exported(tmp_path_factory):
+    """FP32 OpenVINO export of the bundled v5n in a private cache."""
+    from napari_yolocell.models.export_cache import cached_export
+
+    root = tmp_path_factory.mktemp("exports")
+    return cached_export(resolve_model("default"), "openvino", root=root)
+
+
+@pytest.fixture(scope="module")
+def fp32_folder(tmp_path_factory):
+    return _exported(tmp_path_factory)
+
+
+def test_fp32_nodes_are_the_head_outputs_and_decoding(fp32_folder):
+    import openvino as ov
+
+    model = ov.Core().read_model(str(fp32_folder / "model.xml"))
+    names = set(fp32_nodes(model))
+    convs = {n for n in names if n.endswith("WithoutBiases")}
+    # the last convolution of each of the 3 box and 3 class branches, and nothing earlier
+    assert len(convs) == 6 and all(".2/Conv" in n for n in convs)
+    kinds = {op.get_type_name() for op in model.get_ops() if op.get_friendly_name() in names}
+    assert {"Add", "Subtract", "Sigmoid", "Concat", "Softmax"} <= kinds
+    assert not any("/model.2/" in n or "/model.17/" in n for n in names)  # backbone, neck
+
+
+def _small_nuclei_tiles(n=4, size=320):
+    images = [make_nuclei_image((size, size), 60, (8.0, 14.0), seed=s).image for s in range(n)]
+    return calibration_tiles(images, tile=size, per_image=1)
+
+
+def test_decoding_is_not_quantized(fp32_folder, tmp_path):
+    """Issue 23: quantized box coordinates (a 2.5 px grid on a 640 px tile) split small nuclei
+    into two boxes with IoU < 0.5. No FakeQuantize may feed the decoding."""
+    import openvino as ov
+
+    out = quantize.quantize_openvino(fp32_folder, _small_nuclei_tiles(), tmp_path / "int8")
+    model = ov.Core().read_model(str(out / "model.xml"))
+    kept = set(fp32_nodes(ov.Core().read_model(str(fp32_folder / "model.xml"))))
+    quantized_inputs = {
+        port.get_node().get_friendly_name()
+        for op in model.get_ops()
+        if op.get_type_name() == "FakeQuantize"
+        for port in op.output(0).get_target_inputs()
+        if port.get_node().get_type_name() != "ShapeOf"  # reads the shape only
+    }
+    assert quantized_inputs and not quantized_inputs & kept
+    meta = (out / "meta.json").read_text()
+    assert '"precision": "int8"' in meta and f'"int8_recipe": {int8_cache.INT8_VERSION}' in meta
+
+
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory):
+    """A copy of the bundled weights: a user's model (no INT8 shipped), private cache."""
+    folder = tmp_path_factory.mktemp("user")
+    pt = folder / "finetuned.pt"
+    shutil.copy(resolve_model("default").path, pt)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("YOLOCELL_CACHE_DIR", str(folder / "cache"))
+        clear_cache()
+        yield pt
+        clear_cache()
+
+
+def test_quantize_for_user_caches_checks_and_is_used(user_model, monkeypatch):
+    images = [make_nuclei_image((640, 640), 120, (8.0, 30.0), seed=s).image for s in range(6)]
+    messages = []
+    entry = quantize.quantize_for_user(user_model, images, n_tiles=6, progress=messages.append)
+    assert entry.used, entry.check
+    assert entry.folder.parent.name == int8_cache.int8_dir(resolve_model(user_model)).parent.name
+    assert (entry.folder.parent / "torch-v1").is_dir()  # beside the pickle-free entry
+    assert abs(entry.check["count_int8"] - entry.check["count_fp32"]) <= 0.01 * max(
+        1, entry.check["count_fp32"]
+    )
+    assert any("calibrating" in m for m in messages)
+    auto = load_detector(str(user_model), device="cpu", backend="auto")
+    assert isinstance(auto, OpenVinoDetector) and auto.folder == entry.folder
+    # once: a second call finds the cached entry without quantizing again
+    monkeypatch.setattr(quantize, "quantize_openvino", lambda *a, **k: pytest.fail("again"))
+    assert quantize.quantize_for_user(user_model, images).folder == entry.folder
+
+
+def test_failed_int8_is_not_used_and_the_user_is_told_once(user_model, recwarn):
+    spec = resolve_model(user_model)
+    entry = int8_cache.lookup(spec)
+    if entry is None:
+        pytest.skip("needs test_quantize_for_user_caches_checks_and_is_used")
+    int8_cache.record(spec, {**entry.check, "passed": False, "count_change": 0.03})
+    try:
+        clear_cache()
+        first = make_detector(spec, "auto", "cpu")
+        again = make_detector(spec, "openvino-int8", "cpu")
+        assert not first.folder.name.startswith("openvino-int8")
+        assert not again.folder.name.startswith("openvino-int8")
+        told = [w for w in recwarn if "running FP32" in str(w.message)]
+        assert len(told) == 1 and "+3.0%" in str(told[0].message)
+    finally:
+        int8_cache.record(spec, entry.check)
+        clear_cache()
+
+
+def test_int8_counts_small_nuclei_like_fp32(user_model):
+    """The issue's case: 160 nuclei of ~10 px on 512 x 512 (the old recipe counted 174-186)."""
+    spec = resolve_model(user_model)
+    if int8_cache.lookup(spec) is None:
+        pytest.skip("needs test_quantize_for_user_caches_checks_and_is_used")
+    int8 = make_detector(spec, "openvino-int8", "cpu")
+    fp32 = make_detector(spec, "openvino", "cpu")
+    for seed in (0, 1):
+        syn = make_nuclei_image((512, 512), n_nuclei=160, diameter=(9.0, 12.0), seed=seed)
+        counts = [len(detect_image(syn.image, d, DetectParams())) for d in (fp32, int8)]
+        assert abs(counts[1] - counts[0]) <= 1, counts

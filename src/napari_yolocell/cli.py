@@ -1,4 +1,4 @@
-"""The ``yolocell`` command: detect, export, train, evaluate, calibrate, models.
+"""The ``yolocell`` command: detect, export, train, evaluate, calibrate, quantize, models.
 
 Results go to stdout (counts, tables); progress bars and messages go to stderr, so
 ``yolocell detect *.tif > counts.tsv`` gives a clean table. Bad input ends the command with a
@@ -146,6 +146,8 @@ def cmd_detect(args) -> int:
     except FileNotFoundError as exc:
         raise CliError(str(exc)) from exc
     model = args.model or "default"
+    if not args.no_quantize:
+        _quantize_on_first_use(model, paths, args)
     detector = _load_detector(model, args.device, args.backend)  # fail fast, one line
     params = _detect_params(args)
     params.classes = _counted_classes(detector, args, model)
@@ -503,6 +505,67 @@ def cmd_calibrate(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# quantize
+
+
+def _quantize(model: str, images: list[str], force: bool = False, channel=None):
+    """INT8 version of ``model`` calibrated on ``images`` (see ``training.quantize``)."""
+    from napari_yolocell.training.quantize import quantize_for_user, read_calibration_images
+
+    say = lambda message: print(f"yolocell: {message}", file=sys.stderr)  # noqa: E731
+    try:
+        calibration = read_calibration_images(images, channel=channel)
+        return quantize_for_user(model, calibration, force=force, progress=say)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _quantize_on_first_use(model: str, paths: list, args) -> None:
+    """``detect`` on a CPU with a model that has no INT8 version yet: make it, once, from the
+    images about to be detected (when NNCF is installed and the CPU gains from INT8)."""
+    import importlib.util
+
+    from napari_yolocell.models import int8_cache
+    from napari_yolocell.models.loading import is_exported_model, unpack_weights
+    from napari_yolocell.models.registry import resolve_model
+
+    from napari_yolocell.models.detector import default_device
+
+    if args.backend not in ("auto", "openvino-int8"):
+        return
+    if not (args.device or default_device()).lower().startswith("cpu"):
+        return
+    try:
+        spec = resolve_model(model)
+    except (FileNotFoundError, ValueError):
+        return  # load_detector reports it in one line
+    plain_weights = spec.path is not None and str(spec.path).lower().endswith(".pt")
+    if spec.int8 or spec.family == "classical" or not plain_weights:
+        return
+    if is_exported_model(spec.path) or int8_cache.lookup(unpack_weights(spec)) is not None:
+        return
+    if importlib.util.find_spec("nncf") is None or not int8_cache.cpu_gains_from_int8():
+        return
+    try:
+        _quantize(model, [str(p) for p in paths], channel=args.channel)
+    except CliError as exc:  # an optimisation only: detect in FP32
+        print(f"yolocell: INT8 quantization skipped: {exc}", file=sys.stderr)
+
+
+def cmd_quantize(args) -> int:
+    images = args.images
+    if not images:
+        from napari_yolocell.data.samples import sample_image_path
+
+        images = [str(sample_image_path())]
+        print("yolocell: no --images: calibrating on the bundled sample image", file=sys.stderr)
+    entry = _quantize(args.model, images, force=args.force, channel=args.channel)
+    print(f"int8\t{entry.folder}")
+    print(f"used\t{'yes' if entry.used else 'no (FP32 runs)'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # models
 
 
@@ -592,7 +655,7 @@ def _add_detect_options(
         default=backend,
         choices=BACKEND_CHOICES,
         help=f"forward-pass runtime (default {backend}); auto = the fastest installed (on a "
-        "CPU: OpenVINO, INT8 for the bundled models)",
+        "CPU: OpenVINO, INT8 when the model has a checked INT8 version)",
     )
     p.add_argument(
         "--class",
@@ -670,6 +733,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="QuPath GeoJSON of the detections (File > Import objects); several images: "
         "one FILE-stem.IMAGE-stem.geojson each, beside FILE",
     )
+    d.add_argument(
+        "--no-quantize",
+        action="store_true",
+        help="do not make an INT8 version of a model that has none (made once, on a CPU)",
+    )
     d.set_defaults(func=cmd_detect)
 
     e = sub.add_parser("export", help="annotations -> YOLO dataset")
@@ -733,6 +801,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--points", default=None, help="CSV of clicked nucleus centres")
     _add_detect_options(c)
     c.set_defaults(func=cmd_calibrate)
+
+    q = sub.add_parser(
+        "quantize", help="make the INT8 version of a model (once; checked against FP32)"
+    )
+    q.add_argument("model", metavar="MODEL", help="a .pt (fine-tuned, classic YOLOv5, YOLOv6)")
+    q.add_argument(
+        "--images",
+        nargs="+",
+        default=None,
+        metavar="IMAGE",
+        help="your images to calibrate on: files, folders or globs (default: the sample image)",
+    )
+    q.add_argument("--channel", type=int, default=None, help="channel of multichannel images")
+    q.add_argument("--force", action="store_true", help="quantize again")
+    q.set_defaults(func=cmd_quantize)
 
     m = sub.add_parser("models", help="list bundled models, or describe model files")
     m.add_argument("paths", nargs="*", metavar="MODEL", help=".pt / .onnx / IR folder to describe")

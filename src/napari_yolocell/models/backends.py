@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_yolocell.models import int8_cache
 from napari_yolocell.models.detector import (
     Detector,
     _clip_to_tile,
@@ -35,6 +36,7 @@ from napari_yolocell.models.detector import (
     preprocess,
 )
 from napari_yolocell.models.export_cache import model_file, read_meta
+from napari_yolocell.models.integrity import verify_folder
 from napari_yolocell.models.spec import ModelSpec
 
 
@@ -307,6 +309,37 @@ class OpenVinoDetector(_ExportedDetector):
         if any(t.ndim != 2 for t in tiles):
             return preprocess(tiles)
         return np.stack(pad_batch(tiles)[0])
+
+
+def int8_detector(
+    spec: ModelSpec, device: str | None = None, required: bool = False
+) -> OpenVinoDetector | None:
+    """The INT8 version of ``spec``, or None when FP32 should run.
+
+    A bundled model's shipped INT8 folder (hash-checked), else the user's cached one
+    (:mod:`~napari_yolocell.models.int8_cache`) if it passed its check against FP32. One that
+    failed is not used: None, and the user is told once.
+
+    Raises
+    ------
+    ValueError
+        ``required`` and the model was never quantized (the message says how to).
+    """
+    if spec.int8:
+        folder = Path(spec.int8["dir"])
+        verify_folder(folder, spec.int8.get("sha256") or {})
+        return OpenVinoDetector(spec, folder, device=device)
+    entry = int8_cache.lookup(spec)
+    if entry is not None and entry.used:
+        return OpenVinoDetector(spec, entry.folder, device=device)
+    if entry is not None:
+        int8_cache.tell_fp32_once(spec, entry)
+    elif required:
+        raise ValueError(
+            f"model {spec.name!r} has no INT8 version yet: make one with "
+            f"`yolocell quantize {spec.path or spec.name}` (or use backend 'openvino')"
+        )
+    return None
 
 
 class ModuleDetector(Detector):

@@ -23,11 +23,12 @@ from napari_yolocell.models.backends import (
     OnnxRuntimeDetector,
     OpenVinoDetector,
     TorchDetector,
+    int8_detector,
 )
 from napari_yolocell.models.checkpoints import load_network, network_family
 from napari_yolocell.models.classical import ClassicalDetector
 from napari_yolocell.models.detector import BACKEND_CHOICES, Detector, default_device
-from napari_yolocell.models.integrity import file_sha256, verify_folder, verify_sha256
+from napari_yolocell.models.integrity import file_sha256, verify_sha256
 from napari_yolocell.models.registry import resolve_model
 from napari_yolocell.models.safety import UntrustedModelError
 from napari_yolocell.models.safety import trust as trust_file
@@ -84,19 +85,6 @@ def _is_architecture(spec: ModelSpec) -> bool:
     return spec.path is not None and Path(spec.path).suffix.lower() in (".yaml", ".yml")
 
 
-def _int8_detector(spec: ModelSpec, device: str | None) -> Detector:
-    """The bundled INT8 OpenVINO version of ``spec``, hash-checked."""
-
-    if not spec.int8:
-        raise ValueError(
-            f"model {spec.name!r} has no INT8 version (only bundled models ship one; "
-            "see napari_yolocell.training.quantize); use backend 'openvino'"
-        )
-    folder = Path(spec.int8["dir"])
-    verify_folder(folder, spec.int8.get("sha256") or {})
-    return OpenVinoDetector(spec, folder, device=device)
-
-
 def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = None) -> Detector:
     """Build a detector for ``spec`` with the chosen backend.
 
@@ -131,8 +119,12 @@ def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = N
     backend = resolve_backend(backend, device)
     if backend == "torch":
         return _torch_detector(_load_network(spec), spec, device)
-    if backend == "openvino-int8" or (requested == "auto" and backend == "openvino" and spec.int8):
-        return _int8_detector(spec, device)
+    if backend == "openvino-int8" or (requested == "auto" and backend == "openvino"):
+        # the bundled or user-quantized INT8 version, if it exists and passed its check
+        int8 = int8_detector(spec, device, required=backend == "openvino-int8")
+        if int8 is not None:
+            return int8
+        backend = "openvino"
 
     fmt, cls = {
         "onnxruntime": ("onnx", OnnxRuntimeDetector),

@@ -15,10 +15,22 @@ images, any size; they are prepared like the bundled models' training data befor
 Training then starts from the model's weights with augmentation suited to a handful of images
 (:data:`FEWSHOT_AUGMENT`), ultralytics' time mode (the learning-rate schedule is fitted to the
 time budget) and an optional epoch cap, whichever is reached first.
+
+Held-out images (:func:`held_out_split`) are never trained on: the dataset's own ``val`` /
+``test`` images when they are not copies of training images, and ``holdout`` training images
+kept back on request. They are what the fine-tuned model is judged on against its start.
+
+The fine-tuned model remembers the lab's scale: its sidecar records ``lab_diameter_px`` (the
+nucleus diameter in the lab's own pixels), and detection with the automatic size resizes that
+lab's images exactly as the fine-tune did instead of measuring again
+(:class:`~napari_yolocell.models.spec.ModelSpec`). ``fewshot.json`` in the run folder keeps
+what a resumed run needs (scale, start model, time budget).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -28,9 +40,10 @@ from typing import Any
 import numpy as np
 
 from napari_yolocell.engine.size import AUTO_HIGH
-from napari_yolocell.io.yolo import load_image, read_yolo_dataset
+from napari_yolocell.io.tables import write_text_atomic
+from napari_yolocell.io.yolo import YoloSample, load_image, read_yolo_dataset
 from napari_yolocell.models.registry import resolve_model
-from napari_yolocell.models.spec import ModelSpec
+from napari_yolocell.models.spec import ModelSpec, sidecar_path
 from napari_yolocell.training.dataset import Sample, export_dataset
 from napari_yolocell.training.train import (
     MICROSCOPY_AUGMENT,
@@ -43,7 +56,10 @@ from napari_yolocell.training.train import (
 __all__ = [
     "FEWSHOT_AUGMENT",
     "finetune",
+    "held_out_split",
     "is_bundled",
+    "remember_lab_scale",
+    "resume_finetune",
     "prepare_fewshot_dataset",
     "resolve_base_weights",
 ]
@@ -114,14 +130,79 @@ def _resize(img: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(img, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
+def _fingerprint(path: Path) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def held_out_split(
+    data: str | Path, holdout: int = 0, seed: int = 0
+) -> tuple[list[YoloSample], list[YoloSample]]:
+    """The training images of a corrections dataset, and the images held out from training.
+
+    Held out: the ``val`` and ``test`` images that are not copies of training images (same
+    file name or same bytes: a ``val`` folder that repeats ``train`` holds nothing out), plus
+    ``holdout`` training images kept back (a seeded choice, so every caller gets the same).
+
+    Parameters
+    ----------
+    data : str or Path
+        YOLO dataset folder or ``data.yaml``.
+    holdout : int
+        Training images to keep back as well; at least one image is left to train on.
+    seed : int
+        Seed of the choice.
+
+    Returns
+    -------
+    train : list of YoloSample
+    held_out : list of YoloSample
+
+    Raises
+    ------
+    FileNotFoundError
+        No training images.
+    ValueError
+        ``holdout`` would leave nothing to train on.
+    """
+    dataset = read_yolo_dataset(data, splits=("train", "val", "test"), warn=False)
+    train_items = [s for s in dataset if s.split == "train"]
+    if not train_items:
+        raise FileNotFoundError(f"no training images found in {data}")
+    names = {Path(s.image_path).stem for s in train_items}
+    prints = {_fingerprint(s.image_path) for s in train_items}
+    held = [
+        s
+        for s in dataset
+        if s.split != "train"
+        and Path(s.image_path).stem not in names
+        and _fingerprint(s.image_path) not in prints
+    ]
+    if holdout < 0 or holdout >= len(train_items):
+        raise ValueError(
+            f"--holdout {holdout}: the dataset has {len(train_items)} training image(s); keep "
+            "back at least 0 and leave at least one to train on"
+        )
+    if holdout:
+        order = np.random.default_rng(seed).permutation(len(train_items))
+        back = set(order[:holdout].tolist())
+        held += [s for i, s in enumerate(train_items) if i in back]
+        train_items = [s for i, s in enumerate(train_items) if i not in back]
+    return train_items, held
+
+
 def prepare_fewshot_dataset(
     data: str | Path,
     out: str | Path,
     model_diameter: float,
     imgsz: int = 640,
     percentiles: tuple[float, float] = (1.0, 99.8),
+    holdout: int = 0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Write a YOLO dataset of training tiles at the model's scale from whole images.
+
+    Only the training images of :func:`held_out_split` are written; they are also the
+    validation split ultralytics picks ``best.pt`` with, so the held-out images stay unseen.
 
     Parameters
     ----------
@@ -135,19 +216,18 @@ def prepare_fewshot_dataset(
         Largest training tile.
     percentiles : (float, float)
         Normalisation (the model's).
+    holdout, seed : int
+        Training images kept back, see :func:`held_out_split`.
 
     Returns
     -------
     dict
         ``path`` (dataset folder), ``scale`` (resize factor applied), ``diameter`` (median box
         diameter ``sqrt(w * h)`` of the original training images), ``tile`` (training tile
-        side = the ``imgsz`` to train with), ``n_train``, ``n_val`` (images).
+        side = the ``imgsz`` to train with), ``n_train``, ``n_held_out`` (images).
     """
-    dataset = read_yolo_dataset(data, splits=("train", "val"), warn=False)
-    train_items = [s for s in dataset if s.split == "train"]
-    if not train_items:
-        raise FileNotFoundError(f"no training images found in {data}")
-    val_items = [s for s in dataset if s.split == "val"] or train_items
+    train_items, held = held_out_split(data, holdout, seed)
+    val_items = train_items
     sizes = [
         np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])) for b in (s.boxes for s in train_items)
     ]
@@ -186,7 +266,7 @@ def prepare_fewshot_dataset(
         "diameter": diameter,
         "tile": tile,
         "n_train": len(train_items),
-        "n_val": len(val_items),
+        "n_held_out": len(held),
     }
 
 
@@ -293,6 +373,9 @@ def finetune(
                 default_conf=float(spec.default_conf),
                 metrics=result.metrics,
             )
+    from napari_yolocell.training.quantize import quantize_after_finetune
+
+    quantize_after_finetune(result.best, prepared["path"])  # INT8 for CPU detection (issue 23)
     return result
 
 

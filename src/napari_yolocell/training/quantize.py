@@ -1,43 +1,72 @@
-"""INT8 OpenVINO models: post-training quantization and the bundled pre-quantized files.
+"""INT8 OpenVINO models: post-training quantization, its check against FP32, the user cache.
 
-An 8-bit OpenVINO model runs the forward pass about 1.6x faster than FP32 on a laptop CPU
-(measured for yolov5n on 640 px tiles, 2 AVX2 cores) with the same answers to within the
-backend tolerance (BBBC039 validation: count +0.2 %, F1 -0.002). The bundled models ship one,
-made with NNCF from normalised training tiles (:func:`quantize_openvino`); users' own models run
-in FP32 unless they quantize them the same way (``pip install nncf``).
+An 8-bit OpenVINO model runs the forward pass 1.5-3x faster than FP32 on a CPU (ms per tile in
+``docs/benchmarks.md``). The bundled models ship one; every other model the user runs (a
+fine-tune, a classic YOLOv5 or meituan YOLOv6 checkpoint) is quantized once, on the user's own
+images, by :func:`quantize_for_user` and cached beside its pickle-free entry
+(:func:`napari_yolocell.models.int8_cache.int8_dir`).
 
-The detection head's output convolutions and its box decoding stay in floating point
-(``HEAD_FP32``), so confidences and box coordinates keep their precision.
+What stays in floating point (:func:`fp32_nodes`): the last convolution of each output branch
+of the detection head and everything after them (DFL, box decoding, sigmoid, concatenation).
+The decoding works in input pixels: quantized to 8 bits over a 640 px tile, box centres snapped
+to a 2.5 px grid, so two anchors on one small nucleus gave boxes ~3 px apart with IoU < 0.5,
+both kept by NMS (the INT8 over-count on small nuclei, issue 23).
+
+A quantized model is used only if it passes :func:`check_int8` against its FP32 export on the
+calibration tiles (count within 1 %, F1 against FP32's boxes >= 0.995); otherwise FP32 runs.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from napari_yolocell.engine.normalize import percentile_range, to_uint8
+from napari_yolocell.models import int8_cache
 
-__all__ = ["quantize_openvino", "calibration_tiles"]
+__all__ = [
+    "Int8Check",
+    "calibration_tiles",
+    "check_int8",
+    "fp32_nodes",
+    "quantize_after_finetune",
+    "quantize_for_user",
+    "quantize_openvino",
+    "read_calibration_images",
+]
 
-# Kept in floating point: the last convolution of each box / class branch of the detection
-# head and the DFL decoding. Quantizing them shifted counts on synthetic nuclei by up to 3.7 %;
-# keeping them costs ~3 % of the speed-up (counts then within 0.3 % of PyTorch).
-HEAD_FP32 = [r".*/cv[23]\.\d+\.2/.*", r".*/dfl/.*"]
+_log = logging.getLogger(__name__)
+
+#: A quantized model is refused when its count on the calibration tiles differs from FP32's
+#: by more than this fraction ...
+MAX_COUNT_CHANGE = 0.01
+#: ... or its boxes agree with FP32's (F1 at IoU 0.5) less than this.
+MIN_F1_AGREEMENT = 0.995
+#: Calibration tiles: enough for stable activation ranges (NNCF's own default is 300).
+DEFAULT_TILES = 64
 
 
 def calibration_tiles(
-    images: Iterable[np.ndarray], tile: int = 640, per_image: int = 2, seed: int = 0
+    images: Iterable[np.ndarray],
+    tile: int = 640,
+    per_image: int = 2,
+    seed: int = 0,
+    scales: Sequence[float] = (1.0,),
 ) -> list[np.ndarray]:
     """NCHW float32 tiles in [0, 1], normalised the way detection normalises images.
 
     Each 2-D image is percentile-normalised (1-99.8) to 8 bit; ``per_image`` random windows of
-    ``tile`` px (zero-padded when the image is smaller) become (1, 3, tile, tile) inputs.
+    ``tile`` px (zero-padded when the image is smaller) become (1, 3, tile, tile) inputs, at
+    each of ``scales`` (e.g. ``(1.0, 0.5)``: nuclei also at half their size, as in a pyramid's
+    level 1 or a 10x objective).
     """
 
     rng = np.random.default_rng(seed)
@@ -48,18 +77,67 @@ def calibration_tiles(
             grey = grey[..., :3].max(axis=-1)
         lo, hi = percentile_range(grey, 1.0, 99.8)
         u8 = to_uint8(grey, lo, hi)
-        for _ in range(per_image):
-            y = int(rng.integers(0, max(1, u8.shape[0] - tile + 1)))
-            x = int(rng.integers(0, max(1, u8.shape[1] - tile + 1)))
-            win = np.zeros((tile, tile), np.uint8)
-            crop = u8[y : y + tile, x : x + tile]
-            win[: crop.shape[0], : crop.shape[1]] = crop
-            out.append(np.repeat(win[None, None], 3, axis=1).astype(np.float32) / 255)
+        for scale in scales:
+            scaled = _rescale(u8, scale)
+            for _ in range(per_image):
+                out.append(_random_window(scaled, tile, rng))
     return out
 
 
+def _rescale(u8: np.ndarray, scale: float) -> np.ndarray:
+    if scale == 1.0:
+        return u8
+    from skimage.transform import rescale
+
+    return (rescale(u8, scale, anti_aliasing=scale < 1, preserve_range=True) + 0.5).astype(np.uint8)
+
+
+def _random_window(u8: np.ndarray, tile: int, rng: np.random.Generator) -> np.ndarray:
+    y = int(rng.integers(0, max(1, u8.shape[0] - tile + 1)))
+    x = int(rng.integers(0, max(1, u8.shape[1] - tile + 1)))
+    win = np.zeros((tile, tile), np.uint8)
+    crop = u8[y : y + tile, x : x + tile]
+    win[: crop.shape[0], : crop.shape[1]] = crop
+    return np.repeat(win[None, None], 3, axis=1).astype(np.float32) / 255
+
+
+def _is_dfl(conv) -> bool:
+    """Whether a Convolution is the DFL's fixed ``0, 1, ..., 15`` expectation (not learned)."""
+    weights = conv.input(1).get_source_output().get_node()
+    if weights.get_type_name() != "Constant":
+        return False
+    values = np.asarray(weights.get_data(), np.float32).ravel()
+    return weights.get_output_shape(0)[0] == 1 and np.array_equal(values, np.arange(values.size))
+
+
+def fp32_nodes(model) -> list[str]:
+    """Names of the nodes kept in floating point: the head's last convolutions and after.
+
+    Walks back from the outputs through every node until a learned convolution (which is kept
+    too, and ends the walk); shape computations (``ShapeOf``) end it as well. Found this way,
+    not by name, so it holds for ultralytics, classic YOLOv5 and meituan YOLOv6 graphs alike.
+    """
+    seen: set[str] = set()
+    names: list[str] = []
+    stack = [result for result in model.get_results()]
+    while stack:
+        node = stack.pop()
+        if node.get_name() in seen:  # Python wrappers are new objects: compare unique names
+            continue
+        seen.add(node.get_name())
+        kind = node.get_type_name()
+        if kind == "Constant":
+            continue
+        if kind not in ("Result", "Parameter"):
+            names.append(node.get_friendly_name())
+        if kind == "ShapeOf" or (kind == "Convolution" and not _is_dfl(node)):
+            continue
+        stack.extend(port.get_source_output().get_node() for port in node.inputs())
+    return names
+
+
 def quantize_openvino(
-    fp32_folder: str | Path, tiles: Sequence[np.ndarray], out: str | Path
+    fp32_folder: str | Path, tiles: Sequence[np.ndarray], out: str | Path, fast: bool = False
 ) -> Path:
     """Quantize an FP32 OpenVINO export folder to INT8 with NNCF; returns ``out``.
 
@@ -69,9 +147,11 @@ def quantize_openvino(
         Export folder with ``model.xml`` / ``model.bin`` / ``meta.json``
         (:func:`napari_yolocell.models.export_cache.cached_export` with ``"openvino"``).
     tiles : sequence of numpy.ndarray
-        Calibration inputs (:func:`calibration_tiles`), ~100 are plenty.
+        Calibration inputs (:func:`calibration_tiles`), all of one shape; ~64 are plenty.
     out : path
         Folder to write; replaced atomically (written to a temporary sibling first).
+    fast : bool
+        Skip NNCF's bias correction (faster calibration, slightly less exact).
 
     Raises
     ------
@@ -92,17 +172,23 @@ def quantize_openvino(
         nncf.Dataset(list(tiles)),
         preset=nncf.QuantizationPreset.MIXED,
         subset_size=len(tiles),
-        ignored_scope=nncf.IgnoredScope(
-            types=["Multiply", "Subtract", "Sigmoid"], patterns=HEAD_FP32, validate=False
-        ),
+        fast_bias_correction=True,
+        advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=fast),
+        ignored_scope=nncf.IgnoredScope(names=fp32_nodes(model), validate=False),
     )
+    meta = json.loads((fp32_folder / "meta.json").read_text(encoding="utf-8"))
+    meta.update(precision="int8", int8_recipe=int8_cache.INT8_VERSION)
+    return _save_atomically(quantized, meta, out)
+
+
+def _save_atomically(model, meta: dict, out: Path) -> Path:
+    import openvino as ov
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the folder ships in the package
     try:
-        ov.save_model(quantized, str(tmp / "model.xml"), compress_to_fp16=False)
-        meta = json.loads((fp32_folder / "meta.json").read_text(encoding="utf-8"))
-        meta["precision"] = "int8"
+        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
@@ -111,3 +197,238 @@ def quantize_openvino(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+@dataclass
+class Int8Check:
+    """An INT8 model against its FP32 export on the same tiles (:func:`check_int8`).
+
+    Attributes
+    ----------
+    count_fp32, count_int8 : int
+        Boxes above the confidence threshold, all tiles together.
+    f1 : float
+        F1 of the INT8 boxes against FP32's (one-to-one, IoU >= 0.5); 1.0 when both are empty.
+    tiles : int
+        Tiles compared.
+    passed : bool
+        Count within :data:`MAX_COUNT_CHANGE` and F1 >= :data:`MIN_F1_AGREEMENT`.
+    """
+
+    count_fp32: int
+    count_int8: int
+    f1: float
+    tiles: int
+    passed: bool
+
+    @property
+    def count_change(self) -> float:
+        """Relative count change, INT8 against FP32."""
+        return (self.count_int8 - self.count_fp32) / max(1, self.count_fp32)
+
+    def describe(self) -> str:
+        """One line: the counts, the change and the F1 agreement."""
+        return (
+            f"INT8 {self.count_int8} vs FP32 {self.count_fp32} boxes on {self.tiles} calibration "
+            f"tiles ({self.count_change:+.2%}), F1 agreement {self.f1:.4f}"
+        )
+
+
+def check_int8(
+    fp32_folder: str | Path,
+    int8_folder: str | Path,
+    tiles: Sequence[np.ndarray],
+    conf: float = 0.25,
+    iou: float = 0.5,
+) -> Int8Check:
+    """Run both models on ``tiles`` and compare their boxes (see :class:`Int8Check`)."""
+    from napari_yolocell.models.backends import OpenVinoDetector
+    from napari_yolocell.models.spec import ModelSpec
+
+    spec = ModelSpec(name="check")
+    grey = [np.round(t[0, 0] * 255).astype(np.uint8) for t in tiles]
+    boxes = []
+    for folder in (fp32_folder, int8_folder):
+        detector = OpenVinoDetector(spec, folder, device="cpu")
+        boxes.append([b for t in grey for b in detector.predict([t], conf, iou, 1000)])
+    matched = sum(_matches(a, b) for a, b in zip(*boxes, strict=True))
+    n_fp32, n_int8 = (sum(len(b) for b in side) for side in boxes)
+    f1 = 1.0 if n_fp32 + n_int8 == 0 else 2 * matched / (n_fp32 + n_int8)
+    change = abs(n_int8 - n_fp32) / max(1, n_fp32)
+    passed = change <= MAX_COUNT_CHANGE and f1 >= MIN_F1_AGREEMENT
+    return Int8Check(n_fp32, n_int8, round(f1, 5), len(tiles), bool(passed))
+
+
+def _matches(a: np.ndarray, b: np.ndarray, iou: float = 0.5) -> int:
+    """One-to-one greedy matches between two ``(k, 6)`` box arrays at IoU >= ``iou``."""
+    if not len(a) or not len(b):
+        return 0
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:4], b[None, :, 2:4])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    area = lambda x: np.prod(x[:, 2:4] - x[:, :2], axis=1)  # noqa: E731
+    overlap = inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
+    used_a, used_b = set(), set()
+    for i, j in zip(*np.unravel_index(np.argsort(-overlap, axis=None), overlap.shape), strict=True):
+        if overlap[i, j] < iou:
+            break
+        if i not in used_a and j not in used_b:
+            used_a.add(i)
+            used_b.add(j)
+    return len(used_a)
+
+
+def quantize_for_user(
+    weights: str | Path,
+    calibration: Iterable[np.ndarray] | Sequence[np.ndarray],
+    *,
+    force: bool = False,
+    n_tiles: int = DEFAULT_TILES,
+    progress: Callable[[str], None] | None = None,
+) -> int8_cache.Int8Entry:
+    """Quantize a user's model once, check it against FP32, cache both in the user cache.
+
+    The one entry point for the few-shot fine-tune (at its end), ``yolocell quantize`` and
+    ``yolocell detect``'s first use of a model. The result is keyed by the SHA-256 of
+    ``weights`` (:func:`napari_yolocell.models.int8_cache.int8_dir`); later calls return the
+    cached entry at once. :func:`napari_yolocell.models.loading.load_detector` then runs the
+    INT8 model on a CPU when it passed its check, FP32 (with one warning) when it did not.
+
+    Parameters
+    ----------
+    weights : path
+        The ``.pt`` (or a bundled model's name: it is quantized anew, e.g. to test a recipe).
+    calibration : iterable of numpy.ndarray
+        The user's images (2-D, any dtype: percentile-normalised here), or tiles already made
+        by :func:`calibration_tiles`; e.g. the fine-tune's training images, else the images
+        about to be detected.
+    force : bool
+        Quantize again even if a cached entry exists.
+    n_tiles : int
+        Calibration tiles drawn from images (at most).
+    progress : callable, optional
+        Called with a one-line message at each step.
+
+    Returns
+    -------
+    napari_yolocell.models.int8_cache.Int8Entry
+        Folder, check record, and whether it is used.
+
+    Raises
+    ------
+    ImportError
+        NNCF is not installed.
+    ValueError
+        No calibration image, or unreadable weights.
+    """
+    from napari_yolocell.models.export_cache import cached_export
+    from napari_yolocell.models.loading import clear_cache, unpack_weights
+    from napari_yolocell.models.registry import resolve_model
+
+    say = progress or _log.info
+    spec = unpack_weights(resolve_model(weights))
+    entry = int8_cache.lookup(spec)
+    if entry is not None and not force:
+        return entry
+    tiles = _as_tiles(calibration, n_tiles)
+    say(f"INT8: exporting {spec.name} to OpenVINO FP32")
+    fp32 = cached_export(spec, "openvino")
+    say(f"INT8: calibrating on {len(tiles)} tiles of your images")
+    folder = int8_cache.int8_dir(spec)
+    quantize_openvino(fp32, tiles, folder)
+    say("INT8: checking it against FP32 on the calibration tiles")
+    check = check_int8(fp32, folder, tiles, conf=float(spec.default_conf))
+    entry = int8_cache.record(spec, asdict(check) | {"count_change": check.count_change})
+    clear_cache()  # detectors loaded before now would keep running FP32
+    say(f"INT8: {check.describe()}: " + ("used" if check.passed else "not used, FP32 runs"))
+    return entry
+
+
+def _as_tiles(calibration, n_tiles: int) -> list[np.ndarray]:
+    """Calibration tiles from images (or tiles as they are), at most ``n_tiles``."""
+    items = [np.asarray(x) for x in calibration]
+    if not items:
+        raise ValueError("INT8 calibration needs at least one image")
+    if all(x.ndim == 4 and x.dtype == np.float32 for x in items):
+        return items[:n_tiles]
+    per_image = max(1, -(-n_tiles // len(items)))
+    tiles = calibration_tiles(items, per_image=per_image)
+    rng = np.random.default_rng(0)
+    if len(tiles) > n_tiles:
+        tiles = [tiles[i] for i in sorted(rng.choice(len(tiles), n_tiles, replace=False))]
+    return tiles
+
+
+def read_calibration_images(
+    inputs: Sequence[str | Path],
+    max_images: int = 16,
+    window: int = 2048,
+    channel: int | None = None,
+) -> list[np.ndarray]:
+    """2-D windows of the user's images for :func:`quantize_for_user`.
+
+    Parameters
+    ----------
+    inputs : sequence of path
+        Files, folders or globs (:func:`napari_yolocell.io.images.expand_inputs`).
+    max_images : int
+        Images read, spread evenly over the list.
+    window : int
+        Side of the central window read from each (large images are never loaded whole).
+    channel : int, optional
+        Channel of multichannel images (default the first; RGB: the brightest of the three).
+    """
+    from napari_yolocell.io.images import expand_inputs, open_image
+
+    paths = expand_inputs([str(p) for p in inputs])
+    if len(paths) > max_images:
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, max_images).astype(int)]
+    out = []
+    for path in paths:
+        img = open_image(path)
+        try:
+            out.append(_central_window(img, window, channel))
+        finally:
+            img.close()
+    return out
+
+
+def _central_window(img, window: int, channel: int | None) -> np.ndarray:
+    """The central ``window`` px of the first plane of an opened image, as a 2-D array."""
+    data = img.data
+    if img.channel_axis is not None:
+        data = data[(slice(None),) * img.channel_axis + (channel or 0,)]
+    yx = data.ndim - (3 if img.rgb else 2)
+    data = data[(0,) * yx]  # first plane of Z / T stacks
+    h, w = data.shape[:2]
+    y, x = max(0, (h - window) // 2), max(0, (w - window) // 2)
+    arr = np.asarray(data[y : y + window, x : x + window])
+    if img.rgb:
+        arr = arr[..., channel] if channel is not None else arr[..., :3].max(axis=-1)
+    return arr
+
+
+def quantize_after_finetune(
+    weights: str | Path | None,
+    dataset: str | Path,
+    progress: Callable[[str], None] | None = None,
+) -> int8_cache.Int8Entry | None:
+    """The INT8 version of a freshly fine-tuned model, calibrated on its training tiles.
+
+    Called at the end of :func:`napari_yolocell.training.fewshot.finetune`. Does nothing (None)
+    when the CPU gains nothing from INT8 or NNCF is missing; a failure is a warning, never an
+    error: the fine-tuned model stays usable in FP32.
+    """
+    import importlib.util
+    import warnings
+
+    if weights is None or not int8_cache.cpu_gains_from_int8():
+        return None
+    if importlib.util.find_spec("nncf") is None:
+        return None
+    try:
+        images = read_calibration_images([Path(dataset) / "images" / "train"], max_images=64)
+        return quantize_for_user(weights, images, progress=progress)
+    except Exception as err:  # quantization is an optimisation: never lose the fine-tune
+        warnings.warn(f"INT8 quantization skipped: {err}", RuntimeWarning, stacklevel=2)
+        return None
