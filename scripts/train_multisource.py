@@ -1,0 +1,453 @@
+"""Fine-tune the bundled nucleus detector on five public sources, balanced, in resumable chunks.
+
+The bundled v5n was trained on BBBC039, DSB2018 and Kromp only and over-counts on other labs'
+images (issue #19). This script continues it on all five sources with every source an equal
+share of each epoch (``training/balanced.py``) and microscopy augmentation
+(``training/augment.py``), on a CPU, as chunks of a fixed number of minutes::
+
+    # 1. tiles at the model's scale, fixed per-source test / val / train splits (deterministic)
+    python scripts/train_multisource.py build --data ../shared/data --work work_multi
+    # 2. one chunk (repeat to continue; each chunk is a warm restart of the cosine schedule)
+    nice python scripts/train_multisource.py chunk --work work_multi --run all --minutes 100
+    nice python scripts/train_multisource.py chunk --work work_multi --run loso-bitdepth \
+        --exclude bitdepth --minutes 60
+    # 3. score the held-out test images of each source at ``yolocell detect`` defaults
+    python scripts/train_multisource.py eval --data ../shared/data --work work_multi \
+        --models default training_state/all/best.fp16.pt
+
+What a chunk needs to continue is small and committed: ``training_state/RUN/`` holds the run's
+settings and history (``state.json``) and the fp16 EMA weights at the end of the last chunk
+(``last.fp16.pt``) and of the best validation so far (``best.fp16.pt``), ~5 MB each. A chunk
+starts from ``last.fp16.pt`` with a fresh AdamW state and a new cosine cycle (warm restart).
+
+Splits (by image, fixed by a hash of the file name, so every run and session agrees):
+BBBC039 uses its official split (test never trained); every other source keeps 15 % of its
+images as test and 10 % as val. Leave-one-source-out runs (``--exclude``) never draw the
+excluded source and validate without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SOURCES = ("bbbc039", "dsb", "kromp", "bitdepth", "mnfinder")
+TILE = 640
+MAX_DIAMETER = 45.0  # nuclei larger than this are scaled to a diameter in [20, 45] px
+TEST_FRACTION = 0.15
+VAL_FRACTION = 0.10
+VAL_PER_SOURCE = 25
+STATE = Path(__file__).resolve().parents[1] / "training_state"
+SEED = 0
+
+
+def split_of(name: str) -> str:
+    """``test`` / ``val`` / ``train`` from a stable hash of the image name."""
+    u = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    if u < TEST_FRACTION:
+        return "test"
+    return "val" if u < TEST_FRACTION + VAL_FRACTION else "train"
+
+
+def median_diameter(boxes: np.ndarray) -> float:
+    if len(boxes) == 0:
+        return 0.0
+    return float(np.median(np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))))
+
+
+def source_items(data: Path, source: str) -> list[dict]:
+    """Every labelled image of a source: ``path``, ``labels``, ``name``, ``split``."""
+    rows: list[dict] = []
+    if source == "bbbc039":
+        b = data / "bbbc039"
+        for split_file, split in (("training", "train"), ("validation", "val"), ("test", "test")):
+            for stem in (b / "split" / f"{split_file}.txt").read_text().split():
+                rows.append(
+                    {
+                        "path": str(b / "images" / f"{stem}.tif"),
+                        "labels": str(b / "masks" / f"{stem}.png"),
+                        "name": stem[8:14] + "_" + stem[-2:],
+                        "split": split,
+                    }
+                )
+        return rows
+    folder, key, ext = {
+        "dsb": ("dsb2018_stage1_train_fluo", "id", ".png"),
+        "kromp": ("kromp2020_s_bsst265", "id", ".tif"),
+        "bitdepth": ("bitdepth_nucseg_2021", "image", ""),
+        "mnfinder": ("mnfinder_2023", "image", ""),
+    }[source]
+    d = data / folder
+    with open(d / "counts.csv") as fh:
+        for r in csv.DictReader(fh):
+            name = r[key]
+            label = name if ext == "" else f"{name}.tif"
+            rows.append(
+                {
+                    "path": str(d / "images" / f"{name}{ext}"),
+                    "labels": str(d / "labels" / label),
+                    "name": Path(name).stem[:40],
+                    "split": split_of(f"{source}/{name}"),
+                }
+            )
+    return rows
+
+
+def truth_boxes(source: str, item: dict) -> np.ndarray:
+    """Truth boxes ``y0 x0 y1 x1`` of an image (instance masks -> boxes)."""
+    import tifffile
+    from PIL import Image
+
+    from napari_yolocell.data.public import bbbc039_instances
+    from napari_yolocell.training.annotations import boxes_from_labels
+
+    if source == "bbbc039":
+        inst = bbbc039_instances(np.asarray(Image.open(item["labels"])))
+        return boxes_from_labels(inst, min_area=25)
+    return boxes_from_labels(tifffile.imread(item["labels"]), min_area=9)
+
+
+def read_grey(path: str) -> np.ndarray:
+    from napari_yolocell.analysis.evaluate import _read_image
+
+    img = np.asarray(_read_image(path))
+    if img.ndim == 3:  # colour-stored grey images: the nuclear channel is the maximum
+        img = img[..., :3].max(axis=-1)
+    return img
+
+
+# --------------------------------------------------------------------------- build
+
+
+def cmd_build(args) -> None:
+    from skimage.transform import rescale
+
+    from napari_yolocell.training.dataset import Sample, export_dataset
+
+    data = Path(args.data)
+    rng = np.random.default_rng(SEED)
+    samples, manifest = [], []
+    for source in SOURCES:
+        for item in source_items(data, source):
+            manifest.append({"source": source, **item})
+            if item["split"] == "test":
+                continue
+            img = read_grey(item["path"])
+            boxes = truth_boxes(source, item).astype(float)
+            d = median_diameter(boxes)
+            factor = 1.0
+            if d > MAX_DIAMETER:
+                factor = rng.uniform(20.0, MAX_DIAMETER) / d
+                img = rescale(
+                    img.astype(np.float32), factor, anti_aliasing=True, preserve_range=True
+                ).astype(img.dtype)
+                boxes = boxes * factor
+            manifest[-1]["scale"] = factor
+            samples.append(Sample(img, boxes, name=f"{source}_{item['name']}", split=item["split"]))
+    work = Path(args.work)
+    rep = export_dataset(
+        samples,
+        work / "dataset",
+        tile=TILE,
+        overlap=64,
+        seed=SEED,
+        overwrite=args.overwrite,
+        min_fraction=0.4,
+    )
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    print(rep.summary())
+    tiles = work / "dataset" / "images"
+    for split in ("train", "val"):
+        counts = {s: len(list((tiles / split).glob(f"{s}_*.png"))) for s in SOURCES}
+        print(split, counts)
+
+
+# --------------------------------------------------------------------------- chunks
+
+
+def _data_yaml(work: Path, run: str, exclude: list[str]) -> Path:
+    """data.yaml of a run: all training tiles (the sampler skips excluded sources), val without
+    the excluded sources."""
+    import yaml
+
+    ds = work / "dataset" / "images"
+    val = []
+    for source in SOURCES:  # at most VAL_PER_SOURCE tiles each, so no source rules best.pt
+        if source not in exclude:
+            tiles = sorted((ds / "val").glob(f"{source}_*.png"))
+            step = max(1, len(tiles) // VAL_PER_SOURCE)
+            val += tiles[::step][:VAL_PER_SOURCE]
+    lists = work / "lists"
+    lists.mkdir(parents=True, exist_ok=True)
+    val_txt = lists / f"{run}_val.txt"
+    val_txt.write_text("\n".join(str(p) for p in val) + "\n")
+    cfg = {
+        "path": str(work / "dataset"),
+        "train": str(ds / "train"),
+        "val": str(val_txt),
+        "nc": 1,
+        "names": {0: "nucleus"},
+    }
+    out = lists / f"{run}.yaml"
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+def _load_state(run: str) -> dict:
+    path = STATE / run / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_state(run: str, state: dict) -> None:
+    folder = STATE / run
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, folder / "state.json")
+
+
+def _fp16(src: Path, dst: Path, info: dict) -> None:
+    """EMA weights of an ultralytics checkpoint in fp16, without optimizer (~5 MB)."""
+    import torch
+
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    model = (ckpt.get("ema") or ckpt["model"]).half()
+    for p in model.parameters():
+        p.requires_grad = False
+    slim = {
+        "model": model,
+        "ema": None,
+        "optimizer": None,
+        "epoch": -1,
+        "updates": None,
+        "train_args": {},
+        "date": ckpt.get("date"),
+        "version": ckpt.get("version"),
+        "license": "AGPL-3.0",
+        "yolocell": {"family": "yolov5", **info},
+    }
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_suffix(".tmp")
+    torch.save(slim, tmp)
+    os.replace(tmp, dst)
+
+
+def cmd_chunk(args) -> None:
+    from napari_yolocell.models.ultralytics_env import import_ultralytics
+    from napari_yolocell.training.balanced import balanced_trainer
+    from napari_yolocell.training.fewshot import resolve_base_weights
+    from napari_yolocell.training.train import MICROSCOPY_AUGMENT
+
+    import_ultralytics()
+    from ultralytics import YOLO
+
+    work = Path(args.work).absolute()
+    state = _load_state(args.run)
+    exclude = sorted(set(args.exclude or state.get("exclude", [])))
+    if state and exclude != state.get("exclude", []):
+        sys.exit(f"run {args.run} excludes {state.get('exclude')}, not {exclude}")
+    chunk = len(state.get("chunks", []))
+    last = STATE / args.run / "last.fp16.pt"
+    start = last if last.exists() else resolve_base_weights("default")[0]
+    print(f"run {args.run}, chunk {chunk + 1}, from {start}, excluding {exclude or 'nothing'}")
+    per_source = args.per_source or state.get("per_source", 60)
+    trainer = balanced_trainer(per_source, seed=SEED + chunk, exclude=exclude)
+    model = YOLO(str(start))
+    t0 = time.time()
+    name = f"{args.run}-c{chunk + 1}"
+    model.train(
+        trainer=trainer,
+        data=str(_data_yaml(work, args.run, exclude)),
+        epochs=1000,  # time mode fits the epochs (and the cosine cycle) to the budget
+        time=args.minutes / 60,
+        imgsz=TILE,
+        batch=args.batch,
+        nbs=args.batch,  # one optimizer step per batch: a few hundred tiles an epoch
+        workers=args.workers,
+        device="cpu",
+        optimizer=args.optimizer,
+        lr0=args.lr0,
+        lrf=0.1,
+        cos_lr=True,
+        warmup_epochs=0.3,
+        close_mosaic=0,
+        patience=1000,
+        pretrained=True,
+        plots=False,
+        amp=False,
+        cache="ram",
+        seed=SEED + chunk,
+        deterministic=False,
+        project=str(work / "runs"),
+        name=name,
+        exist_ok=True,
+        **{**MICROSCOPY_AUGMENT, "hsv_v": 0.4},
+    )
+    run_dir = work / "runs" / name
+    results = _history(run_dir / "results.csv")
+    fitness = [0.1 * r["mAP50"] + 0.9 * r["mAP50-95"] for r in results]
+    best_fit = max(fitness) if fitness else float("nan")
+    info = {"run": args.run, "chunk": chunk + 1, "exclude": exclude}
+    _fp16(run_dir / "weights" / "last.pt", last, info)
+    prev_best = state.get("best_fitness", -1.0)
+    if best_fit > prev_best and (run_dir / "weights" / "best.pt").exists():
+        _fp16(run_dir / "weights" / "best.pt", STATE / args.run / "best.fp16.pt", info)
+        state["best_fitness"] = best_fit
+        state["best_chunk"] = chunk + 1
+    state.update(
+        {
+            "exclude": exclude,
+            "per_source": per_source,
+            "tile": TILE,
+            "sources": [s for s in SOURCES if s not in exclude],
+        }
+    )
+    state.setdefault("chunks", []).append(
+        {
+            "minutes": round((time.time() - t0) / 60, 1),
+            "epochs": len(results),
+            "lr0": args.lr0,
+            "optimizer": args.optimizer,
+            "best_fitness": round(best_fit, 4),
+            "last": results[-1] if results else {},
+            "finished": time.strftime("%Y-%m-%d %H:%M"),
+        }
+    )
+    _save_state(args.run, state)
+    print(json.dumps(state["chunks"][-1], indent=1))
+
+
+def _history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    with open(path) as fh:
+        for r in csv.DictReader(fh):
+            r = {k.strip(): v for k, v in r.items()}
+            out.append(
+                {
+                    "epoch": int(float(r["epoch"])),
+                    "mAP50": float(r["metrics/mAP50(B)"]),
+                    "mAP50-95": float(r["metrics/mAP50-95(B)"]),
+                    "precision": float(r["metrics/precision(B)"]),
+                    "recall": float(r["metrics/recall(B)"]),
+                }
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def test_items(data: Path, source: str, whole: bool = False) -> list[tuple[str, np.ndarray, str]]:
+    """``(path, truth boxes, name)`` of a source's test images (every image with ``whole``)."""
+    out = []
+    for item in source_items(data, source):
+        if whole or item["split"] == "test":
+            out.append((item["path"], truth_boxes(source, item), item["name"]))
+    return out
+
+
+def cmd_eval(args) -> None:
+    from napari_yolocell.analysis.evaluate import evaluate_predictions
+    from napari_yolocell.engine.detect import DetectParams, detect_image
+    from napari_yolocell.models.loading import load_detector
+    from napari_yolocell.models.spec import ModelSpec
+
+    data = Path(args.data)
+    rows = []
+    for model in args.models:
+        if model.endswith(".pt"):
+            ref = load_detector("default", backend="torch").spec
+            spec = ModelSpec(
+                path=Path(model),
+                family="yolov5",
+                diameter_px=ref.diameter_px,
+                imgsz=ref.imgsz,
+                default_conf=args.conf or ref.default_conf,
+                percentiles=ref.percentiles,
+                normalize=ref.normalize,
+                name=Path(model).parent.name,
+            )
+            det = load_detector(spec, backend=args.backend)
+        else:
+            det = load_detector(model, backend=args.backend)
+        conf = args.conf or float(det.spec.default_conf)
+        for source in args.sources:
+            whole = source in (args.whole or [])
+            items = test_items(data, source, whole=whole)
+            per_image = []
+            for path, truth, name in items:
+                df = detect_image(read_grey(path), det, DetectParams(conf=0.01))
+                per_image.append(
+                    (
+                        df[["y0", "x0", "y1", "x1"]].to_numpy(float),
+                        df["confidence"].to_numpy(float),
+                        truth,
+                        name,
+                    )
+                )
+            for c in sorted({conf, *args.extra_confs}):
+                r = evaluate_predictions(per_image, conf=c, name=model, conf_grid=[c])
+                rows.append(
+                    {
+                        "model": Path(model).parent.name if model.endswith(".pt") else model,
+                        "source": source + (" (all)" if whole else " (test)"),
+                        "images": len(items),
+                        "conf": c,
+                        "f1": r["f1"],
+                        "count_error": r["count_error"],
+                        "bias": r.get("count_bias", float("nan")),
+                    }
+                )
+                print(
+                    f"{rows[-1]['model']:>16} {rows[-1]['source']:>18} n={len(items):3d} "
+                    f"conf={c:.2f} F1={r['f1']:.3f} count_err={100 * r['count_error']:.1f}%",
+                    flush=True,
+                )
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="tiles at the model's scale, fixed splits")
+    b.add_argument("--data", required=True)
+    b.add_argument("--work", required=True)
+    b.add_argument("--overwrite", action="store_true")
+    c = sub.add_parser("chunk", help="train one chunk of a run (continues the run's last weights)")
+    c.add_argument("--work", required=True)
+    c.add_argument("--run", required=True, help="run name (training_state/RUN)")
+    c.add_argument("--minutes", type=float, required=True)
+    c.add_argument("--exclude", nargs="*", choices=SOURCES, default=None)
+    c.add_argument("--per-source", type=int, default=None, help="tiles per source per epoch")
+    c.add_argument("--batch", type=int, default=8)
+    c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--lr0", type=float, default=0.0002)
+    c.add_argument("--optimizer", default="AdamW", choices=["AdamW", "SGD"])
+    e = sub.add_parser("eval", help="F1 / count error on each source's test images")
+    e.add_argument("--data", required=True)
+    e.add_argument("--work", default=None)
+    e.add_argument("--models", nargs="+", required=True)
+    e.add_argument("--sources", nargs="+", default=list(SOURCES))
+    e.add_argument("--whole", nargs="*", help="sources scored on every image (LOSO)")
+    e.add_argument("--backend", default="torch")
+    e.add_argument("--conf", type=float, default=None)
+    e.add_argument("--extra-confs", type=float, nargs="*", default=[])
+    e.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    {"build": cmd_build, "chunk": cmd_chunk, "eval": cmd_eval}[args.cmd](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

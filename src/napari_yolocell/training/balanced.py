@@ -1,0 +1,166 @@
+"""Balanced multi-source training: every source an equal share of each epoch.
+
+Public nucleus sets differ in size by an order of magnitude (DSB2018 has ~15x the images of
+MNFinder). Trained on their union, a model learns the big sources' look and over-counts on the
+small ones, which are exactly the "other labs". :class:`BalancedSampler` draws the same number
+of training tiles from every source each epoch (without replacement inside a source while it
+has enough, a fresh draw every epoch), and :func:`balanced_trainer` gives an ultralytics
+``DetectionTrainer`` that uses it, plus
+:class:`~napari_yolocell.training.augment.MicroscopyAugment`.
+
+A tile's source is the prefix of its file name before the first ``_`` (the dataset builder of
+``scripts/train_bundled_models.py`` names tiles ``<source>_<image>_y.._x...png``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BalancedSampler", "balanced_trainer", "source_of"]
+
+
+def source_of(path: str | Path) -> str:
+    """Source name of a training tile: its file name up to the first ``_``."""
+    return Path(path).name.split("_", 1)[0]
+
+
+class BalancedSampler:
+    """Indices of ``per_source`` tiles from every source, shuffled; new draw on every pass.
+
+    Parameters
+    ----------
+    sources : sequence of str
+        Source of each dataset item (index order).
+    per_source : int
+        Tiles drawn from each source per epoch.
+    seed : int
+        Seed; pass ``k`` draws the same tiles for the same seed.
+    """
+
+    def __init__(self, sources: Sequence[str], per_source: int, seed: int = 0):
+        if per_source < 1:
+            raise ValueError(f"per_source must be >= 1, got {per_source}")
+        self.groups: dict[str, np.ndarray] = {}
+        for i, s in enumerate(sources):
+            self.groups.setdefault(s, []).append(i)  # type: ignore[union-attr]
+        self.groups = {k: np.asarray(v) for k, v in sorted(self.groups.items())}
+        if not self.groups:
+            raise ValueError("no training items")
+        self.per_source = int(per_source)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.per_source * len(self.groups)
+
+    def draw(self, epoch: int) -> np.ndarray:
+        """The shuffled indices of pass ``epoch``."""
+        rng = np.random.default_rng([self.seed, epoch])
+        picks = []
+        for idx in self.groups.values():
+            whole, rest = divmod(self.per_source, len(idx))
+            # every tile once per `whole` repeat, then a random subset for the remainder
+            parts = [rng.permutation(idx) for _ in range(whole)]
+            parts.append(rng.choice(idx, size=rest, replace=False))
+            picks.append(np.concatenate(parts))
+        out = np.concatenate(picks)
+        rng.shuffle(out)
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.draw(self.epoch)
+        self.epoch += 1
+        return iter(int(i) for i in order)
+
+    def counts(self) -> dict[str, int]:
+        """Tiles available per source."""
+        return {k: len(v) for k, v in self.groups.items()}
+
+
+def balanced_trainer(
+    per_source: int,
+    augment: dict[str, float] | None = None,
+    seed: int = 0,
+    exclude: Sequence[str] = (),
+):
+    """An ultralytics ``DetectionTrainer`` subclass with balanced sampling and microscopy augment.
+
+    Parameters
+    ----------
+    per_source : int
+        Training tiles per source per epoch.
+    augment : dict, optional
+        Probabilities for :class:`~napari_yolocell.training.augment.MicroscopyAugment`
+        (None: its defaults; ``{}`` with every value 0 turns it off).
+    seed : int
+        Sampling seed.
+    exclude : sequence of str
+        Sources never drawn (leave-one-source-out); their tiles may stay in the file list.
+
+    Returns
+    -------
+    type
+        Pass as ``YOLO.train(trainer=...)``.
+    """
+    from napari_yolocell.models.ultralytics_env import import_ultralytics
+
+    import_ultralytics()
+    from ultralytics.data.build import InfiniteDataLoader, seed_worker
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    from napari_yolocell.training.augment import MicroscopyAugment, insert_into
+
+    excluded = set(exclude)
+
+    class BalancedTrainer(DetectionTrainer):
+        """DetectionTrainer drawing ``per_source`` tiles of every source each epoch."""
+
+        def build_dataset(self, img_path, mode="train", batch=None):
+            dataset = super().build_dataset(img_path, mode, batch)
+            if mode == "train":
+                insert_into(dataset, MicroscopyAugment(augment, seed=seed))
+            return dataset
+
+        def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
+            if mode != "train":
+                return super().get_dataloader(dataset_path, batch_size, rank, mode)
+            dataset = self.build_dataset(dataset_path, mode, batch_size)
+            sources = [source_of(f) for f in dataset.im_files]
+            keep = [i for i, s in enumerate(sources) if s not in excluded]
+            names = [sources[i] if sources[i] not in excluded else "" for i in range(len(sources))]
+            sampler = _Subset(BalancedSampler([names[i] for i in keep], per_source, seed), keep)
+            workers = min(self.args.workers, 2)
+            return InfiniteDataLoader(
+                dataset=dataset,
+                batch_size=batch_size,
+                shuffle=False,
+                num_workers=workers,
+                sampler=sampler,
+                prefetch_factor=4 if workers else None,
+                pin_memory=False,
+                collate_fn=getattr(dataset, "collate_fn", None),
+                worker_init_fn=seed_worker,
+            )
+
+    return BalancedTrainer
+
+
+class _Subset:
+    """A sampler over a subset of a dataset's indices (the non-excluded sources)."""
+
+    def __init__(self, sampler: BalancedSampler, keep: Sequence[int]):
+        self.sampler = sampler
+        self.keep = np.asarray(keep)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(int(self.keep[i]) for i in self.sampler)
+
+    def counts(self) -> dict[str, Any]:
+        return self.sampler.counts()
