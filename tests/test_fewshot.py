@@ -59,7 +59,7 @@ def test_nuclei_in_range_keep_their_size_and_small_images_small_tiles(tmp_path):
     info = prepare_fewshot_dataset(data, tmp_path / "prep", model_diameter=23.0)
     assert info["scale"] == 1.0
     assert info["tile"] == 288  # 260 rounded up to 32, never upscaled to 640
-    assert info["n_train"] == info["n_val"] == 2
+    assert info["n_train"] == 2 and info["n_held_out"] == 0  # val repeats train
 
 
 def test_bundled_names_resolve_to_pt_weights():
@@ -76,7 +76,7 @@ def test_bundled_names_resolve_to_pt_weights():
 def test_cli_finetunes_default_and_prints_weights_last(tmp_path, capsys):
     from napari_yolocell.cli import main
 
-    data = _whole_image_dataset(tmp_path / "data", size=(160, 192), diameter=20.0, n=1)
+    data = _whole_image_dataset(tmp_path / "data", size=(160, 192), diameter=20.0, n=2)
     rc = main(
         [
             "train",
@@ -88,6 +88,8 @@ def test_cli_finetunes_default_and_prints_weights_last(tmp_path, capsys):
             "2",
             "--epochs",
             "1",
+            "--holdout",
+            "1",
             "--out",
             str(tmp_path / "runs"),
             "--quiet",
@@ -97,8 +99,59 @@ def test_cli_finetunes_default_and_prints_weights_last(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     key, _, path = lines[-1].partition("\t")
     assert key == "weights" and path.endswith("best.pt") and Path(path).is_file()
-    assert [ln.split("\t")[0] for ln in lines[-3:]] == ["best", "last", "weights"]
+    keys = [ln.split("\t")[0] for ln in lines[-6:]]
+    assert keys == ["start", "fine-tuned", "verdict", "best", "last", "weights"]
+    verdict = lines[-4]
+    assert "1 held-out image(s)" in verdict and "confidence Detect uses (0.20 / 0.20)" in verdict
+    assert ("NOT better" in verdict) != ("beats default" in verdict)
     import json
 
     side = json.loads(Path(path).with_name("best.yolocell.json").read_text())
     assert side["family"] == "yolov5" and side["default_conf"] == pytest.approx(0.2)
+    assert side["lab_diameter_px"] == pytest.approx(side["diameter_px"])  # not rescaled
+
+
+def test_held_out_split_ignores_copies_and_keeps_back_k(tmp_path):
+    from napari_yolocell.training.fewshot import held_out_split
+
+    data = _whole_image_dataset(tmp_path / "d", size=(120, 140), diameter=20.0, n=3)
+    train, held = held_out_split(data)  # val repeats train: nothing is held out
+    assert len(train) == 3 and held == []
+    train, held = held_out_split(data, holdout=1, seed=4)
+    assert len(train) == 2 and len(held) == 1
+    assert held_out_split(data, holdout=1, seed=4)[1][0].image_path == held[0].image_path
+    with pytest.raises(ValueError, match="leave at least one"):
+        held_out_split(data, holdout=3)
+    # a real val image (another file) is held out
+    extra = tmp_path / "d" / "images" / "val" / "other.png"
+    Image.fromarray(np.full((120, 140), 7, np.uint8)).save(extra)
+    assert [s.image_path.name for s in held_out_split(data)[1]] == ["other.png"]
+    info = prepare_fewshot_dataset(data, tmp_path / "prep", model_diameter=20.0, holdout=1)
+    assert info["n_train"] == 2 and info["n_held_out"] == 2
+
+
+def test_lab_scale_is_remembered_and_used_by_detect(tmp_path):
+    import dataclasses
+    import json
+
+    from napari_yolocell.engine.detect import DetectParams, detect_image
+    from napari_yolocell.models.classical import ClassicalDetector
+    from napari_yolocell.models.registry import resolve_model
+    from napari_yolocell.models.spec import ModelSpec, write_sidecar
+    from napari_yolocell.training.fewshot import remember_lab_scale
+
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(b"x")
+    write_sidecar(weights, ModelSpec(name="ft", family="yolov5", diameter_px=23.0))
+    remember_lab_scale(weights, 92.0)
+    side = json.loads(weights.with_name("best.yolocell.json").read_text())
+    assert side["lab_diameter_px"] == 92.0 and side["diameter_px"] == 23.0
+    assert resolve_model(weights).lab_diameter_px == 92.0
+
+    det = ClassicalDetector()
+    det.spec = dataclasses.replace(det.spec, diameter_px=23.0, lab_diameter_px=92.0)
+    image = np.zeros((256, 256), np.uint8)  # nothing to measure: the lab's scale is not measured
+    df = detect_image(image, det, DetectParams())
+    assert df.attrs["diameter"] == 92.0 and df.attrs.get("measured_diameter") is None
+    df = detect_image(image, det, DetectParams(diameter=40.0))  # the user's size wins
+    assert df.attrs["diameter"] == 40.0

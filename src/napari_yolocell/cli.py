@@ -376,27 +376,16 @@ def cmd_train(args) -> int:
         except ValueError as exc:
             raise CliError(str(exc)) from exc
 
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=args.epochs or 50, desc="epochs", unit="epoch", file=sys.stderr)
-
-    def on_epoch(info: dict) -> None:
-        if bar is not None:
-            bar.total = info.get("epochs", bar.total)
-            bar.n = info.get("epoch", bar.n)
-            bar.set_postfix({k: f"{info[k]:.3f}" for k in ("mAP50",) if k in info})
-            bar.refresh()
-
     from napari_yolocell.training.fewshot import finetune, is_bundled
 
+    # a bundled model (default, v5, v6...), or a .pt with a time budget: few-shot fine-tune
+    fewshot = not args.resume and (
+        is_bundled(args.model)
+        or (args.minutes is not None and str(args.model).lower().endswith(".pt"))
+    )
+    bar, on_epoch = _train_progress(args, fewshot)
     try:
-        # a bundled model (default, v5, v6...), or a .pt with a time budget: few-shot fine-tune
-        if not args.resume and (
-            is_bundled(args.model)
-            or (args.minutes is not None and str(args.model).lower().endswith(".pt"))
-        ):
+        if fewshot:
             res = finetune(
                 args.data,
                 model=args.model,
@@ -409,6 +398,7 @@ def cmd_train(args) -> int:
                 device=args.device,
                 seed=args.seed,
                 on_epoch=on_epoch,
+                holdout=args.holdout,
             )
         else:
             extra = {} if args.minutes is None else {"time": args.minutes / 60}
@@ -432,10 +422,68 @@ def cmd_train(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if fewshot and res.best is not None and not res.cancelled:
+        _print_verdict(args, res.best)
     print(f"best\t{res.best}")
     print(f"last\t{res.last}")
     print(f"weights\t{res.best or res.last}")  # last line: the checkpoint to use
     return 0
+
+
+def _train_progress(args, fewshot: bool):
+    """(tqdm bar or None, on_epoch): seconds of the budget for a timed fine-tune (its epoch
+    count is only an estimate), epochs otherwise."""
+    if args.quiet:
+        return None, lambda _info: None
+    from tqdm import tqdm
+
+    timed = fewshot and args.minutes is not None
+    total = round(args.minutes * 60) if timed else args.epochs or 50
+    bar = tqdm(
+        total=total,
+        desc="fine-tune" if timed else "epochs",
+        unit="s" if timed else "epoch",
+        file=sys.stderr,
+    )
+
+    def on_epoch(info: dict) -> None:
+        if timed:
+            bar.n = min(total, round(info.get("time", bar.n)))
+            bar.set_postfix(epoch=info.get("epoch"), mAP50=f"{info.get('mAP50', 0):.3f}")
+        else:
+            bar.total = info.get("epochs", bar.total)
+            bar.n = info.get("epoch", bar.n)
+            bar.set_postfix({k: f"{info[k]:.3f}" for k in ("mAP50",) if k in info})
+        bar.refresh()
+
+    return bar, on_epoch
+
+
+def _print_verdict(args, best) -> None:
+    """Score the start and the fine-tuned model on the held-out images, print both and what
+    they mean (nothing held out: say so)."""
+    from napari_yolocell.analysis.finetune_check import judge
+    from napari_yolocell.training.fewshot import held_out_split
+
+    held = held_out_split(args.data, args.holdout, args.seed)[1]
+    if not held:
+        print(
+            "verdict\tnothing held out to compare with the start model (give a val split that "
+            "is not a copy of train, or --holdout K)"
+        )
+        return
+    items = [(s.image_path, s.boxes, Path(s.image_path).name) for s in held]
+    try:
+        verdict = judge(args.model, best, items)
+    except (OSError, ValueError, RuntimeError) as exc:  # the weights line must still come
+        print(f"verdict\tnot scored: {exc}")
+        return
+    for key, r in (("start", verdict.start), ("fine-tuned", verdict.tuned)):
+        print(
+            f"{key}\tF1 {r['f1']:.3f}\tcount error {100 * r['count_error']:.1f} %\t"
+            f"conf {r['conf']:.2f}\t{verdict.n_images} held-out images, {verdict.n_nuclei} nuclei"
+        )
+    print(f"verdict\t{verdict.line()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -775,6 +823,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="runs/yolocell")
     t.add_argument("--name", default=None)
+    t.add_argument(
+        "--holdout",
+        type=int,
+        default=0,
+        help="fine-tuning: keep K training images back; the start and the fine-tuned model are "
+        "scored on them (and on a val split that is not a copy of train)",
+    )
     t.add_argument("--resume", action="store_true", help="continue from last.pt")
     t.add_argument("--quiet", action="store_true")
     t.add_argument(

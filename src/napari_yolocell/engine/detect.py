@@ -156,7 +156,9 @@ class DetectParams:
         With ``diameter`` None: measure the typical nucleus size on an overview of the (first)
         plane (:func:`napari_yolocell.engine.size.estimate_diameter`) and, only if it is far
         outside the model's range, use it as ``diameter``. ``df.attrs`` reports
-        ``measured_diameter`` and the ``diameter`` used (None = the model's scale).
+        ``measured_diameter`` and the ``diameter`` used (None = the model's scale). A model
+        fine-tuned on a lab's images (``ModelSpec.lab_diameter_px`` set) is used at that lab's
+        scale instead, without measuring: the estimate can fail on dim + saturated images.
     classes : tuple of int or None
         Keep only detections of these classes (a model trained on several classes, e.g.
         COCO's 80); None keeps every class.
@@ -892,6 +894,9 @@ def iter_detect(
     plane_ids = list(range(math.prod(layout.plane_shape))) if planes is None else list(planes)
     plane_index = list(itertools.product(*(range(n) for n in layout.plane_shape)))
     measured, first_sample = None, None
+    lab = getattr(detector.spec, "lab_diameter_px", None)  # a fine-tuned model: its lab's scale
+    if params.diameter is None and params.auto_diameter and lab:
+        params = dataclasses.replace(params, diameter=float(lab))
     # measured for "auto", and to catch a level diameter read as full-resolution pixels
     check_level = params.diameter is not None and params.level > 0
     if (params.diameter is None and params.auto_diameter or check_level) and plane_ids:

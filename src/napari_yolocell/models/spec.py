@@ -53,6 +53,10 @@ class ModelSpec:
     diameter_px : float
         Typical nucleus diameter (pixels) in the training data: the scale at which the model
         works best. The engine rescales tiles when the user gives another diameter.
+    lab_diameter_px : float or None
+        For a model fine-tuned on a lab's images: the nucleus diameter in that lab's own
+        pixels. Detection with the automatic size uses it (the images are resized by
+        ``diameter_px / lab_diameter_px``, as in the fine-tune) instead of measuring.
     imgsz : int
         Training image size.
     default_conf : float
@@ -76,6 +80,7 @@ class ModelSpec:
     normalize: str = "percentile"
     percentiles: tuple[float, float] = (1.0, 99.8)
     diameter_px: float = 20.0
+    lab_diameter_px: float | None = None
     imgsz: int = 640
     default_conf: float = 0.25
     metrics: dict[str, Any] = field(default_factory=dict)

@@ -34,6 +34,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ __all__ = [
     "finetune",
     "held_out_split",
     "is_bundled",
+    "fewshot_info",
     "remember_lab_scale",
     "resume_finetune",
     "prepare_fewshot_dataset",
@@ -283,6 +285,7 @@ def finetune(
     seed: int = 0,
     augment: str | dict[str, float] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    holdout: int = 0,
     **overrides: Any,
 ) -> TrainResult:
     """Fine-tune a model on a few whole images within a time budget.
@@ -306,19 +309,22 @@ def finetune(
     device : str, optional
         ``"cpu"``, ``"0"``...
     seed : int
-        Random seed.
+        Random seed (training, and the choice of ``holdout`` images).
     augment : preset name or dict, optional
         Default :data:`FEWSHOT_AUGMENT`.
     on_epoch : callable, optional
         As in :func:`napari_yolocell.training.train.train`.
+    holdout : int
+        Training images kept back for judging the result (:func:`held_out_split`).
     **overrides
         Other ``YOLO.train`` arguments (``freeze``, ``lr0``...).
 
     Returns
     -------
     TrainResult
-        ``best`` is the checkpoint to use; its sidecar records the model's scale and
-        normalisation, and the starting model's default confidence.
+        ``best`` is the checkpoint to use; its sidecar records the model's scale, the lab's
+        scale (``lab_diameter_px``) and normalisation, and the starting model's default
+        confidence.
     """
     start = time.monotonic()
     if minutes is not None and not minutes > 0:
@@ -331,21 +337,28 @@ def finetune(
         float(spec.diameter_px),
         imgsz=imgsz,
         percentiles=tuple(spec.percentiles),
+        holdout=holdout,
+        seed=seed,
     )
     kwargs: dict[str, Any] = {**FEWSHOT_SETTINGS, "nbs": batch, **overrides}
-    cap = epochs
+    callbacks: dict[str, Callable[[Any], None]] = {}
     if minutes is not None:
         left = minutes * 60 * (1 - RESERVE_FRACTION) - RESERVE_S - (time.monotonic() - start)
         kwargs["time"] = max(left, 20.0) / 3600
-        epochs = epochs or 1000  # time mode re-estimates the epochs after the first one
-    callbacks = {}
-    if cap is not None and minutes is not None:
-
-        def _cap(trainer) -> None:
-            if trainer.epoch + 1 >= cap:
-                trainer.stop = True
-
-        callbacks["on_fit_epoch_end"] = _cap
+        if epochs is not None:
+            callbacks["on_fit_epoch_end"] = partial(_cap_epochs, epochs)
+        epochs = 1000  # time mode re-estimates the epochs after the first one
+    info = {
+        "base": str(model),
+        "family": spec.family,
+        "default_conf": float(spec.default_conf),
+        "scale": prepared["scale"],
+        "tile": prepared["tile"],
+        "minutes": minutes,
+        "data": str(Path(data).expanduser().resolve()),
+        "holdout": holdout,
+        "seed": seed,
+    }
     result = train(
         prepared["path"],
         model=weights,
@@ -360,23 +373,124 @@ def finetune(
         augment=FEWSHOT_AUGMENT if augment is None else augment,
         on_epoch=on_epoch,
         default_conf=float(spec.default_conf),
-        callbacks=callbacks,
+        callbacks={**callbacks, "on_train_start": partial(_save_info, info)},
         **kwargs,
     )
-    for path in (result.best, result.last):  # the family of the starting model, not "yolo"
-        if path is not None and path.exists():
-            write_model_sidecar(
-                path,
-                family=spec.family,
-                imgsz=prepared["tile"],
-                diameter_px=median_diameter(prepared["path"]),
-                default_conf=float(spec.default_conf),
-                metrics=result.metrics,
-            )
+    info["trained_s"] = time.monotonic() - start
+    _finish_fewshot(result, info, prepared["path"])
     from napari_yolocell.training.quantize import quantize_after_finetune
 
     quantize_after_finetune(result.best, prepared["path"])  # INT8 for CPU detection (issue 23)
     return result
+
+
+def _cap_epochs(cap: int, trainer: Any) -> None:
+    if trainer.epoch + 1 >= cap:
+        trainer.stop = True
+
+
+def _save_info(info: dict[str, Any], trainer: Any) -> None:
+    """``fewshot.json`` in the run folder: what :func:`resume_finetune` needs."""
+    write_text_atomic(Path(trainer.save_dir) / FEWSHOT_INFO, json.dumps(info, indent=2))
+
+
+def _finish_fewshot(result: TrainResult, info: dict[str, Any], prepared: Path) -> None:
+    """Sidecars of best/last (the start's family, both scales) and ``fewshot.json``."""
+    model_diameter = median_diameter(prepared)
+    for path in (result.best, result.last):  # the family of the starting model, not "yolo"
+        if path is not None and path.exists():
+            write_model_sidecar(
+                path,
+                family=info["family"],
+                imgsz=int(info["tile"]),
+                diameter_px=model_diameter,
+                default_conf=float(info["default_conf"]),
+                metrics=result.metrics,
+            )
+            if model_diameter is not None:
+                remember_lab_scale(path, model_diameter / float(info["scale"]))
+    write_text_atomic(result.run_dir / FEWSHOT_INFO, json.dumps(info, indent=2))
+
+
+#: File in a fine-tune's run folder: start model, scale, budget and time used so far.
+FEWSHOT_INFO = "fewshot.json"
+
+
+def remember_lab_scale(weights: str | Path, lab_diameter: float) -> Path:
+    """Record the lab's nucleus diameter (its own pixels) in a model's sidecar.
+
+    Detection with the automatic size then resizes that lab's images by
+    ``diameter_px / lab_diameter`` (the factor the fine-tune used) instead of measuring.
+    """
+    path = sidecar_path(weights)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["lab_diameter_px"] = round(float(lab_diameter), 2)
+    return write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def fewshot_info(run_dir: str | Path) -> dict[str, Any] | None:
+    """The ``fewshot.json`` of a fine-tune's run folder, or None (not a few-shot run)."""
+    path = Path(run_dir) / FEWSHOT_INFO
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def resume_finetune(
+    last: str | Path,
+    minutes_left: float | None = None,
+    device: str | None = None,
+    **hooks: Any,
+) -> TrainResult:
+    """Continue a cancelled fine-tune from its ``last.pt`` within what is left of its budget.
+
+    Parameters
+    ----------
+    last : str or Path
+        The run's ``weights/last.pt``.
+    minutes_left : float, optional
+        Training time left (ultralytics would otherwise start its whole time budget again).
+    device : str, optional
+        As in :func:`finetune`.
+    **hooks
+        ``on_epoch``, ``on_batch``, ``should_stop`` of
+        :func:`~napari_yolocell.training.train.train`.
+
+    Returns
+    -------
+    TrainResult
+        As :func:`finetune`'s: sidecars with the lab's scale.
+    """
+    last = Path(last)
+    run_dir = last.parent.parent
+    info = fewshot_info(run_dir) or {}
+    callbacks = {}
+    if minutes_left is not None:
+        callbacks["on_train_start"] = partial(_set_time_left, max(float(minutes_left), 0.25))
+    result = train(
+        run_dir / "data.yaml",
+        model=last,
+        resume=True,
+        out=run_dir.parent,
+        device=device,
+        callbacks=callbacks,
+        default_conf=float(info.get("default_conf", 0.25)),
+        **hooks,
+    )
+    if info:
+        data_dir = Path(str(_train_data(run_dir))).parent
+        _finish_fewshot(result, info, data_dir)
+    return result
+
+
+def _set_time_left(minutes: float, trainer: Any) -> None:
+    trainer.args.time = minutes / 60
+
+
+def _train_data(run_dir: Path) -> Path:
+    """The prepared dataset's ``data.yaml`` a run trained on (from its ``args.yaml``)."""
+    import yaml
+
+    args = yaml.safe_load((run_dir / "args.yaml").read_text(encoding="utf-8")) or {}
+    return Path(args.get("data", run_dir / "data.yaml"))
 
 
 def is_bundled(model: str | Path) -> bool:
