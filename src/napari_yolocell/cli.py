@@ -574,10 +574,9 @@ def _quantize_on_first_use(model: str, paths: list, args) -> None:
     import importlib.util
 
     from napari_yolocell.models import int8_cache
+    from napari_yolocell.models.detector import default_device
     from napari_yolocell.models.loading import is_exported_model, unpack_weights
     from napari_yolocell.models.registry import resolve_model
-
-    from napari_yolocell.models.detector import default_device
 
     if args.backend not in ("auto", "openvino-int8"):
         return
