@@ -1,4 +1,4 @@
-"""A checkpoint is unpickled once, then loaded from its pickle-free cached form (issue #14).
+"""A checkpoint is read once (as data), then loaded from its pickle-free cached form (#14, #21).
 
 Each family (ultralytics, classic YOLOv5, meituan YOLOv6) must give the same boxes from its
 cached form as from the first load, without the ``.pt`` being unpickled again; a damaged
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from napari_yolocell.engine.detect import DetectParams, detect_image
-from napari_yolocell.models import loading, safety, torch_cache
+from napari_yolocell.models import loading, pickle_data, safety, torch_cache
+from napari_yolocell.models.user_cache import sign_folder
 from napari_yolocell.models.backends import OnnxRuntimeDetector
 from napari_yolocell.models.export_cache import weights_sha256
 from napari_yolocell.models.registry import resolve_model
@@ -42,10 +43,12 @@ def _refuse_pickle(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the checkpoint's pickle was read again")
 
-    for name in ("safe_load", "check_file", "checkpoint_globals"):
+    for name in ("read_model_file", "check_file", "checkpoint_globals"):
         monkeypatch.setattr(safety, name, refuse)
+    monkeypatch.setattr(pickle_data, "parse_pickle", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr(torch_cache, "load_network", refuse)
+    monkeypatch.setattr(torch_cache, "network_from_checkpoint", refuse)
 
 
 def _image(folder: Path | None) -> np.ndarray:
@@ -172,7 +175,8 @@ def test_hostile_architecture_is_never_built(tmp_path, monkeypatch, key, value):
         yaml["activation"] = value
     else:
         yaml["head"][-1][2] = value
-    torch_cache._write_json(meta, body)  # a valid hash: only the architecture check stops it
-    with pytest.raises(torch_cache.CacheEntryError, match="not allowed|not a network layer"):
+    torch_cache._write_json(meta, body)  # a valid hash and signature: only the schema stops it
+    sign_folder(entry, f"torch-v{torch_cache.CACHE_VERSION}:{weights_sha256(path)}")
+    with pytest.raises(torch_cache.CacheEntryError, match="not allowed"):
         torch_cache.rebuild(entry, path, weights_sha256(path))
     assert not (tmp_path / "HACKED").exists()

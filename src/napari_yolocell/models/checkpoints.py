@@ -1,4 +1,4 @@
-"""Which kind of network a weights file holds, and loading it without trusting its pickle.
+"""Which kind of network a weights file holds, and loading it without running its pickle.
 
 Three checkpoint families count nuclei here:
 
@@ -6,20 +6,19 @@ Three checkpoint families count nuclei here:
 - ``"yolov5-classic"``: the ultralytics/yolov5 repository (:mod:`~napari_yolocell.models.classic`);
 - ``"yolov6-meituan"``: the meituan/YOLOv6 repository (:mod:`~napari_yolocell.models.meituan`).
 
-The family is read from the names of the pickle's classes (no object is built for that).
-Weights that are bundled (hash-checked) or in the user's trust store load as they always did
-(``ultralytics.YOLO``); any other file goes through
-:func:`napari_yolocell.models.safety.safe_load` first.
+Every checkpoint, bundled, trusted or not, is read once as data
+(:func:`napari_yolocell.models.safety.read_model_file`) and its network rebuilt by us from a
+validated architecture (:mod:`~napari_yolocell.models.netbuild`); ultralytics receives that
+network, never the file. An architecture YAML is read with ``yaml.safe_load`` and checked the
+same way.
 """
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
-from napari_yolocell.models import classic, meituan, safety
+from napari_yolocell.models import classic, netbuild, pickle_data, safety
 from napari_yolocell.models.spec import WeightsError
-from napari_yolocell.models.ultralytics_env import import_ultralytics, load_ultralytics
 
 #: How each family is shown to users.
 FAMILY_LABELS = {
@@ -28,19 +27,9 @@ FAMILY_LABELS = {
     "yolov6-meituan": "YOLOv6 (meituan)",
 }
 
-_OTHER_TASKS = {
-    "SegmentationModel": "segmentation",
-    "ClassificationModel": "classification",
-    "ClassificationModelBase": "classification",
-    "PoseModel": "pose",
-    "OBBModel": "oriented-box",
-    "WorldModel": "open-vocabulary",
-    "RTDETRDetectionModel": "RT-DETR",
-}
-
 
 def checkpoint_family(path: str | Path) -> str:
-    """The family of a ``.pt`` checkpoint, from its pickle's class names.
+    """The family of a ``.pt`` checkpoint, from its model record (read as data).
 
     Raises
     ------
@@ -48,97 +37,99 @@ def checkpoint_family(path: str | Path) -> str:
         Unreadable file, a checkpoint of another task (segmentation, classification...), or
         no known detection model class in it.
     """
-    names = safety.checkpoint_globals(path)
-    classes = {n.rpartition(".")[2]: n for n in names}
-    for cls, task in _OTHER_TASKS.items():
-        if cls in classes and classes[cls].startswith(("ultralytics.", "models.")):
-            raise WeightsError(
-                f"{str(path)!r} is a {task} checkpoint, not a detection model: only detection "
-                "models can count nuclei"
-            )
-    if "ultralytics.nn.tasks.DetectionModel" in names:
-        return "ultralytics"
-    if "models.yolo.DetectionModel" in names or "models.yolo.Model" in names:
-        return "yolov5-classic"
-    if "yolov6.models.yolo.Model" in names:
-        return "yolov6-meituan"
-    raise WeightsError(
-        f"{str(path)!r} holds no known detection model (ultralytics, yolov5 or meituan YOLOv6 "
-        "checkpoint expected)"
-    )
+    ckpt = safety.read_model_file(path, trusted=True)
+    try:
+        return netbuild.family_of(ckpt.root)
+    except pickle_data.PickleDataError as err:
+        raise WeightsError(f"cannot load model weights {str(path)!r}: {err}") from None
 
 
-_PATCH_LOCK = threading.Lock()
+def _is_yaml(path: Path) -> bool:
+    return path.suffix.lower() in (".yaml", ".yml")
 
 
-def _yolo_from_checkpoint(path: Path, ckpt: dict):
-    """An ``ultralytics.YOLO`` built from an already (safely) loaded checkpoint dict.
+def architecture_yaml(path: str | Path) -> dict:
+    """A checked architecture: a YAML file read as data, or one shipped with ultralytics.
 
-    ``YOLO(path)`` itself would ``torch.load`` the file with ``weights_only=False``; its loader
-    is pointed at ``ckpt`` for the duration of the call instead.
+    Raises
+    ------
+    WeightsError
+        Unreadable, or outside the schema of :mod:`~napari_yolocell.models.netbuild`.
     """
-    import_ultralytics()
-    import ultralytics.nn.tasks as tasks
-
-    with _PATCH_LOCK:
-        original = tasks.torch_safe_load
-        tasks.torch_safe_load = lambda weight, *args, **kwargs: (ckpt, weight)
-        try:
-            return load_ultralytics(path)
-        finally:
-            tasks.torch_safe_load = original
+    path = Path(path)
+    try:
+        if path.exists() or path.is_symlink() or len(path.parts) > 1:
+            return netbuild.read_architecture_yaml(path)
+        return netbuild.shipped_architecture(path.name)
+    except netbuild.ArchitectureError as err:
+        raise WeightsError(str(err)) from None
 
 
-def load_network(path: str | Path, trusted: bool = False):
-    """Load a checkpoint's network for inference.
+def network_from_yaml(path: str | Path):
+    """An untrained ``ultralytics.YOLO`` of a checked architecture (random weights)."""
+    cfg = architecture_yaml(path)
+    return netbuild.yolo_from_network(netbuild.untrained_network(cfg))
+
+
+def load_network(path: str | Path, trusted: bool = False, sha256: str | None = None):
+    """Load a checkpoint's network for inference, reading the file once, as data.
 
     Parameters
     ----------
     path : str or Path
-        ``.pt`` checkpoint, or an ultralytics architecture YAML.
+        ``.pt`` checkpoint, or an ultralytics architecture YAML (checked, random weights).
     trusted : bool
-        The file is bundled (hash-checked) or its hash is in the trust store: an ultralytics
-        checkpoint is then loaded as ultralytics does (full unpickling).
+        Lift the refusal of unknown globals (the file is still read as data only).
+    sha256 : str, optional
+        The hash the bytes read must have (bundled weights).
 
     Returns
     -------
     ultralytics.YOLO or classic.ObjectnessToScores
-        A ``YOLO`` for ultralytics checkpoints; for classic YOLOv5 and meituan YOLOv6 a
-        ``torch.nn.Module`` with ``(N, 4 + nc, anchors)`` output and ``names``/``stride``/
-        ``family`` attributes.
+        A ``YOLO`` around a ``DetectionModel`` we built for ultralytics checkpoints; for classic
+        YOLOv5 and meituan YOLOv6 a ``torch.nn.Module`` with ``(N, 4 + nc, anchors)`` output and
+        ``names``/``stride``/``family`` attributes.
 
     Raises
     ------
     UntrustedModelError
-        The pickle references code off the allow-list (and the file is not trusted).
+        The pickle names a global no supported checkpoint holds (and the file is not trusted).
     WeightsError
-        Unreadable file, another task, unsupported architecture.
+        Unreadable file, another task, an architecture outside the schema (one line).
     """
     path = Path(path)
-    if path.suffix.lower() in (".yaml", ".yml"):
-        return load_ultralytics(path)
-    trusted = trusted or safety.is_trusted(safety.file_sha256(path))
-    if not trusted:  # before anything else reads the file: a refusal names the global
-        safety.check_file(path)
-    family = checkpoint_family(path)
-    if family == "ultralytics":
-        if trusted:
-            return load_ultralytics(path)
-        return _yolo_from_checkpoint(path, safety.safe_load(path))
+    if _is_yaml(path):
+        return network_from_yaml(path)
+    ckpt = safety.read_model_file(path, expected_sha256=sha256, trusted=trusted)
+    return network_from_checkpoint(ckpt, path)
+
+
+def network_from_checkpoint(ckpt: pickle_data.Checkpoint, path: str | Path):
+    """The network of a checkpoint read as data (see :func:`load_network`)."""
     try:
+        family = netbuild.family_of(ckpt.root)
+        if family == "ultralytics":
+            parts = netbuild.ultralytics_parts(ckpt)
+            net = netbuild.build_ultralytics(
+                parts["yaml"], parts["state"], parts["bn"], parts["names"]
+            )
+            return netbuild.yolo_from_network(net, parts["settings"])
         if family == "yolov5-classic":
-            net, names, stride = classic.build(safety.safe_load(path), path)
+            net, names, stride = netbuild.classic_network(ckpt)
         else:
-            ckpt = safety.safe_load(path, standins=meituan.standins())
-            net = meituan.build(ckpt, path)
-            names = getattr(net, "names", None) or [str(i) for i in range(int(net.nc))]
-            names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else names
+            net = netbuild.meituan_network(ckpt)
+            nc = int(getattr(net, "nc", 1)) if isinstance(getattr(net, "nc", 1), int) else 1
+            names = netbuild.class_names(getattr(net, "names", None), nc)
             stride = int(max(float(s) for s in net.stride))
-    except (safety.UntrustedModelError, WeightsError):
-        raise
-    except Exception as err:  # an architecture we cannot rebuild: one line naming the file
-        raise WeightsError(f"cannot load model weights {str(path)!r}: {err}") from err
-    wrapped = classic.ObjectnessToScores(net, {int(k): str(v) for k, v in names.items()}, stride)
+    except (pickle_data.PickleDataError, netbuild.ArchitectureError) as err:
+        raise WeightsError(f"cannot load model weights {str(path)!r}: {err}") from None
+    except (ValueError, TypeError, RuntimeError, KeyError, AttributeError, IndexError) as err:
+        # a module tree that does not run: one line, naming the file only
+        raise WeightsError(
+            f"cannot load model weights {str(path)!r}: the network cannot be rebuilt "
+            f"({type(err).__name__})"
+        ) from None
+    wrapped = classic.ObjectnessToScores(net, names, stride)
     wrapped.family = family
     return wrapped.eval()
 

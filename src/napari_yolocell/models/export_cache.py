@@ -15,10 +15,13 @@ An export of a checkpoint that is not bundled is made from its pickle-free form 
 ``torch-v1/`` (:mod:`~napari_yolocell.models.torch_cache`), so the pickle is read at most once.
 
 The cache folder is ``$YOLOCELL_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/napari-yolocell/exports``
-(``~/.cache/napari-yolocell/exports``). An export is written to a temporary folder beside its
-final place and renamed into place (``os.replace``), so a crash never leaves a half export and
-concurrent workers (``--workers``, dask) can export the same model at once safely. Delete the
-folder to reclaim the space; it is rebuilt on demand.
+(``~/.cache/napari-yolocell/exports``), created 0700. An export is written to a private
+temporary folder beside its final place, signed with the user's cache key
+(:func:`~napari_yolocell.models.user_cache.sign_folder`: every file and ``meta.json``) and
+renamed into place (``os.replace``), so a crash never leaves a half export and concurrent
+workers (``--workers``, dask) can export the same model at once safely. An export folder whose
+signature does not verify (planted, edited) is deleted and made again. Delete the folder to
+reclaim the space; it is rebuilt on demand.
 
 We export with :func:`torch.onnx.export` ourselves instead of ``YOLO.export``: the ultralytics
 exporter writes next to the weights (read-only for bundled models), and its requirement checks
@@ -39,7 +42,13 @@ from typing import Any
 from napari_yolocell.models import torch_cache
 from napari_yolocell.models.checkpoints import load_network, network_family
 from napari_yolocell.models.ultralytics_env import import_ultralytics
-from napari_yolocell.models.user_cache import cache_root, weights_sha256
+from napari_yolocell.models.user_cache import (
+    cache_root,
+    entry_tempdir,
+    sign_folder,
+    verify_folder,
+    weights_sha256,
+)
 
 FORMATS = ("onnx", "openvino")
 #: Bump when the export recipe changes: old exports are then ignored (and may be deleted).
@@ -99,10 +108,10 @@ def cached_export(spec, fmt: str, model=None, root: Path | None = None) -> Path:
     _check_format(fmt)
     key = weights_sha256(spec.path, spec.sha256)
     final = export_dir(key, fmt, root)
-    if model_file(final, fmt).is_file():
+    if model_file(final, fmt).is_file() and verify_folder(final, _purpose(fmt, key)):
         return final
-    if model is None and spec.sha256 is not None:  # bundled, hash-checked weights
-        model = load_network(spec.path, trusted=True)
+    if model is None and spec.sha256 is not None:  # bundled: the bytes read are hash-checked
+        model = load_network(spec.path, trusted=True, sha256=spec.unpacked_sha256 or spec.sha256)
     elif model is None:  # never the pickle again once converted (:mod:`torch_cache`)
         model = torch_cache.load_network_cached(spec.path, root=root)
     if fmt == "openvino":
@@ -110,7 +119,11 @@ def cached_export(spec, fmt: str, model=None, root: Path | None = None) -> Path:
         build = lambda tmp: _onnx_to_openvino(model_file(onnx_dir, "onnx"), tmp)  # noqa: E731
     else:
         build = lambda tmp: export_onnx(model, model_file(tmp, "onnx"))  # noqa: E731
-    return _build_atomically(final, build, _meta(model, spec))
+    return _build_atomically(final, build, _meta(model, spec), _purpose(fmt, key))
+
+
+def _purpose(fmt: str, key: str) -> str:
+    return f"{fmt}-v{EXPORT_VERSION}:{key}"
 
 
 def temporary_export(model, fmt: str) -> tempfile.TemporaryDirectory:
@@ -234,16 +247,19 @@ def _meta(model, spec) -> dict[str, Any]:
     return meta
 
 
-def _build_atomically(final: Path, build, meta: dict[str, Any]) -> Path:
-    """Run ``build(tmp_folder)`` in a temp folder next to ``final``, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.is_dir():  # an export damaged by hand (model file deleted): rebuild it
-        shutil.rmtree(final, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+def _build_atomically(final: Path, build, meta: dict[str, Any], purpose: str) -> Path:
+    """Run ``build(tmp_folder)`` in a private temp folder next to ``final``, sign it, then rename
+    it into place."""
+    if final.exists() or final.is_symlink():  # damaged, planted or stale: never used
+        if final.is_symlink() or final.is_file():
+            final.unlink()
+        else:
+            shutil.rmtree(final, ignore_errors=True)
+    tmp = entry_tempdir(final)
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable by all
         build(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        sign_folder(tmp, purpose)
         try:
             os.replace(tmp, final)
         except OSError:

@@ -16,7 +16,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from napari_yolocell.models import export_cache, torch_cache
+from napari_yolocell.models import export_cache, export_checks, pickle_data, torch_cache
 from napari_yolocell.models.backends import (
     ForeignExportDetector,
     ModuleDetector,
@@ -33,7 +33,13 @@ from napari_yolocell.models.registry import resolve_model
 from napari_yolocell.models.safety import UntrustedModelError
 from napari_yolocell.models.safety import trust as trust_file
 from napari_yolocell.models.spec import CHECKPOINT_KEY, ModelSpec, WeightsError, sidecar_path
-from napari_yolocell.models.user_cache import cache_root
+from napari_yolocell.models.user_cache import (
+    cache_root,
+    entry_tempdir,
+    private_dir,
+    sign_folder,
+)
+from napari_yolocell.models.user_cache import verify_folder as verify_cache_folder
 
 #: Preference of ``backend="auto"`` on a CPU: measured fastest first (``"openvino"`` becomes
 #: ``"openvino-int8"`` for models that ship an INT8 version).
@@ -114,7 +120,7 @@ def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = N
     if spec.family == "classical":
         return ClassicalDetector(spec=spec)
     if is_exported_model(spec.path):
-        return ForeignExportDetector(spec, spec.path, device=device)
+        return open_foreign_export(spec, device)
     requested = backend
     backend = resolve_backend(backend, device)
     if backend == "torch":
@@ -152,6 +158,26 @@ def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = N
     return _torch_detector(model or _load_network(spec), spec, device)
 
 
+def open_foreign_export(spec: ModelSpec, device: str | None = None) -> ForeignExportDetector:
+    """An ONNX file / OpenVINO folder made elsewhere, checked first (:mod:`export_checks`).
+
+    Raises
+    ------
+    WeightsError
+        Refused by the checks, or the runtime cannot open it (one line naming the file).
+    """
+    export_checks.check_export(spec.path)
+    try:
+        return ForeignExportDetector(spec, spec.path, device=device)
+    except (FileNotFoundError, WeightsError):
+        raise
+    except Exception as err:  # runtimes raise their own types; their text may echo the file
+        raise WeightsError(
+            f"cannot open exported model {str(spec.path)!r}: the runtime refused it "
+            f"({type(err).__name__})"
+        ) from None
+
+
 def is_exported_model(path) -> bool:
     """Whether ``path`` is an exported model (``.onnx`` file, or a folder with model.xml)."""
     if path is None:
@@ -161,10 +187,12 @@ def is_exported_model(path) -> bool:
 
 
 def _load_network(spec: ModelSpec):
-    if spec.sha256 is not None or _is_architecture(spec):
-        # bundled weights were hash-checked by load_detector: they load as ultralytics does
-        return load_network(spec.path, trusted=spec.sha256 is not None)
-    # any other checkpoint is unpickled once, then loaded from its pickle-free form
+    if _is_architecture(spec):  # read as data and checked like any architecture
+        return load_network(spec.path)
+    if spec.sha256 is not None:
+        # bundled weights: read once as data, the bytes read checked against the registry hash
+        return load_network(spec.path, trusted=True, sha256=spec.unpacked_sha256 or spec.sha256)
+    # any other checkpoint is read once as data, then loaded from its signed pickle-free form
     return torch_cache.load_network_cached(spec.path)
 
 
@@ -261,12 +289,14 @@ def load_detector(
         Unknown model, SHA-256 mismatch, or unreadable / corrupt weights (names the file).
     """
     spec = resolve_model(name_or_path)
+    if spec.int8 and not spec.sha256:  # only the registry may name an INT8 folder (hash-checked)
+        spec = dataclasses.replace(spec, int8=None)
     if trust and spec.path is not None and Path(spec.path).is_file() and not spec.sha256:
         trust_file(spec.path)
     if spec.family == "classical":
         return make_detector(spec, backend=backend, device=device)
-    if spec.sha256:
-        verify_sha256(spec.path, spec.sha256)
+    if spec.sha256 and Path(spec.path).suffix.lower() == ".xz":
+        verify_sha256(spec.path, spec.sha256)  # .pt files are checked on the bytes they load
     spec = unpack_weights(spec)
     return _cached_detector(spec, device, backend)
 
@@ -274,36 +304,53 @@ def load_detector(
 def unpack_weights(spec: ModelSpec, root: Path | None = None) -> ModelSpec:
     """For ``.xz`` weights: the same spec pointing at the unpacked ``.pt`` in the user cache.
 
-    Unpacks once (to a temporary name, then renamed into place) and verifies
-    ``spec.unpacked_sha256`` before every use, so a damaged cache file is replaced, never loaded.
-    Other specs are returned unchanged.
+    Unpacks once (into a private temporary file, then renamed into place), at most
+    :data:`~napari_yolocell.models.pickle_data.MAX_FILE_BYTES`; the unpacked file is checked
+    against ``spec.unpacked_sha256`` when it is loaded (bundled weights), or keyed by the
+    SHA-256 of the ``.xz`` file and signed (others), so a damaged or planted file is replaced,
+    never loaded. Other specs are returned unchanged.
+
+    Raises
+    ------
+    WeightsError
+        Not an xz file, damaged, or unpacking past the size limit (nothing is left behind).
     """
     if spec.path is None or Path(spec.path).suffix.lower() != ".xz":
         return spec
+    folder = private_dir((root or cache_root()) / "unpacked-weights")
+    key = spec.unpacked_sha256 or file_sha256(spec.path)
+    target = folder / f"{Path(spec.path).stem.removesuffix('.pt')}-{key[:16]}"
+    if not (target / "weights.pt").is_file() or not verify_cache_folder(target, f"xz:{key}"):
+        _unpack(Path(spec.path), target, key)
+    return dataclasses.replace(spec, path=target / "weights.pt")
 
-    folder = (root or cache_root()) / "unpacked-weights"
-    folder.mkdir(parents=True, exist_ok=True)
-    key = spec.unpacked_sha256 or spec.sha256 or file_sha256(spec.path)
-    target = folder / f"{Path(spec.path).stem.removesuffix('.pt')}-{key[:16]}.pt"
-    if target.is_file() and spec.unpacked_sha256:
-        if file_sha256(target) != spec.unpacked_sha256.lower():
-            target.unlink()
-    if not target.is_file():
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            with lzma.open(spec.path, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (lzma.LZMAError, EOFError) as err:
-            tmp.unlink(missing_ok=True)
-            raise ValueError(f"cannot unpack model weights {str(spec.path)!r}: {err}") from err
-        if spec.unpacked_sha256:
-            try:
-                verify_sha256(tmp, spec.unpacked_sha256)
-            except ValueError:
-                tmp.unlink(missing_ok=True)
-                raise
+
+def _unpack(source: Path, target: Path, key: str) -> None:
+    """Unpack ``source`` into a signed folder ``target`` (``weights.pt``), size-limited."""
+    tmp = entry_tempdir(target)
+    limit = pickle_data.MAX_FILE_BYTES
+    try:
+        written = 0
+        with lzma.open(source, "rb") as src, open(tmp / "weights.pt", "wb") as dst:
+            while block := src.read(1 << 20):
+                written += len(block)
+                if written > limit:
+                    raise WeightsError(
+                        f"cannot unpack model weights {str(source)!r}: it unpacks to more than "
+                        f"{limit >> 20} MiB"
+                    )
+                dst.write(block)
+        sign_folder(tmp, f"xz:{key}")
+        if target.exists() or target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-    return dataclasses.replace(spec, path=target)
+    except (lzma.LZMAError, EOFError, OSError) as err:
+        raise WeightsError(
+            f"cannot unpack model weights {str(source)!r}: not a complete xz file "
+            f"({type(err).__name__})"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def describe_model(name_or_path: str | Path) -> str:
@@ -323,6 +370,6 @@ def describe_model(name_or_path: str | Path) -> str:
     if spec.family == "classical" or spec.path is None or _is_architecture(spec):
         return spec.description or spec.family
     if is_exported_model(spec.path):
-        return f"exported model: {ForeignExportDetector(spec, spec.path).description}"
+        return f"exported model: {open_foreign_export(spec).description}"
     path = unpack_weights(spec).path
     return FAMILY_LABELS[checkpoint_family(path)]

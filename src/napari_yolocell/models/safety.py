@@ -1,10 +1,14 @@
-"""Loading checkpoints without running their pickled code, and the per-user trust store.
+"""Reading checkpoints as data (no pickled code can run), and the per-user trust store.
 
 A PyTorch ``.pt`` file is a pickle: unpickling it may call any Python function the file
-names (``os.system``...). Weights whose SHA-256 is in the bundled registry or in the user's
-trust store load as usual; any other checkpoint is read by :func:`safe_load`, which rebuilds
-tensors and an allow-list of known classes only and refuses anything else *before* any object
-is built, raising :class:`UntrustedModelError`.
+names (``os.system``...). No checkpoint is ever unpickled here, bundled, trusted or not:
+:func:`read_model_file` reads the file's bytes once, hashes them, and interprets its pickle
+with :mod:`~napari_yolocell.models.pickle_data` (every class and function becomes an inert
+record of its name). A file whose pickle names globals that no checkpoint of the supported
+families holds (``posix.system``, ``builtins.eval``...) is refused with
+:class:`UntrustedModelError`; the user's trust store (``--trust``) only lifts that refusal, the
+file is still read as data. The network itself is rebuilt by
+:mod:`~napari_yolocell.models.netbuild` from a validated architecture.
 
 The trust store is a small JSON file, ``$XDG_CONFIG_HOME/napari-yolocell/trusted.json``
 (``YOLOCELL_CONFIG_DIR`` overrides the folder, for tests and shared installs).
@@ -12,9 +16,9 @@ The trust store is a small JSON file, ``$XDG_CONFIG_HOME/napari-yolocell/trusted
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -41,20 +45,33 @@ class UntrustedModelError(ValueError):
         (``"posix.system"``...).
     """
 
-    def __init__(self, path: str | os.PathLike, global_name: str, sha256: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        global_name: str,
+        sha256: str | None = None,
+        size: int | None = None,
+    ):
         self.path = Path(path)
         self.global_name = global_name
         self.sha256 = sha256 or file_sha256(self.path)
-        self.size = self.path.stat().st_size
+        self.size = self.path.stat().st_size if size is None else size
         super().__init__(
-            f"refusing to load {str(self.path)!r}: its pickle references {global_name!r}, "
-            "which could run code; if you trust this file, pass --trust on the command line "
-            "(or confirm in the widget)"
+            f"refusing to load {str(self.path)!r}: its pickle references "
+            f"{_printable(global_name)!r}, "
+            "which could run code; it was read as data only and not loaded. If you trust this "
+            "file, pass --trust on the command line (or confirm in the widget)"
         )
 
     def __reduce__(self):
         # rebuilt from its fields when it crosses a process boundary (batch workers, dask)
-        return type(self), (self.path, self.global_name, self.sha256)
+        return type(self), (self.path, self.global_name, self.sha256, self.size)
+
+
+def _printable(name: str) -> str:
+    """A global's name as it may appear in a one-line message (short, printable)."""
+    text = "".join(c if c.isprintable() else "?" for c in str(name))
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def config_dir() -> Path:
@@ -148,478 +165,162 @@ def untrust(sha256: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading a checkpoint without running its pickle
+# Reading a checkpoint as data
 
-
-class _Refused(Exception):
-    """A pickle references a global that is not on the allow-list (internal)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
-#: Module prefixes of the original YOLOv5 (``models.*``) and meituan YOLOv6 (``yolov6.*``)
-#: repositories: their classes become inert stand-ins that only hold the pickled state.
-STANDIN_PREFIXES = ("models.", "yolov6.")
-
-#: Functions and data types the pickle may *call* (REDUCE): they rebuild tensors, storages,
-#: containers and NumPy values and cannot reach the file system, the shell or the interpreter.
-_CALLABLE_NAMES = (
-    "torch._utils._rebuild_tensor",
-    "torch._utils._rebuild_tensor_v2",
-    "torch._utils._rebuild_parameter",
-    "torch._utils._rebuild_parameter_with_state",
-    "torch.Size",
-    "collections.OrderedDict",
-    "builtins.set",
-    "builtins.frozenset",
-    "builtins.slice",
-    "builtins.complex",
-    "_codecs.encode",
-    "numpy.dtype",
-    "numpy.core.multiarray.scalar",
-    "numpy._core.multiarray.scalar",
-    "numpy.core.multiarray._reconstruct",
-    "numpy._core.multiarray._reconstruct",
+#: Globals a checkpoint of the supported families names: module classes of torch, ultralytics,
+#: yolov5 (``models.``) and meituan (``yolov6.``), tensor rebuilders, containers, NumPy scalars,
+#: argument holders. They are recorded by name, never imported; anything else is refused
+#: because only a file made to run code would name it.
+_ALLOWED_NAMES = frozenset(
+    {
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_parameter_with_state",
+        "torch.Size",
+        "collections.OrderedDict",
+        "builtins.set",
+        "builtins.frozenset",
+        "builtins.slice",
+        "builtins.complex",
+        "_codecs.encode",
+        "numpy.dtype",
+        "numpy.ndarray",
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "argparse.Namespace",
+        "types.SimpleNamespace",
+        "ultralytics.utils.IterableSimpleNamespace",
+        "pathlib.Path",
+        "pathlib.PosixPath",
+        "pathlib.WindowsPath",
+        "pathlib.PurePosixPath",
+        "pathlib.PureWindowsPath",
+        "torch.storage.UntypedStorage",
+        "torch.storage.TypedStorage",
+        *(
+            f"torch.{kind}Storage"
+            for kind in ("Float", "Half", "BFloat16", "Double", "Long", "Int", "Short", "Char")
+            + ("Byte", "Bool")
+        ),
+        *(
+            f"torch.{dt}"
+            for dt in ("float16", "float32", "float64", "bfloat16", "int64", "int32", "uint8")
+            + ("bool",)
+        ),
+    }
 )
-
-#: Other globals that may be referenced but never called: storage types, dtypes, NumPy arrays.
-_VALUE_NAMES = (
-    "numpy.ndarray",
-    "torch.storage.UntypedStorage",
-    "torch.storage.TypedStorage",
-    *(
-        f"torch.{kind}Storage"
-        for kind in (
-            "Float",
-            "Half",
-            "BFloat16",
-            "Double",
-            "Long",
-            "Int",
-            "Short",
-            "Char",
-            "Byte",
-            "Bool",
-        )
-    ),
-    *(
-        f"torch.{dt}"
-        for dt in ("float16", "float32", "float64", "bfloat16", "int64", "int32", "uint8", "bool")
-    ),
+_ALLOWED_PREFIXES = (
+    "torch.nn.modules.",
+    "ultralytics.nn.modules.",
+    "ultralytics.nn.tasks.",
+    "models.common.",
+    "models.yolo.",
+    "models.experimental.",
+    "yolov6.layers.",
+    "yolov6.models.",
 )
-
-#: Plain attribute holders found in some checkpoints (``opt``, ``train_args``), rebuilt as
-#: :class:`types.SimpleNamespace`: no behaviour of the original class is kept.
-_NAMESPACE_NAMES = (
-    "argparse.Namespace",
-    "types.SimpleNamespace",
-    "ultralytics.utils.IterableSimpleNamespace",
-)
-
-#: Path objects in training arguments: rebuilt as plain strings.
-_PATH_NAMES = (
-    "pathlib.Path",
-    "pathlib.PosixPath",
-    "pathlib.WindowsPath",
-    "pathlib.PurePosixPath",
-    "pathlib.PureWindowsPath",
+#: ``ultralytics.nn.tasks`` also holds functions (``torch_safe_load``...): only classes count.
+_TASK_CLASSES = frozenset(
+    {
+        "DetectionModel",
+        "SegmentationModel",
+        "ClassificationModel",
+        "PoseModel",
+        "OBBModel",
+        "WorldModel",
+        "RTDETRDetectionModel",
+        "BaseModel",
+    }
 )
 
 
-def _path_as_str(*parts: Any) -> str:
-    return os.path.join(*(str(p) for p in parts)) if parts else ""
+def is_allowed_global(name: str) -> bool:
+    """Whether a checkpoint of the supported families may name global ``name``."""
+    if name in _ALLOWED_NAMES:
+        return True
+    if not name.startswith(_ALLOWED_PREFIXES):
+        return False
+    module, _, attr = name.rpartition(".")
+    if not attr.isidentifier() or not attr[:1].isupper():
+        return False  # classes only (functions are lower case in all these packages)
+    if module == "ultralytics.nn.tasks":
+        return attr in _TASK_CLASSES
+    return all(part.isidentifier() for part in module.split("."))
 
 
-def _namespace(*args: Any, **kwargs: Any):
-    import types
-
-    return types.SimpleNamespace(**kwargs)
-
-
-def _resolve_dotted(fullname: str):
-    import importlib
-
-    module, _, name = fullname.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-_STANDIN_CACHE: dict[str, type] = {}
-
-
-def inert_standin(fullname: str) -> type:
-    """An inert ``torch.nn.Module`` subclass standing in for a foreign class ``fullname``.
-
-    Unpickling restores its attributes (sub-modules, parameters, plain values) and nothing
-    else: it has no methods of the original and cannot run.
-    """
-    import torch
-
-    cls = _STANDIN_CACHE.get(fullname)
-    if cls is None:
-
-        def forward(self, *args, **kwargs):
-            raise TypeError(f"{fullname} is an inert stand-in and cannot run")
-
-        name = fullname.rpartition(".")[2]
-        cls = type(name, (torch.nn.Module,), {"forward": forward, "origin": fullname})
-        _STANDIN_CACHE[fullname] = cls
-    return cls
-
-
-def _module_class(fullname: str):
-    """The ``torch.nn`` / ``ultralytics.nn`` module class ``fullname``, or None if not one."""
-    if fullname.startswith("torch.nn.modules."):
-        pass
-    elif fullname.startswith(("ultralytics.nn.modules.", "ultralytics.nn.tasks.")):
-        from napari_yolocell.models.ultralytics_env import import_ultralytics
-
-        import_ultralytics()
-    else:
-        return None
-    import torch
-
-    module, _, name = fullname.rpartition(".")
-    if not name.isidentifier() or any(not p.isidentifier() for p in module.split(".")):
-        return None
-    try:
-        obj = _resolve_dotted(fullname)
-    except (ImportError, AttributeError):
-        return None
-    if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
-        return obj
-    return None
-
-
-class SafeUnpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcodes can be checked
-    """Unpickler that builds tensors, containers and allow-listed ``nn.Module`` classes only.
-
-    - globals off the allow-list raise before they are looked up (nothing is imported for
-      them);
-    - only data constructors (:data:`_CALLABLE_NAMES`) may be *called* (REDUCE); module
-      classes are created with ``cls.__new__`` and filled from their pickled ``__dict__``,
-      never through ``__init__``;
-    - protocol-0/1 instantiation (INST/OBJ) and the copyreg extension registry are refused.
-
-    Parameters
-    ----------
-    file : binary file
-        The pickle stream.
-    persistent_load : callable, optional
-        Resolves persistent ids (tensor storages of ``torch.save`` zips).
-    standins : dict, optional
-        Full global name -> class to use instead (see :data:`STANDIN_PREFIXES`).
-    """
-
-    dispatch = dict(pickle._Unpickler.dispatch)
-
-    def __init__(self, file, persistent_load=None, standins: dict[str, type] | None = None):
-        super().__init__(file, encoding="latin1")
-        self._persistent = persistent_load
-        self._standins = standins or {}
-        self._callables: set[int] = set()
-        self._classes: set[int] = set()
-
-    def persistent_load(self, pid):
-        if self._persistent is None:
-            raise pickle.UnpicklingError("persistent ids are not supported in this file")
-        return self._persistent(pid)
-
-    def find_class(self, module: str, name: str):
-        fullname = _canonical(module, name)
-        if fullname in _CALLABLE_NAMES or fullname in _VALUE_NAMES:
-            obj = _resolve_dotted(fullname)
-            if fullname in _CALLABLE_NAMES:
-                self._callables.add(id(obj))
-            return obj
-        if fullname in _NAMESPACE_NAMES:
-            self._callables.add(id(_namespace))
-            return _namespace
-        if fullname in _PATH_NAMES:
-            self._callables.add(id(_path_as_str))
-            return _path_as_str
-        cls = self._standins.get(fullname)
-        if cls is None and fullname.startswith(STANDIN_PREFIXES):
-            cls = inert_standin(fullname)
-        if cls is None:
-            cls = _module_class(fullname)
-        if cls is None:
-            raise _Refused(fullname)
-        self._classes.add(id(cls))
-        return cls
-
-    def load_reduce(self):
-        args = self.stack.pop()
-        func = self.stack[-1]
-        if id(func) not in self._callables:
-            raise _Refused(f"call of {_qualname(func)}")
-        self.stack[-1] = func(*args)
-
-    def load_newobj(self):
-        args = self.stack.pop()
-        cls = self.stack.pop()
-        self.append(self._new(cls, args))
-
-    def load_newobj_ex(self):
-        kwargs = self.stack.pop()
-        args = self.stack.pop()
-        cls = self.stack.pop()
-        if kwargs:
-            raise _Refused(f"keyword construction of {_qualname(cls)}")
-        self.append(self._new(cls, args))
-
-    def _new(self, cls, args):
-        if id(cls) in self._callables and cls in (set, frozenset, complex):
-            return cls.__new__(cls, *args)
-        if id(cls) not in self._classes or args:
-            raise _Refused(f"construction of {_qualname(cls)}")
-        return cls.__new__(cls)
-
-    def load_build(self):
-        import torch
-
-        inst = self.stack[-2]  # the state is on top
-
-        # Module.__setstate__ only updates __dict__; tensors and NumPy objects rebuild their
-        # own data. Anything else gets no BUILD (a __setstate__ could run code).
-        if not (
-            id(type(inst)) in self._classes
-            or isinstance(inst, (torch.Tensor, torch.nn.Module))
-            or type(inst).__module__.split(".")[0] == "numpy"
-        ):
-            raise _Refused(f"state of {_qualname(type(inst))}")
-        super().load_build()
-
-    def _refuse_opcode(self):
-        raise _Refused("a protocol-0/1 instantiation or copyreg extension")
-
-    dispatch[pickle.REDUCE[0]] = load_reduce
-    dispatch[pickle.NEWOBJ[0]] = load_newobj
-    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
-    dispatch[pickle.BUILD[0]] = load_build
-    for _op in (pickle.INST, pickle.OBJ, pickle.EXT1, pickle.EXT2, pickle.EXT4):
-        dispatch[_op[0]] = _refuse_opcode
-    del _op
-
-
-def _canonical(module: str, name: str) -> str:
-    module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)
-    return f"{module}.{name}"
-
-
-def _qualname(obj: Any) -> str:
-    module = getattr(obj, "__module__", None) or type(obj).__module__
-    return f"{module}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
-
-
-def _is_allowed(fullname: str, standins: dict[str, type]) -> bool:
-    return (
-        fullname in _CALLABLE_NAMES
-        or fullname in _VALUE_NAMES
-        or fullname in _NAMESPACE_NAMES
-        or fullname in _PATH_NAMES
-        or fullname in standins
-        or fullname.startswith(STANDIN_PREFIXES)
-        or _module_class(fullname) is not None
-    )
-
-
-_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
-               "SHORT_BINUNICODE", "BINUNICODE8"}  # fmt: skip
-
-
-def pickle_globals(data: bytes) -> list[str]:
-    """Every global a pickle references, read from its opcodes without building anything.
-
-    ``STACK_GLOBAL`` takes its names from the stack; they are followed through the memo. A
-    global whose name is not two literal strings is reported as ``"<computed global>"``.
-
-    Raises
-    ------
-    ValueError
-        The data is not a complete pickle.
-    """
-    import pickletools
-
-    found: list[str] = []
-    memo: dict[int, Any] = {}
-    recent: list[Any] = []  # values pushed by the last ops (strings or None)
-    try:
-        for op, arg, _pos in pickletools.genops(data):
-            name = op.name
-            if name in ("GLOBAL", "INST"):
-                module, _, attr = str(arg).partition(" ")
-                found.append(_canonical(module, attr))
-            elif name == "STACK_GLOBAL":
-                module, attr = recent[-2:] if len(recent) >= 2 else (None, None)
-                if isinstance(module, str) and isinstance(attr, str):
-                    found.append(_canonical(module, attr))
-                else:
-                    found.append("<computed global>")
-            elif name.startswith("EXT"):
-                found.append(f"<copyreg extension {arg}>")
-            if name in _STRING_OPS:
-                recent.append(arg if isinstance(arg, str) else None)
-            elif name == "MEMOIZE":
-                memo[len(memo)] = recent[-1] if recent else None
-            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[int(arg)] = recent[-1] if recent else None
-            elif name in ("GET", "BINGET", "LONG_BINGET"):
-                recent.append(memo.get(int(arg)))
-            elif name not in ("FRAME", "PROTO"):
-                recent.append(None)
-            del recent[:-4]
-    except Exception as err:  # genops raises ValueError / struct errors on damaged data
-        raise ValueError(f"not a complete pickle ({err})") from err
-    return found
-
-
-_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-def _zip_pickle(path: Path):
-    """``(data.pkl bytes, storage loader)`` of a ``torch.save`` zip archive."""
-    import zipfile
-
-    import torch
-
-    archive = zipfile.ZipFile(path)
-    names = archive.namelist()
-    pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
-    if not pkl:
-        raise ValueError("a zip archive without data.pkl (not a PyTorch checkpoint)")
-    prefix = pkl[0][: -len("data.pkl")]
-    order = "little"
-    if prefix + "byteorder" in names:
-        order = archive.read(prefix + "byteorder").decode()
-    if order != "little":
-        raise ValueError(f"unsupported byte order {order!r}")
-    storages: dict[str, Any] = {}
-
-    def load_storage(pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
-        storage_type, key, _location, numel = pid[1:]
-        key = key.decode() if isinstance(key, bytes) else str(key)
-        if key not in storages:
-            dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type._dtype
-            raw = bytearray(archive.read(f"{prefix}data/{key}"))
-            nbytes = numel * torch._utils._element_size(dtype)
-            if len(raw) < nbytes:
-                raise ValueError(f"truncated tensor data {key!r}")
-            untyped = (
-                torch.frombuffer(raw, dtype=torch.uint8).untyped_storage()
-                if raw
-                else (torch.UntypedStorage(0))
-            )
-            storages[key] = torch.storage.TypedStorage(
-                wrap_storage=untyped, dtype=dtype, _internal=True
-            )
-        return storages[key]
-
-    return archive.read(pkl[0]), load_storage
-
-
-def _check_globals(path: Path, data: bytes, standins: dict[str, type]) -> None:
-    for name in pickle_globals(data):
-        if not _is_allowed(name, standins):
-            raise UntrustedModelError(path, name)
-
-
-def safe_load(path: str | os.PathLike, standins: dict[str, type] | None = None) -> Any:
-    """Read a PyTorch checkpoint without executing any of its pickled code.
-
-    The pickle's globals are checked first, from its opcodes (nothing is built); a file that
-    references anything off the allow-list is refused there. Then :class:`SafeUnpickler`
-    rebuilds it, enforcing the same list again while it builds.
+def read_model_file(
+    path: str | os.PathLike,
+    expected_sha256: str | None = None,
+    trusted: bool = False,
+    data: bytes | None = None,
+):
+    """A checkpoint read once and as data (see :mod:`~napari_yolocell.models.pickle_data`).
 
     Parameters
     ----------
     path : path-like
-        ``.pt`` file (``torch.save`` zip, or a plain pickle).
-    standins : dict, optional
-        Global name -> stand-in class for foreign classes (classic YOLOv5, meituan YOLOv6).
+        The ``.pt`` file (a symbolic link is refused).
+    expected_sha256 : str, optional
+        The hash the bytes read must have (bundled weights).
+    trusted : bool
+        Skip the refusal of unknown globals (the file is still read as data only). Files whose
+        hash is in the trust store are trusted too.
+    data : bytes, optional
+        The file's bytes, already read once by the caller.
 
     Returns
     -------
-    object
-        What ``torch.load`` would return (module classes of foreign code as stand-ins).
+    napari_yolocell.models.pickle_data.Checkpoint
 
     Raises
     ------
+    FileNotFoundError
+        No such file.
     UntrustedModelError
-        The file references a global off the allow-list (names the file and the global).
+        Its pickle names a global no supported checkpoint holds.
     WeightsError
-        The file is not a readable checkpoint (truncated, random bytes...).
+        Not a readable checkpoint, or not the expected hash (one line naming the file).
     """
-    import io
-    import zipfile
-
+    from napari_yolocell.models import pickle_data
     from napari_yolocell.models.spec import WeightsError
 
     path = Path(path)
-    standins = standins or {}
     try:
-        if zipfile.is_zipfile(path):
-            data, persistent = _zip_pickle(path)
-        else:
-            data, persistent = path.read_bytes(), None
-            first = pickle_globals_prefix(data)
-            if first == _TORCH_MAGIC:
-                raise ValueError("legacy (PyTorch < 1.6) checkpoint format; re-save it")
-        _check_globals(path, data, standins)
-        return SafeUnpickler(io.BytesIO(data), persistent, standins).load()
-    except UntrustedModelError:
-        raise
-    except _Refused as err:
-        raise UntrustedModelError(path, err.name) from None
-    except Exception as err:  # zip / pickle / torch errors vary: report them as one
-        raise WeightsError(
-            f"cannot read model weights {str(path)!r}: {type(err).__name__}: {err}"
-        ) from None
-
-
-def pickle_globals_prefix(data: bytes) -> Any:
-    """The first pickled value of ``data`` if it is a plain int (the legacy torch magic)."""
-    import pickletools
-
-    try:
-        for op, arg, _pos in pickletools.genops(data):
-            if op.name in ("PROTO", "FRAME"):
-                continue
-            return arg if isinstance(arg, int) and op.name.startswith("LONG") else None
-    except Exception:
-        return None
-    return None
+        data = pickle_data.read_bytes(path) if data is None else data
+        digest = hashlib.sha256(data).hexdigest()
+        if expected_sha256 and digest != expected_sha256.lower():
+            raise WeightsError(
+                f"SHA-256 mismatch for model weights {str(path)!r}: expected {expected_sha256}, "
+                f"got {digest}. The file is corrupt or was replaced; it was not loaded."
+            )
+        ckpt = pickle_data.read_checkpoint(path, data)
+    except pickle_data.PickleDataError as err:
+        raise WeightsError(f"cannot read model weights {str(path)!r}: {err}") from None
+    except MemoryError:
+        raise WeightsError(f"cannot read model weights {str(path)!r}: out of memory") from None
+    if not (trusted or is_trusted(ckpt.sha256)):
+        for name in ckpt.globals:
+            if not is_allowed_global(name):
+                raise UntrustedModelError(path, name, ckpt.sha256, ckpt.size)
+    return ckpt
 
 
 def checkpoint_globals(path: str | os.PathLike) -> list[str]:
-    """The globals a ``.pt`` file's pickle references (nothing is built or run).
+    """The globals a ``.pt`` file's pickle names, in order (nothing is built or run).
 
     Raises
     ------
     WeightsError
         Not a readable checkpoint.
     """
-    import zipfile
-
-    from napari_yolocell.models.spec import WeightsError
-
-    path = Path(path)
-    try:
-        data = _zip_pickle(path)[0] if zipfile.is_zipfile(path) else path.read_bytes()
-        return pickle_globals(data)
-    except Exception as err:
-        raise WeightsError(
-            f"cannot read model weights {str(path)!r}: {type(err).__name__}: {err}"
-        ) from None
+    return list(read_model_file(path, trusted=True).globals)
 
 
-def check_file(path: str | os.PathLike, standins: dict[str, type] | None = None) -> None:
-    """Refuse a checkpoint whose pickle references anything off the allow-list.
-
-    Reads the opcodes only (see :func:`pickle_globals`): nothing is built or run.
+def check_file(path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose pickle names a global off the allow-list (read as data).
 
     Raises
     ------
@@ -628,20 +329,31 @@ def check_file(path: str | os.PathLike, standins: dict[str, type] | None = None)
     WeightsError
         Not a readable checkpoint.
     """
-    names = checkpoint_globals(path)
-    for name in names:
-        if not _is_allowed(name, standins or {}):
-            raise UntrustedModelError(path, name)
+    read_model_file(path)
 
 
 def require_safe(path: str | os.PathLike) -> None:
-    """Before a full unpickle (ultralytics' training does one): the file must be trusted, or its
-    pickle must reference nothing off the allow-list (any genuine ultralytics checkpoint).
+    """Refuse a file that is not a checkpoint we can read as data and rebuild.
+
+    Since training gets a network rebuilt by us (never the file), this is an early, one-line
+    check for the command line; the same checks run again when the network is built.
 
     Raises
     ------
-    UntrustedModelError
-        Names the file and the first offending global.
+    UntrustedModelError, WeightsError
+        Names the file and what is wrong.
     """
-    if not is_trusted(file_sha256(path)):
-        check_file(path)
+    from napari_yolocell.models import netbuild, pickle_data
+    from napari_yolocell.models.spec import WeightsError
+
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        try:
+            netbuild.read_architecture_yaml(path)
+        except netbuild.ArchitectureError as err:
+            raise WeightsError(str(err)) from None
+        return
+    ckpt = read_model_file(path)
+    try:
+        netbuild.family_of(ckpt.root)
+    except pickle_data.PickleDataError as err:
+        raise WeightsError(f"cannot load model weights {str(path)!r}: {err}") from None

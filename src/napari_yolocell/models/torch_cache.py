@@ -1,8 +1,9 @@
-"""The pickle-free form of a checkpoint: made once, loaded on every later run (issue #14).
+"""The pickle-free form of a checkpoint: made once, loaded on every later run (issues #14, #21).
 
 A ``.pt`` checkpoint is a pickle. The first time a checkpoint that is not bundled is loaded
-for PyTorch (through :func:`napari_yolocell.models.safety.safe_load`, or fully when the user
-trusts it), its network is converted into ``<cache>/<SHA-256 of the .pt>/torch-v1/``:
+for PyTorch, it is read as data (:func:`napari_yolocell.models.safety.read_model_file`), its
+network rebuilt by us (:mod:`~napari_yolocell.models.netbuild`), and converted into
+``<cache>/<SHA-256 of the .pt>/torch-v1/``:
 
 - ``weights.safetensors``: every parameter and buffer (raw tensors; nothing in it can run);
 - ``model.json``: the family, the architecture (the ultralytics model YAML, the classic YOLOv5
@@ -10,43 +11,48 @@ trusts it), its network is converted into ``<cache>/<SHA-256 of the .pt>/torch-v
   class names, stride, the checkpoint's ``"yolocell"`` settings and training arguments, the
   SHA-256 of ``weights.safetensors`` and of the JSON body itself.
 
-Later loads rebuild the network from the JSON and read the weights with
-``safetensors.torch.load_file``: the ``.pt`` is hashed (to find its entry), never unpickled
-again. An entry is written to a temporary folder and renamed into place (``os.replace``) only
-after the rebuilt network has given the same output as the loaded one; an entry that fails its
-hashes or cannot be rebuilt is deleted and made again from the checkpoint.
+Later loads rebuild the network from the JSON (the architecture checked again, by the same
+schema) and read the weights with ``safetensors.torch.load_file``: the ``.pt`` is hashed (to
+find its entry), never parsed again. Every entry is signed with the user's secret key
+(:func:`~napari_yolocell.models.user_cache.sign_folder`); one that fails its signature (planted,
+edited, copied from someone else) or cannot be rebuilt is deleted and made again from the
+checkpoint. An entry is written to a private temporary folder and renamed into place
+(``os.replace``) only after the rebuilt network has given the same output as the loaded one.
+The network handed on is always the one rebuilt from the entry.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-from napari_yolocell.models import classic, meituan
-from napari_yolocell.models.checkpoints import _yolo_from_checkpoint, load_network, network_family
+from napari_yolocell.models import classic, meituan, netbuild, pickle_data, safety
+from napari_yolocell.models.checkpoints import load_network, network_family, network_from_checkpoint
 from napari_yolocell.models.integrity import file_sha256
-from napari_yolocell.models.ultralytics_env import import_ultralytics
-from napari_yolocell.models.user_cache import cache_root, weights_sha256
+from napari_yolocell.models.spec import WeightsError
+from napari_yolocell.models.user_cache import (
+    cache_root,
+    entry_tempdir,
+    sign_folder,
+    verify_folder,
+)
 
 #: Bump when the stored form changes: older entries are then ignored.
 CACHE_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_FILE = "model.json"
 _FORMAT = "napari-yolocell pickle-free network"
-_SCALARS = (bool, int, float, str, type(None))
-#: Largest tensor kept in the JSON (attributes such as strides; weights go to safetensors).
-_MAX_JSON_TENSOR = 4096
+#: Largest model.json read (architectures and module trees are a few hundred KB at most).
+_MAX_JSON_BYTES = 8 * 1024 * 1024
 
 
 class CacheEntryError(ValueError):
-    """A cache entry that is damaged, stale or does not rebuild the network it describes."""
+    """A cache entry that is damaged, stale, not ours, or does not rebuild its network."""
 
 
 def cache_dir(key: str, root: Path | None = None) -> Path:
@@ -54,7 +60,13 @@ def cache_dir(key: str, root: Path | None = None) -> Path:
     return (root or cache_root()) / key / f"torch-v{CACHE_VERSION}"
 
 
-def load_network_cached(path: str | Path, trusted: bool = False, root: Path | None = None):
+def _purpose(key: str) -> str:
+    return f"torch-v{CACHE_VERSION}:{key}"
+
+
+def load_network_cached(
+    path: str | Path, trusted: bool = False, root: Path | None = None, sha256: str | None = None
+):
     """:func:`~napari_yolocell.models.checkpoints.load_network` through the pickle-free cache.
 
     Parameters
@@ -62,14 +74,16 @@ def load_network_cached(path: str | Path, trusted: bool = False, root: Path | No
     path : str or Path
         ``.pt`` checkpoint (an architecture YAML is passed to ``load_network`` as it is).
     trusted : bool
-        Passed to ``load_network`` when the checkpoint itself must be read.
+        Lift the refusal of unknown globals when the checkpoint itself must be read.
     root : pathlib.Path, optional
         Cache folder (default :func:`~napari_yolocell.models.user_cache.cache_root`).
+    sha256 : str, optional
+        The hash the file's bytes must have.
 
     Returns
     -------
     ultralytics.YOLO or classic.ObjectnessToScores
-        What ``load_network`` returns, rebuilt from the cache when an entry exists.
+        The network rebuilt from the (signed) cache entry.
 
     Raises
     ------
@@ -79,24 +93,32 @@ def load_network_cached(path: str | Path, trusted: bool = False, root: Path | No
     path = Path(path)
     if path.suffix.lower() in (".yaml", ".yml"):
         return load_network(path)
-    key = weights_sha256(path)
+    try:
+        data = pickle_data.read_bytes(path)  # read once: hashed and parsed from these bytes
+    except pickle_data.PickleDataError as err:
+        raise WeightsError(f"cannot read model weights {str(path)!r}: {err}") from None
+    key = hashlib.sha256(data).hexdigest()
+    if sha256 and key != sha256.lower():
+        raise WeightsError(f"SHA-256 mismatch for model weights {str(path)!r}; it was not loaded")
     folder = cache_dir(key, root)
-    if folder.is_dir():
+    if folder.exists() or folder.is_symlink():
         try:
             return rebuild(folder, path, key)
-        except Exception as err:  # damaged or stale entry: never used, made again below
+        except Exception as err:  # damaged, planted or stale entry: never used, made again
             warnings.warn(
-                f"ignoring the damaged cached form of {str(path)!r} ({err}); rebuilding it",
+                f"ignoring the damaged cached form of {str(path)!r} ({_short(err)}); rebuilding it",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            shutil.rmtree(folder, ignore_errors=True)
-    model = load_network(path, trusted=trusted)
+            _remove(folder)
+    ckpt = safety.read_model_file(path, data=data, trusted=trusted)
+    model = network_from_checkpoint(ckpt, path)
+    del ckpt, data
     try:
-        store(model, folder, key, path)
-    except Exception as err:  # an architecture we cannot describe: load from the .pt each time
+        return store(model, folder, key, path)
+    except Exception as err:  # an architecture we cannot describe: rebuilt from the .pt each time
         warnings.warn(
-            f"cannot cache {str(path)!r} in a pickle-free form ({type(err).__name__}: {err}); "
+            f"cannot cache {str(path)!r} in a pickle-free form ({_short(err)}); "
             "it is read from the checkpoint at every load",
             RuntimeWarning,
             stacklevel=2,
@@ -104,8 +126,20 @@ def load_network_cached(path: str | Path, trusted: bool = False, root: Path | No
     return model
 
 
-def store(model, folder: Path, key: str, path: str | Path) -> Path:
-    """Write the pickle-free form of a loaded network to ``folder``, atomically.
+def _short(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def _remove(folder: Path) -> None:
+    if folder.is_symlink() or folder.is_file():
+        folder.unlink()
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def store(model, folder: Path, key: str, path: str | Path):
+    """Write the signed pickle-free form of a network to ``folder``; return it rebuilt from there.
 
     The entry is renamed into place only after the network rebuilt from it gives the same
     raw output as ``model``.
@@ -121,20 +155,19 @@ def store(model, folder: Path, key: str, path: str | Path) -> Path:
 
     body, tensors = describe(model)
     body["source_sha256"] = key
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = entry_tempdir(folder)
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable by all
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         body["files"] = {WEIGHTS_FILE: file_sha256(tmp / WEIGHTS_FILE)}
         _write_json(tmp / MODEL_FILE, body)
+        sign_folder(tmp, _purpose(key))
         again = rebuild(tmp, path, key)
         x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
         expected, got = _raw_output(model, x), _raw_output(again, x)
         if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-4):
             raise ValueError("the network rebuilt from its cached form gives other outputs")
-        if folder.is_dir():  # a damaged entry left behind
-            shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists() or folder.is_symlink():  # a damaged entry left behind
+            _remove(folder)
         try:
             os.replace(tmp, folder)
         except OSError:
@@ -142,42 +175,34 @@ def store(model, folder: Path, key: str, path: str | Path) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return again
 
 
 def describe(model) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The JSON body and the tensors of a loaded network (see the module docstring).
+    """The JSON body and the tensors of a network we built (see the module docstring).
 
     Raises
     ------
     ValueError
-        A network this cache cannot describe (custom classes, large non-weight tensors...).
+        A network this cache cannot describe.
     """
     family = network_family(model)
     body: dict[str, Any] = {"format": _FORMAT, "version": CACHE_VERSION, "family": family}
     if family == "ultralytics":
         net = model.model
-        if f"{type(net).__module__}.{type(net).__qualname__}" != (
-            "ultralytics.nn.tasks.DetectionModel"
-        ):
-            raise ValueError(f"{type(net).__qualname__} networks are not cached")
         ckpt = model.ckpt if isinstance(getattr(model, "ckpt", None), dict) else {}
-        settings = ckpt.get("yolocell")
         body["architecture"] = {"yaml": _json_plain(net.yaml)}
-        body["modules"] = _module_scalars(net)
-        body["train_args"] = json.loads(json.dumps(ckpt.get("train_args") or {}, default=str))
-        body["yolocell"] = _json_plain(settings) if isinstance(settings, dict) else None
-        body["names"] = _encode(dict(net.names))
-        body["stride"] = [float(s) for s in net.stride.tolist()]
+        body["batchnorm"] = _batchnorm(net)
+        body["yolocell"] = netbuild.checkpoint_settings(ckpt.get("yolocell"))
+        body["names"] = {str(k): str(v) for k, v in dict(net.names).items()}
         tensors = net.state_dict()
     else:
         net = model.net
-        body["names"] = _encode(dict(model.names))
+        body["names"] = {str(k): str(v) for k, v in dict(model.names).items()}
         body["stride"] = [float(s) for s in model.stride.tolist()]
-        body["yolocell"] = None
         if family == "yolov5-classic":
             body["architecture"] = {"yaml": _json_plain(net.yaml)}
-            body["modules"] = _module_scalars(net)
+            body["batchnorm"] = _batchnorm(net)
             body["head_stride"] = [float(s) for s in net.model[-1].stride.tolist()]
             tensors = net.state_dict()
         else:
@@ -187,22 +212,34 @@ def describe(model) -> tuple[dict[str, Any], dict[str, Any]]:
     return body, {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
 
+def _batchnorm(net) -> dict[str, dict[str, float | None]]:
+    from torch import nn
+
+    return {
+        name: {"eps": float(m.eps), "momentum": None if m.momentum is None else float(m.momentum)}
+        for name, m in net.named_modules()
+        if isinstance(m, nn.BatchNorm2d)
+    }
+
+
 def rebuild(folder: Path, path: str | Path, key: str):
     """The network stored in ``folder``, as :func:`load_network` would return it.
 
     Raises
     ------
     CacheEntryError
-        Missing or damaged files (hash mismatch, bad JSON), an entry for other weights, or an
-        architecture that does not take the stored weights.
+        Not signed by this user for these weights, missing or damaged files, or an
+        architecture outside the schema or that does not take the stored weights.
     """
     from safetensors.torch import load_file
 
+    if not verify_folder(folder, _purpose(key)):
+        raise CacheEntryError("not signed by this user's cache key (planted or edited)")
     try:
-        text = (folder / MODEL_FILE).read_text(encoding="utf-8")
-        body = json.loads(text)
+        raw = pickle_data.read_bytes(folder / MODEL_FILE, limit=_MAX_JSON_BYTES)
+        body = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError) as err:
-        raise CacheEntryError(f"unreadable {MODEL_FILE}: {err}") from err
+        raise CacheEntryError(f"unreadable {MODEL_FILE}: {type(err).__name__}") from None
     if not isinstance(body, dict) or body.get("body_sha256") != _body_sha256(body):
         raise CacheEntryError(f"{MODEL_FILE} does not match its hash")
     if body.get("format") != _FORMAT or body.get("version") != CACHE_VERSION:
@@ -215,99 +252,66 @@ def rebuild(folder: Path, path: str | Path, key: str):
     tensors = load_file(str(weights))
     if sorted(tensors) != body["tensors"]:
         raise CacheEntryError("the stored tensors are not the ones listed")
+    rebuilder = _REBUILDERS.get(body.get("family"))
+    if rebuilder is None:
+        raise CacheEntryError("an unknown model family")
     try:
-        return _REBUILDERS[body["family"]](body, tensors, Path(path))
+        return rebuilder(body, tensors, Path(path))
     except CacheEntryError:
         raise
     except Exception as err:  # any mismatch between architecture and weights
-        raise CacheEntryError(f"{type(err).__name__}: {err}") from err
+        raise CacheEntryError(_short(err)) from None
 
 
 def _rebuild_ultralytics(body: dict, tensors: dict, path: Path):
-    import torch
-
-    import_ultralytics()
-    from ultralytics.nn.tasks import DetectionModel
-
-    yaml = copy.deepcopy(body["architecture"]["yaml"])
-    check_ultralytics_yaml(yaml)
-    net = DetectionModel(
-        cfg=yaml, ch=int(yaml.get("channels", 3)), nc=yaml.get("nc"), verbose=False
-    )
-    net.load_state_dict(tensors, strict=True)
-    _restore_scalars(net, body["modules"])
-    net.names = _decode(body["names"])
-    net.stride = torch.tensor(body["stride"])
-    ckpt = {"model": net, "train_args": body["train_args"]}
-    if body.get("yolocell") is not None:
-        ckpt["yolocell"] = body["yolocell"]
-    return _yolo_from_checkpoint(path, ckpt)
-
-
-#: Activations an ultralytics model YAML may set: ultralytics ``eval``s this string.
-_ACTIVATIONS = frozenset(
-    {
-        "nn.SiLU()",
-        "nn.ReLU()",
-        "nn.ReLU6()",
-        "nn.LeakyReLU()",
-        "nn.LeakyReLU(0.1)",
-        "nn.Hardswish()",
-        "nn.Mish()",
-        "nn.GELU()",
-        "nn.Identity()",
-    }
-)
+    try:
+        net = netbuild.build_ultralytics(
+            body["architecture"]["yaml"], tensors, body.get("batchnorm") or {}, body["names"]
+        )
+    except netbuild.ArchitectureError as err:
+        raise CacheEntryError(f"architecture not allowed: {err}") from None
+    net.names = {int(k): str(v) for k, v in body["names"].items()}
+    return netbuild.yolo_from_network(net, netbuild.checkpoint_settings(body.get("yolocell")))
 
 
 def check_ultralytics_yaml(yaml: dict) -> None:
-    """Refuse a model YAML that would make ultralytics run anything but its layer classes.
-
-    The YAML comes from the checkpoint (untrusted data): ultralytics' ``parse_model``
-    ``eval``s its ``activation`` and looks each layer's name up in its own module namespace,
-    which also holds functions (``torch_safe_load``...). Only known activations and
-    ``torch.nn`` / ultralytics ``nn.Module`` classes pass.
+    """Refuse an architecture outside the schema (see :func:`netbuild.check_ultralytics_yaml`).
 
     Raises
     ------
     ValueError
         Names what is refused.
     """
-    import torch
-
-    import_ultralytics()
-    import ultralytics.nn.tasks as tasks
-
-    act = yaml.get("activation")
-    if act is not None and act not in _ACTIVATIONS:
-        raise ValueError(f"model YAML activation {act!r} is not allowed")
-    layers = yaml.get("backbone", []) + yaml.get("head", [])
-    if not layers or not all(isinstance(x, list) and len(x) == 4 for x in layers):
-        raise ValueError("model YAML layers must be [from, number, module, args] lists")
-    for _, _, name, _ in layers:
-        if not isinstance(name, str):
-            raise ValueError(f"model YAML module {name!r} is not a name")
-        if name.startswith("nn."):
-            cls = getattr(torch.nn, name[3:], None)
-        else:
-            cls = vars(tasks).get(name)
-        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-            raise ValueError(f"model YAML module {name!r} is not a network layer class")
+    try:
+        netbuild.check_ultralytics_yaml(yaml)
+    except netbuild.ArchitectureError as err:
+        raise ValueError(f"model YAML not allowed: {err}") from None
 
 
 def _rebuild_classic(body: dict, tensors: dict, path: Path):
     import torch
 
-    net = classic.ClassicYolov5(copy.deepcopy(body["architecture"]["yaml"]))
+    try:
+        cfg = netbuild.check_classic_yaml(body["architecture"]["yaml"])
+    except netbuild.ArchitectureError as err:
+        raise CacheEntryError(f"architecture not allowed: {err}") from None
+    net = classic.ClassicYolov5(cfg)
     net.load_state_dict(tensors, strict=True)
-    _restore_scalars(net, body["modules"])
-    net.model[-1].stride = torch.tensor(body["head_stride"])
+    netbuild.apply_batchnorm_settings(net, body.get("batchnorm") or {})
+    stride = torch.tensor([float(s) for s in body["head_stride"]])
+    if stride.shape != (net.model[-1].nl,) or not bool(((stride >= 1) & (stride <= 128)).all()):
+        raise CacheEntryError("strides out of range")
+    net.model[-1].stride = stride
     return _wrap(net.eval(), body)
 
 
 def _rebuild_meituan(body: dict, tensors: dict, path: Path):
-    classes = {name: cls for name, cls in meituan.standins().items()}
-    net = _build_tree(body["architecture"]["tree"], "", tensors, classes)
+    try:
+        tree = _decode_tree(body["architecture"]["tree"])
+        net = netbuild.build_tree(tree, tensors, meituan.standins())
+    except netbuild.ArchitectureError as err:
+        raise CacheEntryError(f"module tree not allowed: {err}") from None
+    net = meituan.build({"model": net}, "cache entry")
     return _wrap(net.eval(), body)
 
 
@@ -319,8 +323,11 @@ _REBUILDERS = {
 
 
 def _wrap(net, body: dict):
-    names = {int(k): str(v) for k, v in _decode(body["names"]).items()}
-    wrapped = classic.ObjectnessToScores(net, names, int(max(body["stride"])))
+    names = netbuild.class_names({int(k): v for k, v in body["names"].items()}, 1)
+    stride = max(float(s) for s in body["stride"])
+    if not 1 <= stride <= 128:
+        raise CacheEntryError("strides out of range")
+    wrapped = classic.ObjectnessToScores(net, names, int(stride))
     wrapped.family = body["family"]
     return wrapped.eval()
 
@@ -352,54 +359,6 @@ def _json_plain(value: Any) -> Any:
         raise ValueError(f"not JSON data: {err}") from err
 
 
-def _class_name(module) -> str:
-    cls = type(module)
-    return getattr(cls, "origin", None) or f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _module_scalars(net) -> dict[str, dict[str, Any]]:
-    """Per module: its class and its plain settings (BatchNorm eps, head sizes...)."""
-    out = {}
-    for name, module in net.named_modules():
-        attrs = {
-            k: v
-            for k, v in vars(module).items()
-            if not k.startswith("_") and k != "training" and isinstance(v, _SCALARS)
-        }
-        out[name] = {"type": _class_name(module), "attrs": attrs}
-    return out
-
-
-def _restore_scalars(net, modules: dict[str, dict[str, Any]]) -> None:
-    """Check the rebuilt modules are the stored ones and give them the stored settings."""
-    rebuilt = dict(net.named_modules())
-    if set(rebuilt) != set(modules):
-        raise CacheEntryError("the rebuilt network has other modules than the stored one")
-    for name, entry in modules.items():
-        module = rebuilt[name]
-        if _class_name(module) != entry["type"]:
-            raise CacheEntryError(
-                f"module {name!r} is a {_class_name(module)}, not {entry['type']}"
-            )
-        for attr, value in entry["attrs"].items():
-            if isinstance(vars(module).get(attr, ()), _SCALARS):
-                module.__dict__[attr] = value
-
-
-def _torch_nn_class(name: str):
-    import torch
-
-    cls = getattr(torch.nn, name.removeprefix("torch.nn."), None)
-    if (
-        name.startswith("torch.nn.")
-        and isinstance(cls, type)
-        and issubclass(cls, torch.nn.Module)
-        and cls.__module__.startswith("torch.nn.modules.")
-    ):
-        return cls
-    return None
-
-
 def _tree(module, prefix: str, tensors: dict) -> dict[str, Any]:
     """A module, its settings and its children, as JSON; its tensors go to ``tensors``."""
     import torch
@@ -408,7 +367,7 @@ def _tree(module, prefix: str, tensors: dict) -> dict[str, Any]:
     origin = getattr(cls, "origin", None)
     if origin in meituan.standins():
         kind = origin
-    elif _torch_nn_class(f"torch.nn.{cls.__name__}") is cls:
+    elif netbuild.torch_module_class(f"torch.nn.{cls.__name__}") is cls:
         kind = f"torch.nn.{cls.__name__}"
     else:
         raise ValueError(f"module class {cls.__qualname__} cannot be cached")
@@ -425,7 +384,7 @@ def _tree(module, prefix: str, tensors: dict) -> dict[str, Any]:
         "children": {},
     }
     for name, param in module._parameters.items():
-        node["params"][name] = None if param is None else bool(param.requires_grad)
+        node["params"][name] = None if param is None else True
         if param is not None:
             tensors[prefix + name] = param
     for name, buf in module._buffers.items():
@@ -439,45 +398,15 @@ def _tree(module, prefix: str, tensors: dict) -> dict[str, Any]:
     return node
 
 
-def _build_tree(node: dict, prefix: str, tensors: dict, classes: dict[str, type]):
-    """Inverse of :func:`_tree`: only allow-listed classes, no constructor runs."""
-    from torch import nn
-
-    cls = classes.get(node["type"]) or _torch_nn_class(node["type"])
-    if cls is None:
-        raise CacheEntryError(f"module class {node['type']!r} is not allowed")
-    module = cls.__new__(cls)
-    nn.Module.__init__(module)
-    module.training = False
-    for key, value in node["attrs"].items():
-        if key.startswith("_") or key == "training":
-            raise CacheEntryError(f"attribute {key!r} cannot be set")
-        module.__dict__[key] = _decode(value)
-    for name, grad in node["params"].items():
-        module._parameters[name] = (
-            None if grad is None else nn.Parameter(tensors[prefix + name], requires_grad=grad)
-        )
-    for name, present in node["buffers"].items():
-        module._buffers[name] = tensors[prefix + name] if present else None
-    module._non_persistent_buffers_set = set(node["non_persistent"])
-    for name, child in node["children"].items():
-        module._modules[name] = (
-            None if child is None else _build_tree(child, f"{prefix}{name}.", tensors, classes)
-        )
-    return module
-
-
 def _encode(value: Any) -> Any:
     """A module attribute as JSON, keeping tuples, dicts with any keys and small tensors."""
     import torch
 
     if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
-        if value.numel() > _MAX_JSON_TENSOR:
+        if value.numel() > 4096:
             raise ValueError(f"a {tuple(value.shape)} tensor attribute is too large to cache")
         dtype = str(value.dtype).removeprefix("torch.")
         return {"tensor": value.detach().cpu().tolist(), "dtype": dtype}
-    if isinstance(value, torch.Size):
-        return {"size": list(value)}
     if isinstance(value, bool | int | float | str) or value is None:
         return value
     if isinstance(value, tuple):
@@ -489,22 +418,54 @@ def _encode(value: Any) -> Any:
     raise ValueError(f"a {type(value).__name__} attribute cannot be cached")
 
 
-def _decode(value: Any) -> Any:
+_DTYPES = ("float32", "float16", "float64", "int64", "int32", "uint8", "bool")
+
+
+def _decode_tree(node: Any, depth: int = 0) -> dict:
+    """A stored module tree with its attributes decoded (tensors as ``{"tensor_ref": t}``)."""
+    if depth > 48 or not isinstance(node, dict):
+        raise CacheEntryError("a module tree that is not one")
+    out = dict(node)
+    attrs = node.get("attrs")
+    if not isinstance(attrs, dict):
+        raise CacheEntryError("module attributes that are not a mapping")
+    out["attrs"] = {}
+    for key, value in attrs.items():
+        decoded = _decode(value)
+        out["attrs"][key] = {"tensor_ref": decoded} if _is_tensor(decoded) else decoded
+    children = node.get("children")
+    if not isinstance(children, dict):
+        raise CacheEntryError("sub-modules that are not a mapping")
+    out["children"] = {
+        k: None if c is None else _decode_tree(c, depth + 1) for k, c in children.items()
+    }
+    return out
+
+
+def _is_tensor(value: Any) -> bool:
     import torch
 
+    return isinstance(value, torch.Tensor)
+
+
+def _decode(value: Any, depth: int = 0) -> Any:
+    import torch
+
+    if depth > 8:
+        raise CacheEntryError("an attribute nested too deeply")
     if isinstance(value, list):
-        return [_decode(v) for v in value]
+        return [_decode(v, depth + 1) for v in value]
     if not isinstance(value, dict):
         return value
     if "tensor" in value:
-        dtype = getattr(torch, str(value["dtype"]), None)
-        if not isinstance(dtype, torch.dtype):
-            raise CacheEntryError(f"unknown tensor type {value['dtype']!r}")
-        return torch.tensor(value["tensor"], dtype=dtype)
-    if "size" in value:
-        return torch.Size(value["size"])
+        if value.get("dtype") not in _DTYPES:
+            raise CacheEntryError("an unknown tensor type")
+        data = torch.tensor(value["tensor"], dtype=getattr(torch, value["dtype"]))
+        if data.numel() > 4096:
+            raise CacheEntryError("a large tensor attribute")
+        return data
     if "tuple" in value:
-        return tuple(_decode(v) for v in value["tuple"])
+        return tuple(_decode(v, depth + 1) for v in value["tuple"])
     if "dict" in value:
-        return {_decode(k): _decode(v) for k, v in value["dict"]}
-    raise CacheEntryError(f"unknown attribute encoding {sorted(value)}")
+        return {_decode(k, depth + 1): _decode(v, depth + 1) for k, v in value["dict"]}
+    raise CacheEntryError("an unknown attribute encoding")

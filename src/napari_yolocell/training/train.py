@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -30,7 +31,7 @@ import yaml
 from napari_yolocell.io.yolo import locate_splits, read_yolo_dataset
 from napari_yolocell.models import safety
 from napari_yolocell.models.detector import default_device
-from napari_yolocell.models.spec import ModelSpec, write_sidecar
+from napari_yolocell.models.spec import ModelSpec, WeightsError, write_sidecar
 from napari_yolocell.models.ultralytics_env import import_ultralytics
 
 FAMILIES = ("yolov5", "yolov6")
@@ -450,24 +451,27 @@ def train(
     history: list[dict[str, Any]] = []
     hooks = _Hooks(on_epoch, on_batch, should_stop, history)
 
+    rebuilt = None  # our own copy of a checkpoint to resume (ultralytics never sees the user's)
     if resume:
         ckpt = _resume_checkpoint(model, out, name)
-        safety.require_safe(ckpt)
-        yolo = YOLO(str(ckpt))
+        run_dir = ckpt.parent.parent
+        rebuilt, ckpt_args = _rebuilt_for_resume(ckpt)
+        yolo = YOLO(str(rebuilt))  # a file we wrote, from the user's read as data
         hooks.register(yolo)
         for event, fn in (callbacks or {}).items():
             yolo.add_callback(event, fn)
-        run_dir = ckpt.parent.parent
         family = _checkpoint_family(ckpt) or _family_of(str(_train_args(ckpt).get("model", "")))
+        data_yaml, _ = prepare_data_yaml(data, run_dir)
         kwargs = {
-            "resume": str(ckpt),
+            "resume": str(rebuilt),
+            "data": str(data_yaml),
+            "save_dir": str(run_dir),  # the run the user chose, not a folder named in the file
             "device": device,
             "workers": workers,
             "plots": False,
             **overrides,
         }
-        data_yaml = Path(_train_args(ckpt).get("data", data))
-        imgsz = int(_train_args(ckpt).get("imgsz", imgsz))
+        imgsz = int(ckpt_args.get("imgsz", imgsz))
     else:
         source, family, is_ckpt = _model_source(model)
         if is_ckpt:
@@ -476,9 +480,7 @@ def train(
         project = Path(out).expanduser().resolve()
         run_dir = _fresh_run_dir(project, run_name)
         data_yaml, _ = prepare_data_yaml(data, run_dir)
-        if is_ckpt:
-            safety.require_safe(Path(source))
-        yolo = YOLO(source, task="detect")
+        yolo = _network_to_train(source, is_ckpt)
         hooks.register(yolo)
         for event, fn in (callbacks or {}).items():
             yolo.add_callback(event, fn)
@@ -504,9 +506,48 @@ def train(
         yolo.train(**kwargs)
     except TrainingCancelled:
         _release(yolo.trainer)
+    finally:
+        if rebuilt is not None:
+            shutil.rmtree(rebuilt.parent, ignore_errors=True)
     trainer = yolo.trainer
     run_dir = Path(trainer.save_dir) if trainer is not None else run_dir
     return _finish(run_dir, trainer, hooks, family, data_yaml, imgsz, default_conf)
+
+
+def _network_to_train(source: str, is_ckpt: bool):
+    """A ``YOLO`` around a network we built: from a checkpoint read as data, or from a checked
+    architecture. ultralytics never reads the user's file (issue 21)."""
+    from napari_yolocell.models import checkpoints
+
+    if not is_ckpt:
+        return checkpoints.network_from_yaml(source)
+    yolo = checkpoints.load_network(source)
+    if checkpoints.network_family(yolo) != "ultralytics":
+        raise WeightsError(
+            f"cannot fine-tune {source!r}: only ultralytics checkpoints can be trained here"
+        )
+    return yolo
+
+
+def _rebuilt_for_resume(ckpt: Path) -> tuple[Path, dict[str, Any]]:
+    """Our own resumable copy of ``ckpt`` (read as data, network rebuilt by us), written to a
+    private temporary folder; and its training arguments."""
+    import tempfile
+
+    import torch
+
+    from napari_yolocell.models import netbuild, pickle_data
+    from napari_yolocell.models.user_cache import cache_root, private_dir
+
+    data = safety.read_model_file(ckpt)
+    try:
+        state = netbuild.resume_checkpoint(data)
+    except (pickle_data.PickleDataError, netbuild.ArchitectureError) as err:
+        raise WeightsError(f"cannot resume from {str(ckpt)!r}: {err}") from None
+    folder = Path(tempfile.mkdtemp(prefix="resume-", dir=private_dir(cache_root() / "resume")))
+    target = folder / "last.pt"
+    torch.save(state, target)
+    return target, state["train_args"]
 
 
 def _release(trainer) -> None:
