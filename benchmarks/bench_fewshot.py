@@ -7,10 +7,14 @@ PNG, in ``images/train`` and again in ``images/val``, labels beside them, ``data
     yolocell train --data DIR --model default --minutes 5 --out OUT
 
 as a subprocess (checking that its LAST line is ``weights\\t<best.pt>``), then score the
-starting model (default runtime, INT8 on a CPU) and the fine-tuned one (PyTorch) on the
-source's other images at detection defaults.
+starting model and the fine-tuned one on the source's other images at detection defaults
+(default runtime: INT8 on a CPU for both, the fine-tuned one quantized after its fine-tune;
+the automatic size: the fine-tuned model detects at the lab's scale it remembers).
 
-    python benchmarks/bench_fewshot.py --sources bitdepth mnfinder --minutes 5
+    python benchmarks/bench_fewshot.py --sources bitdepth mnfinder --minutes 5 --seed 1
+
+``--set freeze=10`` (repeatable) changes a few-shot training setting
+(``training.fewshot.FEWSHOT_SETTINGS``) for an experiment.
 """
 
 from __future__ import annotations
@@ -58,12 +62,21 @@ def write_dataset(chosen: list[tuple], out: Path) -> Path:
     return out
 
 
-def finetune_cli(data: Path, out: Path, minutes: float, model: str) -> tuple[Path, float]:
+def finetune_cli(
+    data: Path, out: Path, minutes: float, model: str, settings: dict | None = None
+) -> tuple[Path, float]:
     """Run ``yolocell train``; returns (weights path from the last line, wall minutes)."""
+    launcher = ["-m", "napari_yolocell.cli"]
+    if settings:  # an experiment: the same CLI with other few-shot settings
+        launcher = [
+            "-c",
+            "import sys, napari_yolocell.training.fewshot as f; "
+            f"f.FEWSHOT_SETTINGS.update({settings!r}); "
+            "from napari_yolocell.cli import main; sys.exit(main(sys.argv[1:]))",
+        ]
     cmd = [
         sys.executable,
-        "-m",
-        "napari_yolocell.cli",
+        *launcher,
         "train",
         "--data",
         str(data),
@@ -110,7 +123,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path("/tmp/yolocell_fewshot"))
     p.add_argument("--cache", type=Path, default=Path("/tmp/yolocell_heldout"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    settings = {k: _value(v) for k, _, v in (s.partition("=") for s in args.set)}
 
     from napari_yolocell.models.loading import load_detector
 
@@ -122,11 +137,12 @@ def main(argv=None) -> None:
         pick = set(rng.choice(len(its), N_SHOTS, replace=False).tolist())
         shots = [it for i, it in enumerate(its) if i in pick]
         rest = [it for i, it in enumerate(its) if i not in pick]
-        work = args.work / f"{source}_seed{args.seed}"
+        tag = "_".join(f"{k}{v}" for k, v in settings.items())
+        work = args.work / f"{source}_seed{args.seed}{'_' + tag if tag else ''}"
         data = write_dataset(shots, work / "data")
-        weights, wall = finetune_cli(data, work / "runs", args.minutes, args.model)
+        weights, wall = finetune_cli(data, work / "runs", args.minutes, args.model, settings)
         before = load_detector(args.model, device="cpu", backend="auto")
-        tuned = load_detector(weights, device="cpu", backend="torch")
+        tuned = load_detector(weights, device="cpu", backend="auto")
         row = {
             "source": source,
             "shots": [it[2] for it in shots],
@@ -136,6 +152,8 @@ def main(argv=None) -> None:
             "before": score(before, args.model, rest, args.cache),
             "after": score(tuned, f"ft_{source}_s{args.seed}_{int(time.time())}", rest, args.cache),
             "weights": str(weights),
+            "settings": settings,
+            "tuned_backend": type(tuned).__name__,
         }
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
@@ -149,6 +167,16 @@ def main(argv=None) -> None:
             f"| {a['f1']:.3f} / {100 * a['count_error']:.1f}% ({100 * a['count_bias']:+.1f}%) "
             f"| {r['minutes']:.1f} |"
         )
+
+
+def _value(text: str):
+    """``10`` -> 10, ``0.5`` -> 0.5, anything else stays text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 if __name__ == "__main__":

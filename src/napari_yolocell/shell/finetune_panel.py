@@ -4,13 +4,17 @@ The biologist corrects Detect's boxes on a few images, exports them (Export tab,
 only inside an "annotated region"), then here:
 
 1. :func:`~napari_yolocell.training.fewshot.finetune` starts from the bundled model (or v6, or
-   a model of this session) with a time budget in minutes; progress (epoch, time left), the
-   live loss / mAP50 plot, Cancel (keeps a resumable ``last.pt``) and Resume;
-2. the starting and the fine-tuned model are scored on the held-out corrections (the dataset's
-   val split) with :func:`~napari_yolocell.analysis.evaluate.compare_models`;
-3. the new model is added to Detect only if it beats the start
-   (:func:`~napari_yolocell.analysis.evaluate.is_better`); otherwise one line says so and names
-   the file, so it can still be added by hand.
+   a model of this session) with a time budget in minutes; progress is one figure, the time
+   used of the budget (the epoch count of a timed run is only ultralytics' estimate), with the
+   live loss / mAP50 plot, Cancel (keeps a resumable ``last.pt``) and Resume (continues within
+   what is left of the budget, :func:`~napari_yolocell.training.fewshot.resume_finetune`);
+2. the starting and the fine-tuned model are scored on the held-out corrections (val / test
+   images that are not copies of training ones,
+   :func:`~napari_yolocell.training.fewshot.held_out_split`), each at the confidence Detect
+   uses for it (:func:`~napari_yolocell.analysis.finetune_check.judge`);
+3. the new model is added to Detect only if it beats the start; otherwise one line says so,
+   with both scores and how many held-out nuclei they rest on, and names the file, so it can
+   still be added by hand.
 
 Training and evaluation are joined here, in the shell, because the core's layers keep
 ``training`` and ``analysis`` apart.
@@ -29,15 +33,14 @@ from typing import Any
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
 
-from napari_yolocell.analysis.evaluate import compare_models, is_better
+from napari_yolocell.analysis.finetune_check import judge, verdict_of
 from napari_yolocell.analysis.plots import plot_training_history
-from napari_yolocell.io.yolo import read_yolo_dataset
 from napari_yolocell.shell import _qt, session
 from napari_yolocell.shell._worker import Outcome, Progress, Task
 from napari_yolocell.shell.progress_row import ProgressRow, duration
 from napari_yolocell.shell.settings import persist
-from napari_yolocell.training.fewshot import finetune, resolve_base_weights
-from napari_yolocell.training.train import TrainResult, train
+from napari_yolocell.training.fewshot import finetune, held_out_split, resume_finetune
+from napari_yolocell.training.train import TrainResult
 
 __all__ = ["FinetunePanel", "FinetuneRun", "base_choices", "held_out_items", "run_finetune"]
 
@@ -61,6 +64,8 @@ class FinetuneRun:
     scores : (dict, dict) or None
         :func:`~napari_yolocell.analysis.evaluate.evaluate_model` results of the starting and
         the fine-tuned model; None when not scored (cancelled, nothing held out).
+    budget_s, used_s : float
+        The time budget and the training time spent so far (a resumed run goes on from it).
     """
 
     result: TrainResult
@@ -68,6 +73,8 @@ class FinetuneRun:
     data: Path
     held_out: int = 0
     scores: tuple[dict[str, Any], dict[str, Any]] | None = None
+    budget_s: float = 0.0
+    used_s: float = 0.0
 
 
 def base_choices(_widget: Any = None) -> list[tuple[str, str]]:
@@ -84,14 +91,10 @@ def base_choices(_widget: Any = None) -> list[tuple[str, str]]:
 
 
 def held_out_items(data: str | Path) -> list[tuple[Path, np.ndarray, str]]:
-    """``(image path, truth boxes, name)`` of the dataset's own val images.
-
-    A ``val`` entry that reuses the training folder (what an export without val images
-    writes) holds nothing held out: :func:`~napari_yolocell.io.yolo.read_yolo_dataset` counts
-    each image once, in the first split listing it.
-    """
-    dataset = read_yolo_dataset(data, splits=("train", "val"), warn=False)
-    return [(s.image_path, s.boxes, Path(s.image_path).name) for s in dataset if s.split == "val"]
+    """``(image path, truth boxes, name)`` of the dataset's held-out images: its val and test
+    images that are not copies of training images (never trained on)."""
+    held = held_out_split(data)[1]
+    return [(s.image_path, s.boxes, Path(s.image_path).name) for s in held]
 
 
 def run_finetune(
@@ -103,10 +106,11 @@ def run_finetune(
     ----------
     job : dict
         ``data``, ``base``, ``minutes``, ``epochs`` (cap or None), ``out``, ``device``;
-        ``resume`` (a ``last.pt`` to continue) and any other ``finetune`` argument.
+        to resume: ``resume`` (the ``last.pt``), ``budget_s`` and ``used_s`` (so the time left
+        and the progress go on from where they stopped); any other ``finetune`` argument.
     report : callable
-        ``report(done, total, text, data)``: seconds of the budget during training (an epoch
-        carries its ``on_epoch`` dict as ``data``), then images scored.
+        ``report(done, total, text, data)``: seconds of the budget used during training (an
+        epoch carries its ``on_epoch`` dict as ``data``), then images scored.
     cancel : threading.Event
         Polled after each batch.
 
@@ -117,62 +121,47 @@ def run_finetune(
     job = dict(job)
     base, data, resume = job.pop("base"), job.pop("data"), job.pop("resume", None)
     minutes = job.pop("minutes")
-    budget = float(minutes) * 60 if minutes else 0.0
+    budget = float(job.pop("budget_s", 0.0) or (float(minutes) * 60 if minutes else 0.0))
+    used = float(job.pop("used_s", 0.0))
     t0 = time.monotonic()
 
-    def elapsed() -> int:
-        return int(time.monotonic() - t0)
+    def spent() -> float:
+        return used + time.monotonic() - t0
 
     def on_epoch(info: dict[str, Any]) -> None:
         if not info.get("final"):  # the re-validation of best.pt is not a new epoch
-            report(elapsed(), int(budget), "", info)
+            report(int(min(spent(), budget)), int(budget), "", info)
 
     def on_batch(info: dict[str, Any]) -> None:
-        text = f"epoch {info['epoch']}/{info['epochs']}, batch {info['batch']}/{info['batches']}"
-        if budget:  # time mode: the epoch count is an estimate, the budget is the promise
-            text += f", at most {duration(max(0.0, budget - elapsed()))} left"
-        report(min(elapsed(), int(budget)), int(budget), text)
+        report(int(min(spent(), budget)), int(budget), _progress_text(spent(), budget, info))
 
     hooks = {"on_epoch": on_epoch, "on_batch": on_batch, "should_stop": cancel.is_set}
     if resume is not None:
-        # the run's own args.yaml names its training data; ``data`` is kept for the scoring
-        result = train(
-            data, model=resume, resume=True, out=job["out"], device=job["device"], **hooks
-        )
+        left = (budget - used) / 60 if budget else None
+        result = resume_finetune(resume, minutes_left=left, device=job["device"], **hooks)
     else:
         result = finetune(data, model=base, minutes=minutes, **job, **hooks)
-    run = FinetuneRun(result=result, base=str(base), data=Path(data))
+    run = FinetuneRun(result, str(base), Path(data), budget_s=budget, used_s=spent())
     if result.cancelled or result.best is None:
         return run
     items = held_out_items(data)
     if not items:
         return run
-    # Both at the starting model's threshold, which the fine-tuned model inherits: the
-    # comparison is of what Detect would count with either.
-    conf = float(resolve_base_weights(base)[1].default_conf)
-    total = 2 * len(items)
-    report(0, total, "scoring the start and the fine-tuned model on the held-out images")
-    scored: list[dict[str, Any]] = []
-    for k, model in enumerate((base, result.best)):
-        progress = partial(_score_progress, report, k * len(items), total)
-        scored.append(score_model(model, items, conf, progress))
-    run.held_out, run.scores = len(items), (scored[0], scored[1])
+    report(0, 2 * len(items), "scoring the start and the fine-tuned model on the held-out images")
+    verdict = judge(base, result.best, items, progress=partial(_score_progress, report))
+    run.held_out, run.scores = len(items), (verdict.start, verdict.tuned)
     return run
 
 
-def _score_progress(report: Callable[..., None], offset: int, total: int, done: int, _n) -> None:
-    report(offset + done, total, f"scoring on held-out images: {offset + done} / {total}")
+def _progress_text(spent: float, budget: float, info: dict[str, Any]) -> str:
+    """One stable figure: time used of the budget (a timed run's epoch total is a guess)."""
+    if budget:
+        return f"training: {duration(spent)} of {duration(budget)} (epoch {info['epoch']})"
+    return f"training: epoch {info['epoch']} of {info['epochs']}"
 
 
-def score_model(
-    model: Any, items: list[tuple[Path, np.ndarray, str]], conf: float, progress: Any = None
-) -> dict[str, Any]:
-    """One model's :func:`~napari_yolocell.analysis.evaluate.evaluate_model` result on
-    ``items`` at ``conf`` (the tests replace it to decide the outcome)."""
-    _table, results = compare_models(
-        [model], items, split=None, conf=conf, return_results=True, progress=progress
-    )
-    return results[0]
+def _score_progress(report: Callable[..., None], done: int, total: int) -> None:
+    report(done, total, f"scoring on held-out images: {done} / {total}")
 
 
 def decision(run: FinetuneRun) -> tuple[bool, str]:
@@ -187,7 +176,12 @@ def decision(run: FinetuneRun) -> tuple[bool, str]:
     """
     result, base = run.result, run.base
     if result.cancelled:
-        return False, f"cancelled; {result.last} kept: press Resume to continue"
+        left = ""
+        if run.budget_s:
+            spent, budget = min(run.used_s, run.budget_s), run.budget_s
+            left = f" after {duration(spent)} of {duration(budget)}"
+            left += f"; {duration(budget - spent)} left"
+        return False, f"cancelled{left}; {result.last} kept: press Resume to continue"
     if result.best is None:
         return False, "finished without a best.pt: nothing to add to Detect"
     if run.scores is None:
@@ -196,22 +190,13 @@ def decision(run: FinetuneRun) -> tuple[bool, str]:
             f"with a val fraction above 0): not added to Detect; add {result.best} there by "
             "hand to try it"
         )
-    start, new = run.scores
-    numbers = (
-        f"on {run.held_out} held-out image(s): F1 {new['f1']:.3f} vs {start['f1']:.3f}, "
-        f"count error {_percent(new)} vs {_percent(start)}"
-    )
-    if is_better(new, start):
-        return True, f"the fine-tuned model beats {base} {numbers}"
+    verdict = verdict_of(*run.scores, base)
+    verdict.n_images = verdict.n_images or run.held_out
+    if verdict.better:
+        return True, verdict.line()
     return False, (
-        f"the fine-tuned model does not beat {base} {numbers}: not added to Detect "
-        f"(add {result.best} there by hand to use it anyway)"
+        f"{verdict.line()}: not added to Detect (add {result.best} there by hand to use it anyway)"
     )
-
-
-def _percent(result: dict[str, Any]) -> str:
-    value = result.get("count_error")
-    return f"{100 * value:.0f} %" if value is not None and np.isfinite(value) else "n/a"
 
 
 class FinetunePanel:
@@ -315,7 +300,15 @@ class FinetunePanel:
             last = getattr(run.result if run else None, "last", None)
             if run is None or not run.result.cancelled or last is None or not last.is_file():
                 raise ValueError("nothing to resume: Cancel a fine-tune first")
-            return {"data": run.data, "base": run.base, "minutes": None, "resume": last, **common}
+            return {
+                "data": run.data,
+                "base": run.base,
+                "minutes": None,
+                "resume": last,
+                "budget_s": run.budget_s,
+                "used_s": run.used_s,
+                **common,
+            }
         if not self._has_data():
             raise ValueError("choose the corrections dataset (export it in the Export tab)")
         data = Path(self.data.value).expanduser()

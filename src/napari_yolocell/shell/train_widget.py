@@ -2,10 +2,14 @@
 
 Five tabs, each a thin shell over the core:
 
-- **Export**: image layer + annotation layer (Shapes, Points with a diameter, or Labels), and
-  optionally an "annotated region" Shapes layer (only the image inside its rectangles is
-  exported) -> :func:`~napari_yolocell.training.dataset.samples_from_annotations` (conversion
-  and checks) -> :func:`~napari_yolocell.training.dataset.export_dataset`;
+- **Export**: image layer + annotation layer (Shapes, Points with a diameter, or Labels), plus
+  optionally a Points layer of clicked nuclei (box deletions in one layer, added nuclei in
+  another: both go into one export) and an "annotated region" Shapes layer (every region is
+  exported, each a source of its own) ->
+  :func:`~napari_yolocell.training.dataset.samples_from_annotations` (conversion and checks)
+  -> :func:`~napari_yolocell.training.dataset.export_dataset`. A folder that already holds a
+  dataset is added to (one image after another into one fine-tune); ticking "replace" starts
+  it again;
 - **Import**: a YOLO dataset -> Image + Shapes layers for review
   (:func:`~napari_yolocell.shell.layers.import_dataset_layers`);
 - **Fine-tune**: a few minutes of few-shot training from a bundled model, kept only if it
@@ -54,6 +58,8 @@ from napari_yolocell.training.dataset import (
     Sample,
     check_out_folder,
     export_dataset,
+    is_dataset,
+    merge_samples,
     samples_from_annotations,
 )
 from napari_yolocell.training.train import ARCHITECTURES, TrainResult, train
@@ -206,6 +212,12 @@ class TrainWidget(QWidget):
             choices=lambda _w: self._layers("shapes", "points", "labels"),
             tooltip="Shapes (boxes / polygons), Points (clicked centres) or Labels",
         )
+        self.ex_points = ComboBox(
+            label="and clicked nuclei",
+            choices=lambda _w: [("none", None), *self._layers("points")],
+            tooltip="a Points layer of nuclei you added (boxes of 'point diameter px'); "
+            "a point inside a box of the annotations is the same nucleus",
+        )
         self.ex_diameter = FloatSpinBox(
             label="point diameter px", value=20.0, min=1.0, max=1000.0, visible=False
         )
@@ -219,7 +231,11 @@ class TrainWidget(QWidget):
         self.ex_train = FloatSpinBox(label="train fraction", value=0.7, min=0.0, max=1.0, step=0.05)
         self.ex_val = FloatSpinBox(label="val fraction", value=0.2, min=0.0, max=1.0, step=0.05)
         self.ex_test = FloatSpinBox(label="test fraction", value=0.1, min=0.0, max=1.0, step=0.05)
-        self.ex_overwrite = CheckBox(text="overwrite a non-empty folder", value=False)
+        self.ex_overwrite = CheckBox(
+            text="replace the folder's dataset",
+            value=False,
+            tooltip="unticked, an export into a folder holding a dataset adds to it",
+        )
         self.export_button = PushButton(text="Export dataset")
         self.ex_label = Label(value="")
         self.ex_geojson = FileEdit(
@@ -233,12 +249,14 @@ class TrainWidget(QWidget):
         self.export_button.changed.connect(self.export)
         self.geojson_button.changed.connect(self.import_geojson)
         self.ex_annotations.changed.connect(self._on_annotations_changed)
+        self.ex_points.changed.connect(self._on_annotations_changed)
         self._add_tab(
             [
                 self.ex_geojson,
                 self.geojson_button,
                 self.ex_image,
                 self.ex_annotations,
+                self.ex_points,
                 self.ex_diameter,
                 self.ex_region,
                 self.ex_out,
@@ -257,7 +275,8 @@ class TrainWidget(QWidget):
     def _on_annotations_changed(self, _value=None) -> None:
         # the box side around clicked centres: meaningless for Shapes and Labels
         ann = self.ex_annotations.value
-        self.ex_diameter.visible = ann is not None and _qt.layer_kind(ann) == "points"
+        points = ann is not None and _qt.layer_kind(ann) == "points"
+        self.ex_diameter.visible = points or self.ex_points.value is not None
 
     def import_geojson(self, _value=None, path: str | Path | None = None) -> list[Any]:
         """Add the points / polygons of a QuPath GeoJSON file as annotation layers."""
@@ -304,13 +323,22 @@ class TrainWidget(QWidget):
             raise ValueError("choose an image layer")
         if ann is None:
             raise ValueError("choose an annotation layer (Shapes, Points or Labels)")
-        kind = _qt.layer_kind(ann)
         region = self.ex_region.value
-        if region is ann:
-            raise ValueError(
-                f"{ann.name!r} cannot be both the annotations and the annotated region: draw "
-                "the region's rectangles on a Shapes layer of their own"
-            )
+        for layer in (ann, self.ex_points.value):
+            if layer is not None and region is layer:
+                raise ValueError(
+                    f"{layer.name!r} cannot be both the annotations and the annotated region: "
+                    "draw the region's rectangles on a Shapes layer of their own"
+                )
+        samples = self._layer_samples(image, ann, region)
+        points = self.ex_points.value
+        if points is not None and points is not ann:
+            samples = merge_samples(samples, self._layer_samples(image, points, region))
+        return samples
+
+    def _layer_samples(self, image: Any, ann: Any, region: Any) -> list[Sample]:
+        """Samples of one annotation layer (inside the regions, if any)."""
+        kind = _qt.layer_kind(ann)
         regions = None
         if region is not None:
             regions = {
@@ -342,8 +370,11 @@ class TrainWidget(QWidget):
         """Export the annotations as a YOLO dataset in a worker; returns the task or None."""
         overwrite = bool(self.ex_overwrite.value)
         try:
-            hint = "tick 'overwrite a non-empty folder'"
-            out = check_out_folder(self.ex_out.value, overwrite, overwrite_hint=hint)
+            hint = "tick 'replace the folder's dataset'"
+            out = self.ex_out.value
+            chosen = out is not None and str(out) not in ("", ".")
+            if overwrite or not chosen or not is_dataset(out):  # a dataset there: add to it
+                out = check_out_folder(out, overwrite, overwrite_hint=hint)
             samples = self.export_samples()
         except (ValueError, FileExistsError) as exc:
             self.ex_label.value = f"not exported: {exc}"
@@ -357,6 +388,7 @@ class TrainWidget(QWidget):
             "overlap": int(self.ex_overlap.value),
             "fractions": (self.ex_train.value, self.ex_val.value, self.ex_test.value),
             "overwrite": overwrite,
+            "append": True,
         }
         return self._start(
             "export",
@@ -369,7 +401,8 @@ class TrainWidget(QWidget):
         if self._failed(self.ex_label, "Export", outcome):
             return
         report = self.last_report = outcome.value
-        text = f"wrote {report.path}: {report.summary()}"
+        verb = "" if report.totals is not None else "wrote "  # appended: "added ..." follows
+        text = f"{verb}{report.path}: {report.summary()}"
         if report.warnings:  # each on its own line: they say what to fix before training
             text += "\n" + "\n".join(f"\N{WARNING SIGN} {w}" for w in report.warnings)
             _qt.show_warning("; ".join(report.warnings))

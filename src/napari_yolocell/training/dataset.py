@@ -11,15 +11,22 @@ Images are normalised with the same percentile clip as detection (``normalize.py
 as lossless 8-bit PNG, so a model trained here sees at detection time what it saw in training,
 whatever the bit depth of the source. Images larger than ``tile`` are cut into training tiles;
 smaller ones are padded (never resized: nuclei must keep their pixel size).
+
+A biologist corrects several images one after the other: ``append=True`` adds each export to
+the dataset already in the folder (``dataset.json`` records every source region's split, so
+the splits stay balanced by image or region: :func:`extend_splits`); exporting an image again
+replaces only that image's tiles.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +48,9 @@ __all__ = [
     "crop_boxes",
     "crop_to_regions",
     "export_dataset",
+    "extend_splits",
+    "is_dataset",
+    "merge_samples",
     "plane_samples",
     "safe_name",
     "samples_from_annotations",
@@ -89,6 +99,8 @@ class ExportReport:
     n_objects: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     n_sources: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     warnings: list[str] = field(default_factory=list)
+    #: With ``append``: the dataset's totals after this export (tiles, objects, sources).
+    totals: dict[str, dict[str, int]] | None = None
 
     def summary(self) -> str:
         rows = [
@@ -96,7 +108,15 @@ class ExportReport:
             f"from {self.n_sources[s]} source regions"
             for s in SPLITS
         ]
-        return "; ".join(rows)
+        text = "; ".join(rows)
+        if self.totals is not None:
+            now = ", ".join(
+                f"{s} {self.totals['n_images'][s]} images ({self.totals['n_sources'][s]} "
+                "source regions)"
+                for s in SPLITS
+            )
+            text = f"added {text}; the dataset now holds {now}"
+        return text
 
 
 #: Below this share of the image inside the annotated extent, an export warns of partial
@@ -171,25 +191,109 @@ def assign_splits(
     >>> sorted(assign_splits(["a", "b"]).values())
     ['train', 'val']
     """
-    frac = np.asarray(fractions, dtype=float)
-    if frac.shape != (3,) or np.any(frac < 0) or frac.sum() <= 0:
-        raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
-    frac = frac / frac.sum()
     uniq = sorted(set(groups))
     rng = np.random.default_rng(seed)
     order = [uniq[i] for i in rng.permutation(len(uniq))]
-    n = len(order)
-    n_val = int(round(frac[1] * n))
-    n_test = int(round(frac[2] * n))
-    if n >= 2 and frac[0] > 0:  # keep one group for training
-        n_val = max(n_val, 1 if frac[1] > 0 else 0)
-    if n >= 3:
-        n_test = max(n_test, 1 if frac[2] > 0 else 0)
-    n_val, n_test = min(n_val, n), min(n_test, max(n - n_val, 0))
+    target = _split_counts(len(order), fractions)
+    n_val, n_test = target["val"], target["test"]
     out = {}
     for i, g in enumerate(order):
         out[g] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
     return out
+
+
+#: Test gets a group of its own only from this many groups on: with fewer (a few images or
+#: regions for a fine-tune), every group but the held-out val one is worth more in training.
+MIN_GROUPS_FOR_TEST = 5
+
+
+def _split_counts(n: int, fractions: Sequence[float]) -> dict[str, int]:
+    """How many of ``n`` groups go to train, val and test (see :func:`assign_splits`)."""
+    frac = np.asarray(fractions, dtype=float)
+    if frac.shape != (3,) or np.any(frac < 0) or frac.sum() <= 0:
+        raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
+    frac = frac / frac.sum()
+    n_val = int(round(frac[1] * n))
+    n_test = int(round(frac[2] * n))
+    if n >= 2 and frac[0] > 0:  # keep one group for training
+        n_val = max(n_val, 1 if frac[1] > 0 else 0)
+    if n >= MIN_GROUPS_FOR_TEST:
+        n_test = max(n_test, 1 if frac[2] > 0 else 0)
+    n_val, n_test = min(n_val, n), min(n_test, max(n - n_val, 0))
+    return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
+
+
+def extend_splits(
+    existing: dict[str, str] | Counter,
+    groups: Sequence[str],
+    fractions: Sequence[float] = (0.7, 0.2, 0.1),
+    seed: int = 0,
+) -> dict[str, str]:
+    """Splits of new groups added to a dataset whose groups already have theirs.
+
+    Each new group (in a seeded order) goes where the dataset is furthest below the split
+    counts of :func:`assign_splits` for the new total; ties go to train. Exporting one image
+    after another thus gives train, val, train...: never a folder of training images only.
+
+    Parameters
+    ----------
+    existing : dict of group -> split, or Counter of split -> count
+        The dataset's groups (or only how many each split has).
+    groups : sequence of str
+        Groups to place; one already in ``existing`` (a mapping) keeps its split.
+
+    Examples
+    --------
+    >>> extend_splits({"a": "train"}, ["b"])
+    {'b': 'val'}
+    >>> extend_splits({"a": "train", "b": "val"}, ["c"])
+    {'c': 'train'}
+    """
+    known = existing if isinstance(existing, dict) and not isinstance(existing, Counter) else {}
+    counts = Counter(known.values()) if known else Counter(existing)
+    out = {g: known[g] for g in set(groups) if g in known}
+    new = sorted(set(groups) - set(out))
+    order = [new[i] for i in np.random.default_rng(seed).permutation(len(new))]
+    target = _split_counts(sum(counts.values()) + len(order), fractions)
+    for g in order:
+        split = max(SPLITS, key=lambda s: target[s] - counts[s])  # first of the ties: train
+        out[g] = split
+        counts[split] += 1
+    return out
+
+
+def merge_samples(samples: Sequence[Sample], extra: Sequence[Sample]) -> list[Sample]:
+    """Samples with the boxes of a second annotation layer of the same image(s) added.
+
+    Box deletions live in one layer (Shapes), clicked nuclei often in another (Points): both
+    go into one export. An ``extra`` box whose centre lies inside a box of the same sample
+    marks a nucleus already there and is left out; ``extra`` samples of names not in
+    ``samples`` (another plane or region) are added as they are.
+    """
+    by_name = {s.name: s for s in extra}
+    out = []
+    for s in samples:
+        other = by_name.pop(s.name, None)
+        if other is None or not len(other.boxes):
+            out.append(s)
+            continue
+        boxes = np.asarray(s.boxes, float).reshape(-1, 4)
+        new = np.asarray(other.boxes, float).reshape(-1, 4)
+        cy, cx = (new[:, 0] + new[:, 2]) / 2, (new[:, 1] + new[:, 3]) / 2
+        inside = (
+            (cy[:, None] >= boxes[None, :, 0])
+            & (cy[:, None] < boxes[None, :, 2])
+            & (cx[:, None] >= boxes[None, :, 1])
+            & (cx[:, None] < boxes[None, :, 3])
+        ).any(axis=1)
+        classes = None
+        if s.classes is not None or other.classes is not None:
+            a = np.zeros(len(boxes), int) if s.classes is None else np.asarray(s.classes)
+            b = np.zeros(len(new), int) if other.classes is None else np.asarray(other.classes)
+            classes = np.concatenate([a, b[~inside]])
+        merged = np.concatenate([boxes, new[~inside]])
+        out.append(dataclasses.replace(s, boxes=merged, classes=classes))
+    return out + list(by_name.values())
 
 
 def crop_boxes(
@@ -488,6 +592,48 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def is_dataset(out: str | os.PathLike) -> bool:
+    """Whether ``out`` holds a dataset written by :func:`export_dataset` (it can be added to)."""
+    out = Path(out).expanduser()
+    return (out / "data.yaml").is_file() and (out / "dataset.json").is_file()
+
+
+def _existing_sources(out: Path) -> dict[str, str] | Counter:
+    """The dataset's groups and their splits (older datasets: how many per split)."""
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    if isinstance(meta.get("sources"), dict):
+        return dict(meta["sources"])
+    return Counter({k: int(v) for k, v in (meta.get("n_sources") or {}).items()})
+
+
+def _drop_sample_files(root: Path, name: str) -> int:
+    """Remove the tiles (images and labels) of one sample name; returns how many tiles."""
+    n = 0
+    for sp in SPLITS:
+        for png in (root / "images" / sp).glob(f"{_glob_escape(name)}_y*_x*.png"):
+            png.unlink()
+            (root / "labels" / sp / f"{png.stem}.txt").unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def _glob_escape(name: str) -> str:
+    """``name`` with glob's special characters taken literally."""
+    return re.sub(r"([\[\]*?])", r"[\1]", name)
+
+
+def _count_dataset(root: Path) -> dict[str, dict[str, int]]:
+    """Tiles and objects per split of a written dataset."""
+    images, objects = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    for sp in SPLITS:
+        for png in (root / "images" / sp).glob("*.png"):
+            images[sp] += 1
+            label = root / "labels" / sp / f"{png.stem}.txt"
+            if label.is_file():
+                objects[sp] += sum(1 for ln in label.read_text().splitlines() if ln.strip())
+    return {"n_images": images, "n_objects": objects}
+
+
 def export_dataset(
     samples: Sequence[Sample],
     out: str | os.PathLike,
@@ -505,6 +651,7 @@ def export_dataset(
     min_regions: int = 10,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    append: bool = False,
 ) -> ExportReport:
     """Write samples as a YOLO dataset (see module docstring for the layout).
 
@@ -512,8 +659,9 @@ def export_dataset(
     ----------
     samples : sequence of Sample
     out : path
-        Output folder; must be empty or absent unless ``overwrite``. Everything is written to a
-        temporary sibling folder first and renamed into place, so a crash leaves no half dataset.
+        Output folder; must be empty or absent unless ``overwrite`` (or ``append`` to a
+        dataset there). Everything is written to a temporary sibling folder first and renamed
+        into place, so a crash leaves no half dataset (and an appended one as it was).
     tile, overlap : int
         Training tile size and overlap in pixels. Images larger than ``tile`` are cut.
     fractions : (train, val, test)
@@ -531,6 +679,11 @@ def export_dataset(
         Block size (px) to split large images into independent regions, so several splits can
         come from one big image without leakage. Default: chosen so that there are at least
         ``min_regions`` regions in all.
+    append : bool
+        When ``out`` holds a dataset (:func:`is_dataset`), add these samples to it: the
+        dataset's source regions keep their splits, new ones are placed by
+        :func:`extend_splits`; a sample exported before (same name) has its tiles replaced.
+        Without a dataset there, a new one is written.
     """
     if not samples:
         raise ValueError("no samples to export")
@@ -539,7 +692,9 @@ def export_dataset(
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be in [0, tile), got {overlap}")
     out = Path(out).expanduser().absolute()
-    check_out_folder(out, overwrite)
+    adding = append and not overwrite and is_dataset(out)
+    if not adding:
+        check_out_folder(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
 
@@ -563,91 +718,138 @@ def export_dataset(
         for k, reg in enumerate(regs):
             plan.append((s, reg, base if len(regs) == 1 else f"{base}#r{k}"))
     free_groups = [g for s, _, g in plan if s.split is None]
-    split_of = assign_splits(free_groups, fractions, seed) if free_groups else {}
+    existing = _existing_sources(out) if adding else {}
+    if adding:
+        split_of = extend_splits(existing, free_groups, fractions, seed) if free_groups else {}
+    else:
+        split_of = assign_splits(free_groups, fractions, seed) if free_groups else {}
 
+    opts = {
+        "tile": tile,
+        "overlap": overlap,
+        "pad": pad,
+        "normalize": normalize,
+        "percentiles": percentiles,
+        "min_fraction": min_fraction,
+        "progress": progress,
+        "seed": seed,
+        "fractions": fractions,
+    }
     report = ExportReport(path=out)
     try:
-        for sp in SPLITS:
-            (tmp / "images" / sp).mkdir(parents=True)
-            (tmp / "labels" / sp).mkdir(parents=True)
-        norm_cache: dict[int, np.ndarray] = {}
-        seen_sources: set[tuple[str, str]] = set()
-        for i, (s, reg, grp) in enumerate(plan):
-            split = s.split or split_of[grp]
-            if split not in SPLITS:
-                raise ValueError(f"{s.name}: split must be one of {SPLITS}, got {split!r}")
-            if id(s) not in norm_cache:
-                norm_cache.clear()  # one source image in memory at a time
-                norm_cache[id(s)] = _normalise(s.image, normalize, percentiles)
-                classes = np.zeros(len(s.boxes), int) if s.classes is None else s.classes
-                boxes, keep, rep = clip_boxes(s.boxes, s.image.shape[:2])
-                cls_kept = np.asarray(classes)[keep]
-                if rep.messages:
-                    report.warnings.append(f"{s.name}: {rep.summary()}")
-                partial = None if s.complete else coverage_warning(s)
-                if partial is not None:
-                    report.warnings.append(partial)
-            img8 = norm_cache[id(s)]
-            seen_sources.add((split, grp))
-            ry0, rx0, ry1, rx1 = reg
-            rh, rw = ry1 - ry0, rx1 - rx0
-            tiles = tile_grid((rh, rw), tile=tile, overlap=overlap)
-            for t in tiles:
-                win = (ry0 + t.y0, rx0 + t.x0, ry0 + t.y1, rx0 + t.x1)
-                crop = img8[win[0] : win[2], win[1] : win[3]]
-                tb, tkeep = crop_boxes(boxes, win, min_fraction)
-                if pad and max(crop.shape[:2]) < tile:
-                    crop = _pad_long_side(crop, tile)
-                name = f"{s.name}_y{win[0]}_x{win[1]}"
-                _write_png(tmp / "images" / split / f"{name}.png", crop)
-                lines = yolo_lines(tb, cls_kept[tkeep], crop.shape[0], crop.shape[1])
-                (tmp / "labels" / split / f"{name}.txt").write_text(
-                    "\n".join(lines) + ("\n" if lines else "")
+        if adding:
+            shutil.copytree(out, tmp)
+            replaced = [s.name for s in samples if _drop_sample_files(tmp, s.name)]
+            if replaced:
+                report.warnings.append(
+                    f"exported again, earlier tiles replaced: {', '.join(sorted(set(replaced)))}"
                 )
-                report.n_images[split] += 1
-                report.n_objects[split] += len(lines)
-            if progress is not None:
-                progress(i + 1, len(plan))
         for sp in SPLITS:
-            report.n_sources[sp] = sum(1 for split, _ in seen_sources if split == sp)
-        if report.n_images["train"] == 0:
-            raise ValueError("the train split is empty: give more images or other fractions")
-        if report.n_images["val"] == 0:
-            report.warnings.append(
-                "the val split is empty: training will validate on its own training images, "
-                "so its scores look better than they are (raise 'val fraction' or add images)"
-            )
-        if report.n_images["test"] == 0:
-            report.warnings.append(
-                "the test split is empty: Evaluate has no independent images to score"
-            )
-        data = {
-            "path": str(out),
-            "train": "images/train",
-            "val": "images/val" if report.n_images["val"] else "images/train",
-            "test": "images/test" if report.n_images["test"] else None,
-            "nc": len(names),
-            "names": {i: n for i, n in enumerate(names)},
-        }
-        if data["test"] is None:
-            del data["test"]
-        (tmp / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        meta = {
-            "normalize": normalize,
-            "percentiles": list(percentiles),
-            "tile": tile,
-            "overlap": overlap,
-            "min_fraction": min_fraction,
-            "seed": seed,
-            "fractions": list(fractions),
-            "n_images": report.n_images,
-            "n_objects": report.n_objects,
-            "n_sources": report.n_sources,
-            "warnings": report.warnings,
-        }
-        (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
+            (tmp / "images" / sp).mkdir(parents=True, exist_ok=True)
+            (tmp / "labels" / sp).mkdir(parents=True, exist_ok=True)
+        sources = _write_plan(plan, split_of, tmp, report, opts)
+        for sp in SPLITS:
+            report.n_sources[sp] = sum(1 for split, _ in sources if split == sp)
+        mapping = dict(existing) if isinstance(existing, dict) else {}
+        mapping.update({grp: split for split, grp in sources})
+        totals = _count_dataset(tmp)
+        if isinstance(existing, Counter):  # an older dataset: its sources by count only
+            counts = Counter(existing) + Counter(mapping.values())
+        else:
+            counts = Counter(mapping.values())
+        totals["n_sources"] = {sp: int(counts.get(sp, 0)) for sp in SPLITS}
+        if adding:
+            report.totals = totals
+        _check_splits(totals["n_images"], report)
+        _write_yaml_and_meta(tmp, out, names, totals, mapping, report, opts)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def _write_plan(plan, split_of, tmp: Path, report: ExportReport, opts: dict) -> set:
+    """Normalise each source once and write its tiles; returns the ``(split, group)`` set."""
+    norm_cache: dict[int, np.ndarray] = {}
+    seen_sources: set[tuple[str, str]] = set()
+    tile, overlap, pad = opts["tile"], opts["overlap"], opts["pad"]
+    for i, (s, reg, grp) in enumerate(plan):
+        split = s.split or split_of[grp]
+        if split not in SPLITS:
+            raise ValueError(f"{s.name}: split must be one of {SPLITS}, got {split!r}")
+        if id(s) not in norm_cache:
+            norm_cache.clear()  # one source image in memory at a time
+            norm_cache[id(s)] = _normalise(s.image, opts["normalize"], opts["percentiles"])
+            classes = np.zeros(len(s.boxes), int) if s.classes is None else s.classes
+            boxes, keep, rep = clip_boxes(s.boxes, s.image.shape[:2])
+            cls_kept = np.asarray(classes)[keep]
+            if rep.messages:
+                report.warnings.append(f"{s.name}: {rep.summary()}")
+            partial = None if s.complete else coverage_warning(s)
+            if partial is not None:
+                report.warnings.append(partial)
+        img8 = norm_cache[id(s)]
+        seen_sources.add((split, grp))
+        ry0, rx0, ry1, rx1 = reg
+        for t in tile_grid((ry1 - ry0, rx1 - rx0), tile=tile, overlap=overlap):
+            win = (ry0 + t.y0, rx0 + t.x0, ry0 + t.y1, rx0 + t.x1)
+            crop = img8[win[0] : win[2], win[1] : win[3]]
+            tb, tkeep = crop_boxes(boxes, win, opts["min_fraction"])
+            if pad and max(crop.shape[:2]) < tile:
+                crop = _pad_long_side(crop, tile)
+            name = f"{s.name}_y{win[0]}_x{win[1]}"
+            _write_png(tmp / "images" / split / f"{name}.png", crop)
+            lines = yolo_lines(tb, cls_kept[tkeep], crop.shape[0], crop.shape[1])
+            (tmp / "labels" / split / f"{name}.txt").write_text(
+                "\n".join(lines) + ("\n" if lines else "")
+            )
+            report.n_images[split] += 1
+            report.n_objects[split] += len(lines)
+        if opts["progress"] is not None:
+            opts["progress"](i + 1, len(plan))
+    return seen_sources
+
+
+def _check_splits(n_images: dict[str, int], report: ExportReport) -> None:
+    """Refuse a dataset without training tiles; warn of an empty val or test split."""
+    if n_images["train"] == 0:
+        raise ValueError("the train split is empty: give more images or other fractions")
+    if n_images["val"] == 0:
+        report.warnings.append(
+            "the val split is empty: training will validate on its own training images, "
+            "so its scores look better than they are (raise 'val fraction' or add images)"
+        )
+    if n_images["test"] == 0:
+        report.warnings.append(
+            "the test split is empty: Evaluate has no independent images to score"
+        )
+
+
+def _write_yaml_and_meta(tmp, out, names, totals, mapping, report, opts) -> None:
+    """``data.yaml`` and ``dataset.json`` of the whole dataset (after an append: all of it)."""
+    n_images = totals["n_images"]
+    data = {
+        "path": str(out),
+        "train": "images/train",
+        "val": "images/val" if n_images["val"] else "images/train",
+        "test": "images/test" if n_images["test"] else None,
+        "nc": len(names),
+        "names": {i: n for i, n in enumerate(names)},
+    }
+    if data["test"] is None:
+        del data["test"]
+    (tmp / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    meta = {
+        "normalize": opts["normalize"],
+        "percentiles": list(opts["percentiles"]),
+        "tile": opts["tile"],
+        "overlap": opts["overlap"],
+        "min_fraction": opts["min_fraction"],
+        "seed": opts["seed"],
+        "fractions": list(opts["fractions"]),
+        **totals,
+        "sources": mapping,
+        "warnings": report.warnings,
+    }
+    (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
