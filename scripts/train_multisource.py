@@ -365,7 +365,7 @@ def cmd_eval(args) -> None:
     data = Path(args.data)
     rows = []
     for model in args.models:
-        if model.endswith(".pt"):
+        if model.endswith(".fp16.pt"):  # our training state: the bundled model's settings
             ref = load_detector("default", backend="torch").spec
             spec = ModelSpec(
                 path=Path(model),
@@ -417,6 +417,148 @@ def cmd_eval(args) -> None:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 
 
+# --------------------------------------------------------------------------- bundle
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "napari_yolocell" / "models" / "weights"
+BUNDLED = "nucleus-v5n"
+CONF_GRID = np.round(np.arange(0.05, 0.71, 0.01), 2)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _val_detections(det, data: Path) -> dict[str, list]:
+    """Low-confidence detections on every source's val images (whole, native size, defaults)."""
+    from napari_yolocell.engine.detect import DetectParams, detect_image
+
+    out: dict[str, list] = {}
+    for source in SOURCES:
+        for item in source_items(data, source):
+            if item["split"] != "val":
+                continue
+            df = detect_image(read_grey(item["path"]), det, DetectParams(conf=0.01))
+            out.setdefault(source, []).append(
+                (
+                    df[["y0", "x0", "y1", "x1"]].to_numpy(float),
+                    df["confidence"].to_numpy(float),
+                    truth_boxes(source, item),
+                    item["name"],
+                )
+            )
+    return out
+
+
+def pooled_conf(per_source: dict[str, list]) -> tuple[float, dict]:
+    """The default confidence: lowest mean count error over sources among the thresholds whose
+    mean F1 over sources is within 0.005 of the best (every source weighs the same)."""
+    from napari_yolocell.analysis.evaluate import evaluate_predictions
+
+    f1, err = [], []
+    for items in per_source.values():
+        c = evaluate_predictions(items, conf=None, conf_grid=list(CONF_GRID))["curves"]
+        f1.append(np.asarray(c["f1"], float))
+        err.append(np.asarray(c["count_error"], float))
+    mean_f1, mean_err = np.mean(f1, axis=0), np.mean(err, axis=0)
+    ok = mean_f1 >= np.nanmax(mean_f1) - 0.005
+    best = int(np.flatnonzero(ok)[np.nanargmin(mean_err[ok])])
+    metrics = {
+        "data": "val images of BBBC039, DSB2018, Kromp, BitDepth, MNFinder (whole, native size), "
+        "mean over sources",
+        "f1": round(float(mean_f1[best]), 4),
+        "count_error": round(float(mean_err[best]), 4),
+        "per_source": {
+            s: {"f1": round(float(f[best]), 4), "count_error": round(float(e[best]), 4)}
+            for s, f, e in zip(per_source, f1, err, strict=True)
+        },
+    }
+    return float(CONF_GRID[best]), metrics
+
+
+def _int8(pt: Path, data: Path) -> dict:
+    """INT8 OpenVINO version calibrated on training images of every source (at model scale)."""
+    from napari_yolocell.models.export_cache import cached_export
+    from napari_yolocell.models.integrity import folder_hashes
+    from napari_yolocell.models.spec import ModelSpec
+    from napari_yolocell.training.quantize import (
+        calibration_tiles,
+        check_int8,
+        quantize_openvino,
+    )
+
+    rng = np.random.default_rng(SEED)
+    images = []
+    for source in SOURCES:
+        train = [i for i in source_items(data, source) if i["split"] == "train"]
+        for item in rng.choice(train, min(12, len(train)), replace=False):
+            img = read_grey(item["path"])
+            d = median_diameter(truth_boxes(source, item))
+            if d > MAX_DIAMETER:  # at the scale detection runs them (auto shrinks big nuclei)
+                from skimage.transform import rescale
+
+                img = rescale(img.astype(np.float32), 30.0 / d, preserve_range=True)
+            images.append(img)
+    tiles = calibration_tiles(images, tile=TILE, per_image=2, seed=SEED, scales=(1.0, 0.5))
+    fp32 = cached_export(ModelSpec(name=BUNDLED, path=pt), "openvino")
+    out = PKG / (pt.stem + "-int8")
+    quantize_openvino(fp32, tiles, out)
+    check = check_int8(fp32, out, tiles)
+    print(f"INT8: {len(tiles)} calibration tiles from {len(images)} images; {check.describe()}")
+    if not check.passed:
+        sys.exit("INT8 check against FP32 failed: not bundled")
+    return {"dir": out.name, "sha256": folder_hashes(out)}
+
+
+def cmd_bundle(args) -> None:
+    """The run's best weights become the bundled default, with a pooled default confidence and
+    an INT8 version; the registry gets the new SHA-256s."""
+    import torch
+
+    from napari_yolocell.models.loading import clear_cache, load_detector
+    from napari_yolocell.models.spec import ModelSpec
+
+    src = Path(args.weights) if args.weights else STATE / args.run / "best.fp16.pt"
+    dst = PKG / "nucleus_v5n.pt"
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)  # our own training output
+    state = _load_state(args.run) if args.run else {}
+    ckpt["yolocell"] = {
+        "family": "yolov5",
+        "trained_epochs": sum(c["epochs"] for c in state.get("chunks", [])),
+    }
+    tmp = dst.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, dst)
+    reg_path = PKG / "registry.json"
+    reg = json.loads(reg_path.read_text())
+    entry = next(e for e in reg["models"] if e["name"] == BUNDLED)
+    clear_cache()
+    spec_kwargs = {k: entry[k] for k in ("family", "normalize", "diameter_px", "imgsz")}
+    spec = ModelSpec(name=BUNDLED, path=dst, percentiles=tuple(entry["percentiles"]), **spec_kwargs)
+    det = load_detector(spec, backend="torch")
+    conf, metrics = pooled_conf(_val_detections(det, Path(args.data)))
+    print(f"default confidence {conf:.2f}: {json.dumps(metrics)}")
+    entry.update(
+        {
+            "sha256": sha256(dst),
+            "default_conf": conf,
+            "metrics": metrics,
+            "description": "yolov5n trained on BBBC039, DSB2018 and Kromp 2020, then fine-tuned "
+            "on those and BitDepth_NucSeg and MNFinder, every source an equal share, with "
+            "microscopy augmentation (see docs/models.md)",
+        }
+    )
+    if not args.no_int8:
+        entry["int8"] = _int8(dst, Path(args.data))
+    tmp = reg_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(reg, indent=2) + "\n")
+    os.replace(tmp, reg_path)
+    print(json.dumps(entry, indent=2))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -444,8 +586,14 @@ def main(argv=None) -> int:
     e.add_argument("--conf", type=float, default=None)
     e.add_argument("--extra-confs", type=float, nargs="*", default=[])
     e.add_argument("--out", default=None)
+    u = sub.add_parser("bundle", help="make a run's best weights the bundled default")
+    u.add_argument("--data", required=True)
+    u.add_argument("--run", default="all")
+    u.add_argument("--weights", default=None, help="default: training_state/RUN/best.fp16.pt")
+    u.add_argument("--no-int8", action="store_true")
     args = p.parse_args(argv)
-    {"build": cmd_build, "chunk": cmd_chunk, "eval": cmd_eval}[args.cmd](args)
+    commands = {"build": cmd_build, "chunk": cmd_chunk, "eval": cmd_eval, "bundle": cmd_bundle}
+    commands[args.cmd](args)
     return 0
 
 
