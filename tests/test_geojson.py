@@ -83,6 +83,8 @@ def test_marker_column_becomes_derived_class():
     fc = detections_to_geojson(df)
     names = [f["properties"]["classification"]["name"] for f in fc["features"]]
     assert names == ["Nucleus: Positive", "Nucleus: Negative", "Nucleus: Positive"]
+    colours = [f["properties"]["classification"]["color"] for f in fc["features"]]
+    assert colours[0] == colours[2] != colours[1]  # QuPath shows positive and negative apart
 
 
 def test_round_trip(tmp_path):

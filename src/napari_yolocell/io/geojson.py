@@ -43,6 +43,8 @@ NUCLEUS_COLOR = (255, 64, 64)
 ROI_COLOR = (255, 200, 0)
 #: Marker classes (``marker`` column) become QuPath's derived classes ``Nucleus: Positive``.
 _MARKER_CLASSES = {"positive": "Positive", "negative": "Negative"}
+#: Their colours: QuPath's own for Positive (red) and Negative (blue), so the two differ.
+MARKER_COLORS = {"positive": (200, 0, 0), "negative": (112, 112, 225)}
 
 
 def _ring(yx: np.ndarray) -> list[list[float]]:
@@ -95,7 +97,7 @@ def detections_to_geojson(
     class_name : str
         QuPath classification of the nuclei.
     color : sequence of int
-        RGB colour of that class.
+        RGB colour of that class (marker classes have their own: :data:`MARKER_COLORS`).
     rois : sequence of (M, 2+) arrays, optional
         ROI polygons in table coordinates (last two columns y, x), written as annotations.
     roi_names : sequence of str, optional
@@ -142,16 +144,17 @@ def detections_to_geojson(
             measurements.update(
                 {k: float(v) for k, v in zip(extra, values[i], strict=True) if math.isfinite(v)}
             )
-        name = class_name
+        name, colour = class_name, rgb
         if marker is not None and marker[i] in _MARKER_CLASSES:
             name = f"{class_name}: {_MARKER_CLASSES[marker[i]]}"
+            colour = list(MARKER_COLORS[marker[i]])
         features.append(
             {
                 "type": "Feature",
                 "geometry": geometry,
                 "properties": {
                     "objectType": "detection",
-                    "classification": {"name": name, "color": rgb},
+                    "classification": {"name": name, "color": colour},
                     "measurements": measurements,
                 },
             }
