@@ -139,6 +139,8 @@ def test_cancel_then_resume(qtbot, panel, tmp_path, monkeypatch):
     panel.run()
     wait(qtbot, panel)
     assert "Done" in panel.status.value
+    assert "3 of 4 images analysed" in panel._done_summary(4)  # not "4 of 4" (#22)
+    assert "1 resumed from the stopped run" in panel._done_summary(4)
     assert [p.rsplit("/", 1)[-1] for p in detected[1:]] == ["b.tif", "bad.tif", "c.tif"]
     assert column(panel, "count") == [4, 7, None, 5]
     assert pd.read_csv(out / "counts.csv")["count"].tolist() == [4, 7, 5]

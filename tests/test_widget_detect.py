@@ -179,6 +179,7 @@ def test_stack_planes_map_to_leading_axis(qtbot, make_napari_viewer, nuclei):
     viewer.window.add_dock_widget(widget)
     widget.model.value = "classical"
     widget.tile.value = 256
+    widget.channel.value = "planes"  # an unlabelled 2-long first axis: the user says (#22)
     run(qtbot, widget)
     layers = results(viewer, "stack")
     points = layers["nuclei"]
@@ -324,7 +325,7 @@ def test_untrusted_weights_ask_then_trust_and_run(qtbot, setup, tmp_path, monkey
             raise UntrustedModelError(model, "posix.system")
         return real_load("classical", **kwargs)
 
-    def confirm(path, size, sha256, parent=None):
+    def confirm(path, size, sha256, parent=None, references=""):
         asked.append((path, size, sha256))
         return answer
 

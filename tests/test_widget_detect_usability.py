@@ -333,7 +333,7 @@ def test_marker_histogram_threshold_and_counts(qtbot, make_napari_viewer, nuclei
     "sub, name, family",
     [
         ("nuclephaser_dapi_v5", "dapi_v5.pt", "ultralytics/yolov5"),
-        ("meituan_yolov6n_bbbc039", "yolov6n_bbbc039_meituan.onnx", "exported model"),
+        ("meituan_yolov6n_bbbc039", "yolov6n_bbbc039_meituan.onnx", "YOLOv5/6 ONNX export"),
     ],
 )
 def test_thesis_formats_run_from_the_widget(

@@ -56,12 +56,16 @@ SUMMARY_COLUMNS = ["image", "count", "error"]
 
 @dataclass
 class ImageResult:
-    """Outcome for one image: its detections and per-plane counts, or an error message."""
+    """Outcome for one image: its detections and per-plane counts, or an error message.
+
+    ``resumed``: read back from the part files of an earlier, stopped run (not analysed now).
+    """
 
     image: str
     detections: pd.DataFrame | None = None
     counts: list[int] = field(default_factory=list)
     error: str | None = None
+    resumed: bool = False
 
     @property
     def count(self) -> int:
@@ -362,6 +366,7 @@ def run_batch(
     for i, (p, k) in enumerate(zip(paths, keys, strict=True)):
         done = parts.load(k) if parts else None
         if done is not None and done.image == p:
+            done.resumed = True
             results[i] = done
             if on_result:
                 on_result(i, done)

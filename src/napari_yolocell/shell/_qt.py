@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "add_tabs",
+    "cell_tooltips",
+    "fit_table",
+    "ask_axis_meaning",
     "colour_legend",
     "confirm_untrusted",
     "error_text",
@@ -88,23 +91,66 @@ def save_file_dialog(parent: QWidget | None, title: str, default: str, filter: s
     return path
 
 
-def confirm_untrusted(path: Path, size: int, sha256: str, parent: QWidget | None = None) -> bool:
-    """Ask whether to trust a weights file that can run code when loaded; True for yes."""
+UNTRUSTED_TITLE = "Untrusted model file"
+
+
+def untrusted_text(path: Path, size: int, sha256: str, references: str = "") -> str:
+    """The trust dialog's text: what the file references, where it is, its size and hash."""
+    what = f"Its pickle references {references!r}, which " if references else "It "
+    return (
+        f"{what}could run code on your computer when the file is loaded. Load it only if "
+        "you trust where it comes from.\n\n"
+        f"File: {path}\nSize: {size:,} bytes\nSHA-256: {sha256}\n\nTrust it and run?"
+    )
+
+
+def confirm_untrusted(
+    path: Path,
+    size: int,
+    sha256: str,
+    parent: QWidget | None = None,
+    references: str = "",
+) -> bool:
+    """Ask whether to trust a weights file that can run code when loaded; True for yes.
+
+    ``references``: the Python global its pickle names that is off the allow-list (what the
+    command line's refusal names too), e.g. ``io.open``.
+    """
     from qtpy.QtWidgets import QMessageBox
 
-    text = (
-        "This file can run code on your computer when it is loaded. Load it only if you "
-        "trust where it comes from.\n\n"
-        f"File: {path}\nSize: {size:,} bytes\nSHA-256: {sha256}\n\nTrust it?"
-    )
     answer = QMessageBox.question(
         parent,
-        "Untrusted model file",
-        text,
+        UNTRUSTED_TITLE,
+        untrusted_text(path, size, sha256, references),
         QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
         QMessageBox.StandardButton.No,
     )
     return answer == QMessageBox.StandardButton.Yes
+
+
+def ask_axis_meaning(name: str, n: int, parent: QWidget | None = None) -> str | int | None:
+    """Ask what the unlabelled first axis (2-4 long) of layer ``name`` holds.
+
+    Returns
+    -------
+    str, int or None
+        ``"planes"``, the nuclear stain's channel number, or None when the user cancels.
+    """
+    from qtpy.QtWidgets import QMessageBox
+
+    box = QMessageBox(parent)
+    box.setWindowTitle("Channels or planes?")
+    box.setText(
+        f"The first axis of {name!r} has {n} entries and the file does not say what they "
+        "are. Channels (a nuclear stain and markers): which one holds the nuclei? Or planes "
+        "(Z, T...) to count one by one?"
+    )
+    answers = {box.addButton("Planes", QMessageBox.ButtonRole.AcceptRole): "planes"}
+    for c in range(n):
+        answers[box.addButton(f"Channel {c}", QMessageBox.ButtonRole.AcceptRole)] = c
+    box.addButton(QMessageBox.StandardButton.Cancel)
+    box.exec()
+    return answers.get(box.clickedButton())
 
 
 def trusted_after_asking(exc: BaseException | None, parent: QWidget | None = None) -> bool:
@@ -115,7 +161,7 @@ def trusted_after_asking(exc: BaseException | None, parent: QWidget | None = Non
     """
     if not isinstance(exc, UntrustedModelError):
         return False
-    if not confirm_untrusted(exc.path, exc.size, exc.sha256, parent):
+    if not confirm_untrusted(exc.path, exc.size, exc.sha256, parent, references=exc.global_name):
         return False
     trust(exc.path)
     return True
@@ -147,10 +193,46 @@ def add_tabs(container: Container, pages: Sequence[tuple[str, Container]]) -> QT
         scroll.setMinimumWidth(
             page.native.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width()
         )
+        # a dock stacked with another (Detect over Train) keeps a usable height
+        scroll.setMinimumHeight(min(page.native.minimumSizeHint().height(), MIN_TAB_HEIGHT))
         tabs.addTab(scroll, title)
     container.native.layout().addWidget(tabs)
     container.native.layout().setContentsMargins(0, 0, 0, 0)
     return tabs
+
+
+#: Lowest height of a tab's scroll area, so a dock sharing the side with others stays usable.
+MIN_TAB_HEIGHT = 420
+
+
+def fit_table(table: Any, stretch: Sequence[int] = ()) -> None:
+    """Columns as wide as their contents, ``stretch`` ones sharing the rest; no sideways
+    scrolling (a count column never hides behind a scroll bar); long texts elided in the
+    middle and wrapped, whole in their tooltips (:func:`cell_tooltips`)."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QHeaderView
+
+    view = table.native
+    header = view.horizontalHeader()
+    for column in range(view.columnCount()):
+        mode = QHeaderView.ResizeMode.Stretch if column in stretch else None
+        header.setSectionResizeMode(column, mode or QHeaderView.ResizeMode.ResizeToContents)
+    header.setStretchLastSection(not stretch)
+    view.verticalHeader().setVisible(False)
+    view.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    view.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+    view.setWordWrap(True)
+
+
+def cell_tooltips(table: Any) -> None:
+    """Every cell's full text as its tooltip (names and errors cut by the column width)."""
+    view = table.native
+    for row in range(view.rowCount()):
+        for column in range(view.columnCount()):
+            item = view.item(row, column)
+            if item is not None:
+                item.setToolTip(item.text())
+    view.resizeRowsToContents()
 
 
 def wrap_labels(*labels: Label) -> None:

@@ -14,6 +14,7 @@ with one worker the core also reports the tiles of the image being analysed, in 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable
@@ -23,7 +24,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
-from magicgui.widgets import Container, FileEdit, Label, LineEdit, PushButton, SpinBox, Table
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    LineEdit,
+    PushButton,
+    SpinBox,
+    Table,
+)
 
 from napari_yolocell.engine.batch import (
     FOLDER_CSVS,
@@ -33,7 +43,7 @@ from napari_yolocell.engine.batch import (
     run_batch,
     summary_table,
 )
-from napari_yolocell.engine.detect import DetectParams
+from napari_yolocell.engine.detect import AMBIGUOUS_LENGTHS, DetectParams, param_help
 from napari_yolocell.io.images import glob_images
 from napari_yolocell.shell import _qt
 from napari_yolocell.shell._worker import OneTaskAtATime, Outcome, Progress, Task, start
@@ -42,6 +52,12 @@ from napari_yolocell.shell.progress_row import ProgressRow
 __all__ = ["BatchJob", "BatchPanel", "DetectSettings", "TileProgress", "run_batch_job"]
 
 DETECTIONS_CSV, COUNTS_CSV, ERRORS_CSV = (FOLDER_CSVS[k] for k in ("out", "counts", "errors"))
+#: The Batch tab's channel choices: the CLI's --channel C / --planes for every file.
+CHANNEL_CHOICES = [
+    ("as each file says", None),
+    ("planes (unlabelled first axis)", "planes"),
+    *((f"channel {c}", c) for c in range(max(AMBIGUOUS_LENGTHS))),
+]
 
 
 @dataclass
@@ -135,6 +151,12 @@ class BatchPanel(OneTaskAtATime, Container):
             mode="d",
             tooltip=f"receives {DETECTIONS_CSV}, {COUNTS_CSV} and {ERRORS_CSV}",
         )
+        self.channel = ComboBox(
+            label="channel",
+            choices=CHANNEL_CHOICES,
+            tooltip="the nuclear stain's channel in every file (--channel); 'planes': an "
+            f"unlabelled first axis holds planes (--planes). {param_help('planes')}",
+        )
         self.workers = SpinBox(
             label="workers",
             value=1,
@@ -153,7 +175,9 @@ class BatchPanel(OneTaskAtATime, Container):
         self.total_label = Label(value="")
         self.extend(
             [
-                Container(widgets=[self.folder, self.pattern, self.output, self.workers]),
+                Container(
+                    widgets=[self.folder, self.pattern, self.output, self.channel, self.workers]
+                ),
                 self.settings_label,
                 Container(
                     widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False
@@ -166,7 +190,7 @@ class BatchPanel(OneTaskAtATime, Container):
             ]
         )
         self.table.native.setMinimumHeight(160)
-        self.table.native.horizontalHeader().setStretchLastSection(True)  # room for errors
+        _qt.fit_table(self.table, stretch=(0, 2))  # names and errors share the width
         _qt.wrap_labels(self.settings_label, self.status, self.total_label)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
@@ -174,8 +198,14 @@ class BatchPanel(OneTaskAtATime, Container):
     # ------------------------------------------------------------------ settings
 
     def params(self) -> DetectParams:
-        """The detection settings a run would use now."""
-        return self.settings().params
+        """The detection settings a run would use now (this tab's channel / planes)."""
+        return self._with_channel(self.settings().params)
+
+    def _with_channel(self, params: DetectParams) -> DetectParams:
+        choice = self.channel.value
+        return dataclasses.replace(
+            params, channel=choice if isinstance(choice, int) else None, planes=choice == "planes"
+        )
 
     def make_job(self) -> BatchJob:
         """Capture the current settings.
@@ -193,7 +223,7 @@ class BatchPanel(OneTaskAtATime, Container):
         return BatchJob(
             paths=paths,
             model=settings.model,
-            params=settings.params,
+            params=self._with_channel(settings.params),
             output=output,
             backend=settings.backend,
             workers=int(self.workers.value),
@@ -222,6 +252,8 @@ class BatchPanel(OneTaskAtATime, Container):
         self.results = [None] * len(job.paths)
         names, blank = [self._display_name(p) for p in job.paths], [""] * len(job.paths)
         self.table.value = dict(zip(SUMMARY_COLUMNS, (names, blank, blank), strict=True))
+        _qt.fit_table(self.table, stretch=(0, 2))
+        _qt.cell_tooltips(self.table)
         self.task = start(
             partial(run_batch_job, job),
             partial(self._on_done, job),
@@ -234,7 +266,11 @@ class BatchPanel(OneTaskAtATime, Container):
         p = job.params
         self.settings_label.value = (
             f"model {Path(job.model).name}, confidence {p.conf:.2f}, tile {p.tile}, "
-            f"IoU {p.iou:.2f}" + (f", diameter {p.diameter:g} px" if p.diameter else "")
+            f"IoU {p.iou:.2f}"
+            + (f", diameter {p.diameter:g} px" if p.diameter else "")
+            + (f", min relative area {p.min_relative_area:g}" if p.min_relative_area else "")
+            + (f", channel {p.channel}" if p.channel is not None else "")
+            + (", planes" if p.planes else "")
         )
         self.status.value = f"running on {len(job.paths)} images..."
         self.progress.begin(f"images 0 / {len(job.paths)}, loading {Path(job.model).name}...")
@@ -280,6 +316,7 @@ class BatchPanel(OneTaskAtATime, Container):
         self.results[index] = res
         self.table.data[index, 1] = "" if res.error is not None else res.count
         self.table.data[index, 2] = res.error or ""
+        _qt.cell_tooltips(self.table)
         self._update_total()
 
     def _update_total(self) -> None:
@@ -299,7 +336,7 @@ class BatchPanel(OneTaskAtATime, Container):
         elif outcome.error is not None:
             self.progress.end("")
         else:
-            self.progress.end(f"{n_done} of {len(job.paths)} images in {self.progress.elapsed()}")
+            self.progress.end(self._done_summary(len(job.paths)))
         if outcome.cancelled:
             self.status.value = (
                 f"Cancelled with {n_done} of {len(job.paths)} images done; they are kept. "
@@ -307,8 +344,12 @@ class BatchPanel(OneTaskAtATime, Container):
                 "settings to resume where it stopped."
             )
         elif outcome.error is not None:
-            self._run_again = _qt.trusted_after_asking(outcome.error, self.native)
-            if not self._run_again:
+            if _qt.trusted_after_asking(outcome.error, self.native):
+                self.status.value = f"trusted {Path(job.model).name}: running again..."
+                self._run_again = True
+                if not self.running:  # finished while the dialog was open
+                    self._on_finished()
+            else:
                 self.status.value = f"Batch failed: {_qt.error_text(outcome.error)}"
                 _qt.show_error(f"Batch detection failed: {_qt.error_text(outcome.error)}")
         else:
@@ -317,6 +358,17 @@ class BatchPanel(OneTaskAtATime, Container):
                 f"Done: wrote {DETECTIONS_CSV}, {COUNTS_CSV} and {ERRORS_CSV} "
                 f"to {job.output}" + (f" ({failed} image(s) could not be read)" if failed else "")
             )
+
+    def _done_summary(self, total: int) -> str:
+        """``"9 of 9 images in 1 s"``, saying how many came from the stopped run's parts."""
+        done = [r for r in self.results if r is not None]
+        resumed = sum(r.resumed for r in done)
+        if not resumed:
+            return f"{len(done)} of {total} images in {self.progress.elapsed()}"
+        return (
+            f"{len(done) - resumed} of {total} images analysed in {self.progress.elapsed()}, "
+            f"{resumed} resumed from the stopped run"
+        )
 
     def _on_finished(self) -> None:
         self._set_running(False)

@@ -51,7 +51,13 @@ from magicgui.widgets import (
 
 from napari_yolocell.analysis.calibrate import Calibration, calibrate_in_rois
 from napari_yolocell.analysis.roi import counts_table
-from napari_yolocell.engine.detect import DetectParams, detect_image
+from napari_yolocell.engine.detect import (
+    DetectParams,
+    counted,
+    detect_image,
+    param_help,
+    unlabelled_axis,
+)
 from napari_yolocell.io.coords import to_table_coords
 from napari_yolocell.io.geojson import detections_to_geojson, write_geojson
 from napari_yolocell.io.tables import (
@@ -109,6 +115,39 @@ ROI_COLUMNS = [c for c in COUNT_COLUMNS if c != "image"]
 
 #: Detection defaults (one source with the CLI: :class:`DetectParams`).
 DEFAULTS = DetectParams()
+#: Channel choices of an unlabelled first axis besides a channel number.
+ASK, PLANES = "ask", "planes"
+#: Layer metadata key of the user's answer for an unlabelled first axis (asked once per layer).
+AXIS_KEY = "yolocell_first_axis"
+
+
+#: Tooltips of the pyramid-level diameter and the size filter (help text from DetectParams).
+_LEVEL_AND_SIZE_TIPS = {
+    "diameter": "Typical nucleus diameter, 0 = measured on the image. Counted in the pixels "
+    "'diameter in px of' names: full resolution (level 0) by default, also when a coarser "
+    "level is analysed.",
+    "diameter_pixels": param_help("diameter_pixels").capitalize() + ".",
+    "min_relative_area": param_help("min_relative_area").capitalize() + ".",
+}
+
+
+def _layer_axes(layer: Any) -> str:
+    """tifffile axis codes of ``layer``'s data: the reader's, else unlabelled (``Q``) + YX."""
+    ndim = len((layer.data[0] if layer.multiscale else layer.data).shape)
+    axes = str(layer.metadata.get("axes") or "")
+    if len(axes) == ndim:
+        return axes
+    spatial = "YXS" if layer.rgb else "YX"
+    return "Q" * (ndim - len(spatial)) + spatial
+
+
+def _ambiguous_length(layer: Any) -> int:
+    """Length of ``layer``'s unlabelled first axis of 2-4 (channels or planes?), else 0."""
+    if layer is None:
+        return 0
+    full = layer.data[0] if layer.multiscale else layer.data
+    axis = unlabelled_axis(full.shape, _layer_axes(layer), None, bool(layer.rgb))
+    return 0 if axis is None else int(full.shape[axis])
 
 
 @dataclass
@@ -122,6 +161,7 @@ class _Job:
     params: DetectParams
     rgb: bool
     planes: list[int] | None
+    axes: str | None
     scale: list[float]
     translate: list[float]
     plane_shape: tuple[int, ...]
@@ -152,7 +192,16 @@ def run_detection(job: _Job, report: Callable[..., None], cancel: threading.Even
         planes=job.planes,
         progress=report,
         cancel=cancel,
+        axes=job.axes,
     )
+
+
+def _level_text(attrs: dict) -> str:
+    """Which pyramid level a run analysed, for the count label (nothing for level 0)."""
+    level = int(attrs.get("level", 0) or 0)
+    if not level:
+        return ""
+    return f" on level {level} (1/{attrs.get('level_factor', 1.0):.3g} resolution)"
 
 
 class DetectWidget(OneTaskAtATime, Container):
@@ -184,14 +233,17 @@ class DetectWidget(OneTaskAtATime, Container):
         self.current_plane = CheckBox(text="current plane only", value=False)
         self.channel = ComboBox(
             label="channel",
-            choices=[("max of colours", None), ("red (0)", 0), ("green (1)", 1), ("blue (2)", 2)],
-            tooltip="RGB images: colour channel holding the nuclei",
+            choices=self._channel_choices,
+            tooltip="RGB images: colour channel holding the nuclei; an unlabelled first axis "
+            "of 2-4 (plain multi-page TIFF): the nuclear stain's channel, or planes",
         )
         # --- model
         self.model = ComboBox(
             label="model", choices=lambda _w: session.model_choices(untrained=UNTRAINED)
         )
         self.model_file = FileEdit(label="add .pt", mode="r", filter="*.pt *.pth *.onnx model.xml")
+        self.add_model_button = PushButton(text="Add", tooltip="add the model file typed above")
+        self._model_typed = False  # typed text is checked on Enter / focus-out / Add only
         self.backend = ComboBox(
             label="runtime",
             value="auto",
@@ -207,6 +259,18 @@ class DetectWidget(OneTaskAtATime, Container):
         self.overlap = SpinBox(label="overlap (0 = auto)", value=0, min=0, max=4096)
         self.diameter = FloatSpinBox(
             label="diameter px (0 = auto)", value=0.0, min=0.0, max=2000.0, step=1.0
+        )
+        self.diameter_pixels = ComboBox(
+            label="diameter in px of",
+            value=DEFAULTS.diameter_pixels,
+            choices=[("full resolution (level 0)", "full"), ("the analysed level", "level")],
+        )
+        self.min_relative_area = FloatSpinBox(
+            label="min relative area",
+            value=DEFAULTS.min_relative_area,
+            min=0.0,
+            max=1.0,
+            step=0.05,
         )
         self.normalize = ComboBox(
             label="normalisation",
@@ -250,6 +314,7 @@ class DetectWidget(OneTaskAtATime, Container):
         self.calibration_label = Label(value="")
         self.marker_panel = MarkerPanel(self)
         apply_tooltips(self)
+        apply_tooltips(self, _LEVEL_AND_SIZE_TIPS)
 
         def row(*widgets):
             return Container(widgets=list(widgets), layout="horizontal", labels=False)
@@ -266,6 +331,7 @@ class DetectWidget(OneTaskAtATime, Container):
                 self.tile,
                 self.overlap,
                 self.diameter,
+                self.diameter_pixels,
                 self.normalize,
             ],
             visible=False,
@@ -276,7 +342,9 @@ class DetectWidget(OneTaskAtATime, Container):
                 self.channel,
                 self.model,
                 self.model_file,
+                self.add_model_button,
                 self.conf,
+                self.min_relative_area,
                 full_width(self.legend, self.advanced_toggle),
                 self.advanced,
                 self.roi,
@@ -309,6 +377,10 @@ class DetectWidget(OneTaskAtATime, Container):
         self.image.changed.connect(self._on_image_changed)
         self.model.changed.connect(self._on_model_changed)
         self.model_file.changed.connect(self._on_model_file)
+        edit = self.model_file.line_edit.native
+        edit.textEdited.connect(self._on_model_typed)
+        edit.editingFinished.connect(self._on_model_entered)
+        self.add_model_button.changed.connect(self._on_add_model)
         self.conf.changed.connect(self._apply_conf)
         self.roi.changed.connect(lambda _v: self.rois.watch(self.roi.value))
         self.rename_button.changed.connect(self._on_rename)
@@ -337,6 +409,8 @@ class DetectWidget(OneTaskAtATime, Container):
                 "tile": self.tile,
                 "overlap": self.overlap,
                 "diameter": self.diameter,
+                "diameter_pixels": self.diameter_pixels,
+                "min_relative_area": self.min_relative_area,
                 "normalize": self.normalize,
                 "advanced": self.advanced_toggle,
             },
@@ -351,6 +425,19 @@ class DetectWidget(OneTaskAtATime, Container):
         return [
             (f"{i}: {' x '.join(str(n) for n in level.shape)}", i)
             for i, level in enumerate(layer.data)
+        ]
+
+    def _channel_choices(self, _widget=None) -> list[tuple[str, Any]]:
+        layer = self.image.value if hasattr(self, "image") else None
+        if layer is not None and layer.rgb:
+            return [("max of colours", None), ("red (0)", 0), ("green (1)", 1), ("blue (2)", 2)]
+        n = _ambiguous_length(layer)
+        if not n:
+            return [("(no channels)", None)]
+        return [
+            ("ask when run", ASK),
+            ("planes (Z, T...)", PLANES),
+            *((f"channel {c}", c) for c in range(n)),
         ]
 
     def refresh_models(self) -> None:
@@ -374,7 +461,10 @@ class DetectWidget(OneTaskAtATime, Container):
     def _on_image_changed(self, _value=None) -> None:
         layer = self.image.value
         self.level.reset_choices()
-        self.channel.enabled = bool(layer is not None and layer.rgb)
+        self.channel.reset_choices()
+        self.channel.enabled = bool(layer is not None and (layer.rgb or _ambiguous_length(layer)))
+        if _ambiguous_length(layer):  # this layer's answer, asked once
+            self.channel.value = layer.metadata.get(AXIS_KEY, ASK)
         self.current_plane.enabled = bool(layer is not None and layer.ndim > 2)
         if layer is not None and layer.name in self._results:
             self._active = layer.name
@@ -393,8 +483,29 @@ class DetectWidget(OneTaskAtATime, Container):
         except (FileNotFoundError, ValueError):
             pass  # reported when the user runs it
 
+    def _on_model_typed(self, _text: str = "") -> None:
+        self._model_typed = True
+
+    def _on_model_entered(self) -> None:
+        """Enter or focus-out after typing: check the typed path once."""
+        if self._model_typed:
+            self._model_typed = False
+            self._check_model_file(self.model_file.line_edit.value)
+
+    def _on_add_model(self, _value=None) -> None:
+        self._model_typed = False
+        self._check_model_file(self.model_file.line_edit.value)
+
     def _on_model_file(self, value) -> None:
-        if not value or str(value) in ("", "."):
+        """The field changed: a file picked (or set by code) is checked now; a keystroke is no
+        path yet, checked on Enter / focus-out / Add (one check, one message per entry)."""
+        if self._model_typed or self.model_file.line_edit.native.hasFocus():
+            self._model_typed = True
+            return
+        self._check_model_file(value)
+
+    def _check_model_file(self, value) -> None:
+        if not value or str(value).strip() in ("", "."):
             return
         path = Path(value).expanduser()
         if path.name == "model.xml":  # an OpenVINO export is its folder
@@ -408,6 +519,7 @@ class DetectWidget(OneTaskAtATime, Container):
             self.add_model(path, family=describe_model(path))
         except (OSError, ValueError) as exc:
             _qt.show_error(f"Cannot add model: {_qt.error_text(exc)}")
+            return  # the typed text stays, to be corrected
         self._show_model_file()
 
     def _show_model_file(self) -> None:
@@ -434,17 +546,20 @@ class DetectWidget(OneTaskAtATime, Container):
 
     def detect_params(self) -> DetectParams:
         """Detection settings from the controls; the run threshold is at most :data:`LOW_CONF`."""
-        layer = self.image.value
+        choice = self.channel.value if self.channel.enabled else None
         return DetectParams(
             tile=int(self.tile.value),
             overlap=int(self.overlap.value) or None,
             conf=min(float(self.conf.value), LOW_CONF),
             iou=float(self.iou.value),
-            channel=self.channel.value if layer is not None and layer.rgb else None,
+            channel=choice if isinstance(choice, int) else None,
+            planes=choice == PLANES,
             normalize=self.normalize.value,
             diameter=float(self.diameter.value) or None,
+            diameter_pixels=str(self.diameter_pixels.value),
             auto_diameter=not float(self.diameter.value),
             level=int(self.level.value or 0),
+            min_relative_area=float(self.min_relative_area.value),
         )
 
     def batch_settings(self) -> DetectSettings:
@@ -454,13 +569,46 @@ class DetectWidget(OneTaskAtATime, Container):
         the low run threshold of the Image tab; the pyramid level of the open image says
         nothing about other files, so level 0.
         """
-        params = dataclasses.replace(self.detect_params(), conf=float(self.conf.value), level=0)
+        params = self.detect_params()
+        params = dataclasses.replace(
+            params,
+            conf=float(self.conf.value),
+            level=0,
+            diameter=self._full_resolution_diameter(params),
+            diameter_pixels="full",
+            channel=None,  # the Batch tab says its own (files differ from this layer)
+            planes=False,
+        )
         model = self.model.value
         return DetectSettings(
             model=None if model is None else str(model),
             backend=str(self.backend.value),
             params=params,
         )
+
+    def _full_resolution_diameter(self, params: DetectParams) -> float | None:
+        """The diameter in full-resolution pixels (the Batch tab runs level 0)."""
+        layer = self.image.value
+        if params.diameter is None or params.diameter_pixels == "full" or layer is None:
+            return params.diameter
+        if not layer.multiscale:
+            return params.diameter
+        levels = list(layer.data)
+        return params.diameter * levels[0].shape[-1] / levels[params.level].shape[-1]
+
+    def _resolve_axis(self) -> bool:
+        """Ask once per layer what an unlabelled first axis of 2-4 holds; False: cancelled."""
+        layer = self.image.value
+        n = _ambiguous_length(layer)
+        if n and self.channel.value == ASK:
+            answer = _qt.ask_axis_meaning(layer.name, n, self.native)
+            if answer is None:
+                return False
+            layer.metadata[AXIS_KEY] = answer
+            self.channel.value = answer
+        elif n:
+            layer.metadata[AXIS_KEY] = self.channel.value
+        return True
 
     def _make_job(self) -> _Job:
         layer = self.image.value
@@ -469,7 +617,10 @@ class DetectWidget(OneTaskAtATime, Container):
         if self.model.value is None:
             raise ValueError("no model selected")
         full = layer.data[0] if layer.multiscale else layer.data
-        plane_shape = tuple(int(n) for n in full.shape[: layer.ndim - 2])
+        params = self.detect_params()
+        # the chosen channel of an unlabelled axis is no plane: results are 2-D
+        lead = 1 if _ambiguous_length(layer) and params.channel is not None else 0
+        plane_shape = tuple(int(n) for n in full.shape[lead : layer.ndim - 2])
         planes = None
         if plane_shape and self.current_plane.value:
             # the plane shown: the viewer's world point in the layer's data coordinates
@@ -480,11 +631,12 @@ class DetectWidget(OneTaskAtATime, Container):
             image=list(layer.data) if layer.multiscale else layer.data,
             model=self.model.value,
             backend=self.backend.value,
-            params=self.detect_params(),
+            params=params,
             rgb=bool(layer.rgb),
             planes=planes,
-            scale=[float(s) for s in layer.scale],
-            translate=[float(t) for t in layer.translate],
+            axes=_layer_axes(layer),
+            scale=[float(s) for s in layer.scale[lead:]],
+            translate=[float(t) for t in layer.translate[lead:]],
             plane_shape=plane_shape,
         )
 
@@ -499,6 +651,9 @@ class DetectWidget(OneTaskAtATime, Container):
             The started task (None when the settings are invalid or a run is going on).
         """
         if self.running:
+            return None
+        if not self._resolve_axis():
+            self.count_label.value = "not run: say what the image's first axis holds (channel)"
             return None
         try:
             job = self._make_job()
@@ -534,7 +689,8 @@ class DetectWidget(OneTaskAtATime, Container):
             return
         if outcome.error is not None:
             if _qt.trusted_after_asking(outcome.error, self.native):
-                self._run_again = True  # once this task has finished
+                self.count_label.value = f"trusted {Path(job.model).name}: running again..."
+                self._rerun_when_finished()
                 return
             self._calibrate_after_run = False
             self.count_label.value = "detection failed"
@@ -576,6 +732,13 @@ class DetectWidget(OneTaskAtATime, Container):
         if self._run_again:
             self._run_again = False
             self.run()
+
+    def _rerun_when_finished(self) -> None:
+        """Run once more after this task: the dialog's event loop may have let the task's
+        ``finished`` pass already (then nothing else would start it)."""
+        self._run_again = True
+        if not self.running:
+            self._on_finished()
 
     # ------------------------------------------------------------------ layers
 
@@ -782,8 +945,12 @@ class DetectWidget(OneTaskAtATime, Container):
         res = self.result()
         if res is None:
             return
-        shown = self.filtered(res.source)
+        shown = counted(self.filtered(res.source))
         text = f"{res.source}: {len(shown)} nuclei at confidence >= {self.conf.value:.2f}"
+        text += _level_text(res.df.attrs)
+        small = len(self.filtered(res.source)) - len(shown)
+        if small:
+            text += f" ({small} small not counted)"
         if res.n_planes > 1:
             text += f" ({shown['plane'].nunique()} of {res.n_planes} planes with nuclei)"
         if self.conf.value < res.run_conf - 1e-9:

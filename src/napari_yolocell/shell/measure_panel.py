@@ -87,6 +87,7 @@ class MarkerPanel(Container):
         self.native.layout().insertWidget(6, self.canvas)
         self.canvas.setVisible(False)
         self.table.native.setMaximumHeight(140)
+        _qt.fit_table(self.table)
         _qt.wrap_labels(self.summary)
         self.measure_button.changed.connect(self.measure)
         self.auto_button.changed.connect(self.auto_threshold)
@@ -201,6 +202,7 @@ class MarkerPanel(Container):
             bins = np.geomspace(finite.min(), finite.max() * 1.0001, 40)
             ax.hist(finite, bins=bins, color="0.6")
             ax.set_xscale("log")
+            _sparse_log_ticks(ax)
         ax.axvline(threshold, color="tab:red", label="threshold")
         ax.set_xlabel("mean marker intensity per nucleus")
         ax.set_ylabel("nuclei")
@@ -227,6 +229,15 @@ class MarkerPanel(Container):
             _qt.show_info(f"Wrote {self.export_counts(path)}")
         except (OSError, ValueError) as exc:
             _qt.show_error(f"Export failed: {exc}")
+
+
+def _sparse_log_ticks(ax: Any) -> None:
+    """At most ~4 labelled ticks on a log x axis, none on minor ticks (they overlapped)."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(numticks=4))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(labelsize="small")
 
 
 def _measure_one_plane(marker: Any, table: pd.DataFrame) -> pd.DataFrame:

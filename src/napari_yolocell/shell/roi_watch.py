@@ -3,7 +3,9 @@
 The widget keeps one :class:`RoiWatcher`; :meth:`RoiWatcher.watch` moves it to the ROI layer
 chosen in the widget. ROIs are named by the layer's ``name`` feature (shown as the shapes'
 text): missing, blank or repeated names are filled with ``roi_<i>``
-(:func:`~napari_yolocell.io.tables.unique_roi_names`), so a name never changes once shown.
+(:func:`~napari_yolocell.io.tables.unique_roi_names`), so a name never changes once shown, and
+a deleted ROI's name is never given to a new one (names stay unique for the whole session, so
+CSVs written at two moments never call two regions the same).
 """
 
 from __future__ import annotations
@@ -13,19 +15,39 @@ from typing import Any
 
 import pandas as pd
 
-from napari_yolocell.io.tables import unique_roi_names
+from napari_yolocell.io.tables import roi_name, unique_roi_names
 
 __all__ = ["RoiWatcher", "name_rois", "rename_selected"]
 
 # Mid-edit actions: a drag emits many "changing" events; counting waits for "changed".
 _PENDING = ("adding", "changing", "removing")
+#: Layer metadata key: every name the layer's ROIs ever had (deleted ones included).
+USED_KEY = "yolocell_roi_names_used"
+
+
+def _fresh_names(old: list[Any], used: set[str]) -> list[str]:
+    """:func:`unique_roi_names`, with generated names skipping those of deleted ROIs."""
+    names = unique_roi_names(old)
+    given = {str(n).strip() for n in old if isinstance(n, str)}
+    taken = set(names)
+    for i, (before, name) in enumerate(zip(old, names, strict=True)):
+        if name == before or name not in used - given:
+            continue
+        k = i
+        while roi_name(k) in used or roi_name(k) in taken:
+            k += 1
+        names[i] = roi_name(k)
+        taken.add(names[i])
+    return names
 
 
 def name_rois(layer: Any) -> bool:
     """Give every shape of ``layer`` a unique ``name`` feature shown as text; True if changed."""
     features = layer.features
     old = features["name"].tolist() if "name" in features else [None] * len(layer.data)
-    names = unique_roi_names(old)
+    used = set(layer.metadata.get(USED_KEY, ()))
+    names = _fresh_names(old, used)
+    layer.metadata[USED_KEY] = sorted(used | set(names))
     changed = names != old or "name" not in features
     if changed:
         features = features.copy()

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from napari_yolocell.models.backends import LAYOUT_LABELS
 from napari_yolocell.models.registry import list_models, resolve_model
 
 __all__ = [
@@ -38,12 +39,36 @@ def session_models() -> list[str]:
     return list(_MODELS)
 
 
+#: An export's output layout (``models.backends.LAYOUT_LABELS``) as a user names the model.
+_EXPORT_NAMES = {
+    LAYOUT_LABELS["xywh-cls"]: "YOLOv5u/6/8 (ultralytics)",
+    LAYOUT_LABELS["xywh-obj-cls"]: "YOLOv5/6",
+    LAYOUT_LABELS["xyxy-score-cls"]: "YOLO (boxes after NMS)",
+}
+_EXPORTED = "exported model: "
+
+
+def user_family(family: str, path: str | Path) -> str:
+    """``family`` (:func:`~napari_yolocell.models.loading.describe_model`) in a user's words:
+    an export reads ``YOLOv5/6 ONNX export`` instead of its tensor layout."""
+    if not family.startswith(_EXPORTED):
+        return family
+    layout = family[len(_EXPORTED) :]
+    kind = "ONNX" if Path(path).suffix.lower() == ".onnx" else "OpenVINO"
+    return f"{_EXPORT_NAMES.get(layout, 'YOLO')} {kind} export"
+
+
 def model_label(path: str | Path) -> str:
-    """How a session model is listed: ``<run folder>/<file>`` (``yolov5n/best.pt``) and, when
-    known, its family (``dapi_v5.pt ... (YOLOv5 (ultralytics/yolov5))``)."""
+    """How a session model is listed: its file and own folder (``dapi_v5.pt in
+    nuclephaser_dapi_v5``; a run's ``best.pt in yolov5n/weights``) and, when known, its
+    family in a user's words (:func:`user_family`)."""
     p = Path(path)
+    folder = p.parent.name
+    if folder == "weights" and p.parent.parent.name:  # a training run: name the run too
+        folder = f"{p.parent.parent.name}/{folder}"
     family = _FAMILIES.get(str(path))
-    return f"{p.parent.parent.name}/{p.name}" + (f" ({family})" if family else "")
+    label = f"{p.name} in {folder}" if folder else p.name
+    return label + (f" ({user_family(family, p)})" if family else "")
 
 
 def model_choices(untrained: Sequence[str] = ()) -> list[tuple[str, str]]:
