@@ -9,7 +9,10 @@ b. ``engine`` - :func:`napari_yolocell.engine.detect.detect_image` end to end fr
 c. ``sahi``   - SAHI ``get_sliced_prediction`` with the same ultralytics model on the same
                 normalised image (loaded whole, as SAHI needs); skipped if SAHI is missing.
 d. ``default`` - (b) with the runtime `yolocell detect` uses by default on a CPU (``auto``:
-                OpenVINO, INT8 for the bundled models); a-c all use PyTorch.
+                OpenVINO, INT8 for the bundled models).
+
+(a) and (b) use ``--backend`` (default PyTorch, as SAHI does), so ``--backend openvino-int8
+--variants bare,engine`` gives the engine's overhead over the bare INT8 forward pass.
 
 Timings exclude imports and model loading; each variant warms the model up on one tile first
 and reports the best of ``--repeat`` runs (the CPU may be shared).
@@ -77,7 +80,7 @@ def run_bare(args) -> dict:
     from napari_yolocell.engine.normalize import to_uint8
     from napari_yolocell.engine.tiling import tile_grid
 
-    image, detector, params = _setup(args)
+    image, detector, params = _setup(args, args.backend)
     lo, hi = _value_range(image, params)
     plane = image.levels[0]
     tiles = tile_grid(plane.shape[-2:], params.tile, params.overlap)
@@ -105,7 +108,7 @@ def run_engine(args) -> dict:
     """(b) Our engine end to end from the lazy BigTIFF."""
     from napari_yolocell.engine.detect import detect_image
 
-    image, detector, params = _setup(args)
+    image, detector, params = _setup(args, args.backend)
     seconds, df = _best_of(lambda: detect_image(image.levels, detector, params), args.repeat)
     return {"seconds": seconds, "count": len(df)}
 
@@ -182,6 +185,8 @@ def _spawn(args, variant: str, tiff: Path) -> dict:
         str(args.batch),
         "--repeat",
         str(args.repeat),
+        "--backend",
+        args.backend,
     ]
     if args.device:
         cmd += ["--device", args.device]
@@ -233,6 +238,9 @@ def parse_args(argv=None):
     parser.add_argument("--tile", type=int, default=640)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default=None, help="cpu, cuda:0 (default: auto)")
+    parser.add_argument(
+        "--backend", default="torch", help="runtime of variants a and b (default torch)"
+    )
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per variant (best)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--tiff", default=None, help="use this TIFF instead of a synthetic one")
@@ -257,7 +265,7 @@ def main(argv=None) -> None:
         results = {v: _spawn(args, v, tiff) for v in args.variants.split(",")}
     print(
         f"\nsize {args.size}x{args.size}, model {args.model}, tile {args.tile}, "
-        f"batch {args.batch}, true nuclei {truth}\n"
+        f"batch {args.batch}, a/b backend {args.backend}, true nuclei {truth}\n"
     )
     print(format_table(results, args.size))
 

@@ -165,7 +165,7 @@ def test_quantize_for_user_caches_checks_and_is_used(user_model, monkeypatch):
     auto = load_detector(str(user_model), device="cpu", backend="auto")
     assert isinstance(auto, OpenVinoDetector) and auto.folder == entry.folder
     # once: a second call finds the cached entry without quantizing again
-    monkeypatch.setattr(quantize, "quantize_openvino", lambda *a, **k: pytest.fail("again"))
+    monkeypatch.setattr(quantize, "quantize_model", lambda *a, **k: pytest.fail("again"))
     assert quantize.quantize_for_user(user_model, images).folder == entry.folder
 
 
@@ -199,3 +199,20 @@ def test_int8_counts_small_nuclei_like_fp32(user_model):
         syn = make_nuclei_image((512, 512), n_nuclei=160, diameter=(9.0, 12.0), seed=seed)
         counts = [len(detect_image(syn.image, d, DetectParams())) for d in (fp32, int8)]
         assert abs(counts[1] - counts[0]) <= 1, counts
+
+
+def test_a_tampered_int8_entry_is_not_used(user_model):
+    spec = resolve_model(user_model)
+    entry = int8_cache.lookup(spec)
+    if entry is None:
+        pytest.skip("needs test_quantize_for_user_caches_checks_and_is_used")
+    check_file = entry.folder / int8_cache.CHECK_FILE
+    original = check_file.read_text()
+    check_file.write_text(original.replace('"passed": true', '"passed": false'))
+    try:
+        assert int8_cache.lookup(spec) is None  # the signature no longer matches
+        with pytest.raises(ValueError, match="no INT8 version"):
+            make_detector(spec, "openvino-int8", "cpu")
+    finally:
+        check_file.write_text(original)
+    assert int8_cache.lookup(spec) is not None

@@ -10,20 +10,30 @@
 
 ``check.json`` records the INT8 model against FP32 on the calibration tiles
 (:class:`napari_yolocell.training.quantize.Int8Check`). The loader runs the INT8 model only
-when that check passed; otherwise FP32 runs and the user is told once per process.
+when that check passed; otherwise FP32 runs and the user is told once per process. Like every
+cache entry, the folder is built in a private temporary folder, signed with the user's key
+(:func:`~napari_yolocell.models.user_cache.sign_folder`, check included) and renamed into
+place; an entry whose signature fails is treated as missing (quantized again).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napari_yolocell.models.user_cache import cache_root, weights_sha256
+from napari_yolocell.models.user_cache import (
+    cache_root,
+    entry_tempdir,
+    sign_folder,
+    verify_folder,
+    weights_sha256,
+)
 
 #: Bump when the quantization recipe changes: older INT8 entries are then ignored.
 #: 2: the head's decoding kept in FP32 (issue 23).
@@ -61,26 +71,48 @@ def int8_dir(spec, root: Path | None = None) -> Path:
     return (root or cache_root()) / key / f"openvino-int8-v{INT8_VERSION}"
 
 
+def _purpose(folder: Path) -> str:
+    """What the signature binds the entry to: this recipe and these weights."""
+    return f"{folder.name}:{folder.parent.name}"
+
+
 def lookup(spec, root: Path | None = None) -> Int8Entry | None:
-    """The cached INT8 entry of ``spec``, or None if it was never quantized (or is damaged)."""
+    """The cached INT8 entry of ``spec``; None if never quantized, damaged or not ours."""
     if spec.path is None or not Path(spec.path).is_file():
         return None
     folder = int8_dir(spec, root)
+    if not (folder / "model.xml").is_file() or not verify_folder(folder, _purpose(folder)):
+        return None
     try:
         check = json.loads((folder / CHECK_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not (folder / "model.xml").is_file() or not isinstance(check, dict):
-        return None
-    return Int8Entry(folder, check)
+    return Int8Entry(folder, check) if isinstance(check, dict) else None
+
+
+def new_entry(spec, root: Path | None = None) -> Path:
+    """A private temporary folder to build ``spec``'s INT8 entry in (:func:`install` it)."""
+    final = int8_dir(spec, root)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return entry_tempdir(final)
+
+
+def install(spec, tmp: Path, check: dict[str, Any], root: Path | None = None) -> Int8Entry:
+    """Add the check to a built entry, sign it and rename it into place."""
+    final = int8_dir(spec, root)
+    (Path(tmp) / CHECK_FILE).write_text(json.dumps(check, indent=2) + "\n", encoding="utf-8")
+    sign_folder(tmp, _purpose(final))
+    if final.exists():  # quantized again (--force): the new entry replaces the old
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return Int8Entry(final, dict(check))
 
 
 def record(spec, check: dict[str, Any], root: Path | None = None) -> Int8Entry:
-    """Write the check of a freshly quantized model (last, so a crash leaves no entry)."""
+    """Replace the check of an existing entry (and sign it again)."""
     folder = int8_dir(spec, root)
-    tmp = folder / f".{CHECK_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(check, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / CHECK_FILE)
+    (folder / CHECK_FILE).write_text(json.dumps(check, indent=2) + "\n", encoding="utf-8")
+    sign_folder(folder, _purpose(folder))
     return Int8Entry(folder, dict(check))
 
 

@@ -78,18 +78,23 @@ def calibration_tiles(
         lo, hi = percentile_range(grey, 1.0, 99.8)
         u8 = to_uint8(grey, lo, hi)
         for scale in scales:
-            scaled = _rescale(u8, scale)
+            scaled = _rescale(u8, scale, tile)
             for _ in range(per_image):
                 out.append(_random_window(scaled, tile, rng))
     return out
 
 
-def _rescale(u8: np.ndarray, scale: float) -> np.ndarray:
+def _rescale(u8: np.ndarray, scale: float, tile: int) -> np.ndarray:
+    """``u8`` resized by ``scale``; a shrunk image is mirrored out to a whole tile, so its
+    windows are as crowded as a real image at that magnification (not mostly padding)."""
     if scale == 1.0:
         return u8
     from skimage.transform import rescale
 
-    return (rescale(u8, scale, anti_aliasing=scale < 1, preserve_range=True) + 0.5).astype(np.uint8)
+    out = rescale(u8, scale, anti_aliasing=scale < 1, preserve_range=True)
+    out = (out + 0.5).astype(np.uint8)
+    pad = [(0, max(0, tile - n)) for n in out.shape]
+    return np.pad(out, pad, mode="symmetric") if any(p[1] for p in pad) else out
 
 
 def _random_window(u8: np.ndarray, tile: int, rng: np.random.Generator) -> np.ndarray:
@@ -110,36 +115,45 @@ def _is_dfl(conv) -> bool:
     return weights.get_output_shape(0)[0] == 1 and np.array_equal(values, np.arange(values.size))
 
 
-def fp32_nodes(model) -> list[str]:
+def fp32_nodes(model, convs: int = 1) -> list[str]:
     """Names of the nodes kept in floating point: the head's last convolutions and after.
 
-    Walks back from the outputs through every node until a learned convolution (which is kept
-    too, and ends the walk); shape computations (``ShapeOf``) end it as well. Found this way,
-    not by name, so it holds for ultralytics, classic YOLOv5 and meituan YOLOv6 graphs alike.
+    Walks back from the outputs through every node until it has passed ``convs`` learned
+    convolutions on a path (those are kept too; 1: the last one of each output branch);
+    shape computations (``ShapeOf``) end the walk as well. Found this way, not by name, so it
+    holds for ultralytics, classic YOLOv5 and meituan YOLOv6 graphs alike.
     """
-    seen: set[str] = set()
+    budget: dict[str, int] = {}  # node -> most convolutions still allowed past it
     names: list[str] = []
-    stack = [result for result in model.get_results()]
+    stack = [(result, convs) for result in model.get_results()]
     while stack:
-        node = stack.pop()
-        if node.get_name() in seen:  # Python wrappers are new objects: compare unique names
+        node, left = stack.pop()
+        name = node.get_name()  # Python wrappers are new objects: compare unique names
+        if budget.get(name, -1) >= left:
             continue
-        seen.add(node.get_name())
-        kind = node.get_type_name()
-        if kind == "Constant":
-            continue
-        if kind not in ("Result", "Parameter"):
+        if name not in budget and node.get_type_name() not in ("Result", "Parameter", "Constant"):
             names.append(node.get_friendly_name())
-        if kind == "ShapeOf" or (kind == "Convolution" and not _is_dfl(node)):
+        budget[name] = left
+        kind = node.get_type_name()
+        if kind == "Convolution" and not _is_dfl(node):
+            left -= 1
+        if kind in ("Constant", "ShapeOf") or left <= 0:
             continue
-        stack.extend(port.get_source_output().get_node() for port in node.inputs())
+        stack.extend((port.get_source_output().get_node(), left) for port in node.inputs())
     return names
 
 
 def quantize_openvino(
-    fp32_folder: str | Path, tiles: Sequence[np.ndarray], out: str | Path, fast: bool = False
+    fp32_folder: str | Path,
+    tiles: Sequence[np.ndarray],
+    out: str | Path,
+    fast: bool = False,
+    head_convs: int = 1,
 ) -> Path:
     """Quantize an FP32 OpenVINO export folder to INT8 with NNCF; returns ``out``.
+
+    The bundled models' recipe (``scripts/train_bundled_models.py bundle``); users' models go
+    through :func:`quantize_for_user`, which also checks and caches the result.
 
     Parameters
     ----------
@@ -147,24 +161,38 @@ def quantize_openvino(
         Export folder with ``model.xml`` / ``model.bin`` / ``meta.json``
         (:func:`napari_yolocell.models.export_cache.cached_export` with ``"openvino"``).
     tiles : sequence of numpy.ndarray
-        Calibration inputs (:func:`calibration_tiles`), all of one shape; ~64 are plenty.
+        Calibration inputs (:func:`calibration_tiles`), all of one shape; ~64-120 are plenty.
     out : path
         Folder to write; replaced atomically (written to a temporary sibling first).
     fast : bool
         Skip NNCF's bias correction (faster calibration, slightly less exact).
+    head_convs : int
+        Learned convolutions of each head branch kept in FP32 (:func:`fp32_nodes`).
 
     Raises
     ------
     ImportError
         NNCF is not installed.
     """
+    model, meta = quantize_model(fp32_folder, tiles, fast, head_convs)
+    return _save_atomically(model, meta, Path(out))
+
+
+def quantize_model(
+    fp32_folder: str | Path, tiles: Sequence[np.ndarray], fast: bool = False, head_convs: int = 1
+):
+    """The NNCF-quantized OpenVINO model of an FP32 export folder and its ``meta.json`` dict
+    (see :func:`quantize_openvino`)."""
+    # NNCF sends usage telemetry unless the user opted out; its CI switch replaces the sender
+    # with a stub. Nothing in this package may reach the network.
+    os.environ.setdefault("NNCF_CI", "1")
     try:
         import nncf
     except ImportError as err:
         raise ImportError("INT8 quantization needs NNCF: pip install nncf") from err
     import openvino as ov
 
-    fp32_folder, out = Path(fp32_folder), Path(out)
+    fp32_folder = Path(fp32_folder)
     model = ov.Core().read_model(str(fp32_folder / "model.xml"))
     model.reshape({0: list(tiles[0].shape)})
     quantized = nncf.quantize(
@@ -174,22 +202,26 @@ def quantize_openvino(
         subset_size=len(tiles),
         fast_bias_correction=True,
         advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=fast),
-        ignored_scope=nncf.IgnoredScope(names=fp32_nodes(model), validate=False),
+        ignored_scope=nncf.IgnoredScope(names=fp32_nodes(model, head_convs), validate=False),
     )
     meta = json.loads((fp32_folder / "meta.json").read_text(encoding="utf-8"))
     meta.update(precision="int8", int8_recipe=int8_cache.INT8_VERSION)
-    return _save_atomically(quantized, meta, out)
+    return quantized, meta
+
+
+def _write_ir(model, meta: dict, folder: Path) -> None:
+    import openvino as ov
+
+    ov.save_model(model, str(folder / "model.xml"), compress_to_fp16=False)
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def _save_atomically(model, meta: dict, out: Path) -> Path:
-    import openvino as ov
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the folder ships in the package
     try:
-        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _write_ir(model, meta, tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -334,11 +366,16 @@ def quantize_for_user(
     say(f"INT8: exporting {spec.name} to OpenVINO FP32")
     fp32 = cached_export(spec, "openvino")
     say(f"INT8: calibrating on {len(tiles)} tiles of your images")
-    folder = int8_cache.int8_dir(spec)
-    quantize_openvino(fp32, tiles, folder)
-    say("INT8: checking it against FP32 on the calibration tiles")
-    check = check_int8(fp32, folder, tiles, conf=float(spec.default_conf))
-    entry = int8_cache.record(spec, asdict(check) | {"count_change": check.count_change})
+    model, meta = quantize_model(fp32, tiles)
+    tmp = int8_cache.new_entry(spec)
+    try:
+        _write_ir(model, meta, tmp)
+        say("INT8: checking it against FP32 on the calibration tiles")
+        check = check_int8(fp32, tmp, tiles, conf=float(spec.default_conf))
+        entry = int8_cache.install(spec, tmp, asdict(check) | {"count_change": check.count_change})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     clear_cache()  # detectors loaded before now would keep running FP32
     say(f"INT8: {check.describe()}: " + ("used" if check.passed else "not used, FP32 runs"))
     return entry
