@@ -155,3 +155,37 @@ def test_lab_scale_is_remembered_and_used_by_detect(tmp_path):
     assert df.attrs["diameter"] == 92.0 and df.attrs.get("measured_diameter") is None
     df = detect_image(image, det, DetectParams(diameter=40.0))  # the user's size wins
     assert df.attrs["diameter"] == 40.0
+
+
+def test_resume_keeps_the_time_left_and_the_lab_scale(tmp_path, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    from napari_yolocell.models.spec import ModelSpec, write_sidecar
+    from napari_yolocell.training import fewshot
+    from napari_yolocell.training.train import TrainResult
+
+    prepared = _whole_image_dataset(tmp_path / "prep", size=(120, 140), diameter=20.0, n=1)
+    run_dir = tmp_path / "runs" / "yolov5_finetune"
+    last = run_dir / "weights" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"x")
+    info = {"family": "yolov5", "default_conf": 0.2, "scale": 0.25, "tile": 160}
+    info["prepared"] = str(prepared)
+    (run_dir / "fewshot.json").write_text(json.dumps(info))
+    seen = {}
+
+    def fake_train(data, model, resume, callbacks, **kwargs):
+        trainer = SimpleNamespace(args=SimpleNamespace(time=5 / 60))
+        callbacks["on_train_start"](trainer)  # ultralytics would restart its whole budget
+        seen.update(time=trainer.args.time, model=model, resume=resume)
+        write_sidecar(model, ModelSpec(name="x"))
+        return TrainResult(best=None, last=model, metrics={}, run_dir=run_dir)
+
+    monkeypatch.setattr(fewshot, "train", fake_train)
+    fewshot.resume_finetune(last, minutes_left=1.5)
+    assert seen == {"time": pytest.approx(1.5 / 60), "model": last, "resume": True}
+    side = json.loads(last.with_name("last.yolocell.json").read_text())
+    assert side["family"] == "yolov5" and side["lab_diameter_px"] == pytest.approx(
+        side["diameter_px"] / 0.25
+    )

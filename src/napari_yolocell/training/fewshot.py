@@ -358,6 +358,7 @@ def finetune(
         "data": str(Path(data).expanduser().resolve()),
         "holdout": holdout,
         "seed": seed,
+        "prepared": str(prepared["path"]),
     }
     result = train(
         prepared["path"],
@@ -378,9 +379,10 @@ def finetune(
     )
     info["trained_s"] = time.monotonic() - start
     _finish_fewshot(result, info, prepared["path"])
-    from napari_yolocell.training.quantize import quantize_after_finetune
+    if not result.cancelled:  # a cancelled run is resumed first
+        from napari_yolocell.training.quantize import quantize_after_finetune
 
-    quantize_after_finetune(result.best, prepared["path"])  # INT8 for CPU detection (issue 23)
+        quantize_after_finetune(result.best, prepared["path"])  # INT8 for CPU detection (#23)
     return result
 
 
@@ -475,22 +477,13 @@ def resume_finetune(
         default_conf=float(info.get("default_conf", 0.25)),
         **hooks,
     )
-    if info:
-        data_dir = Path(str(_train_data(run_dir))).parent
-        _finish_fewshot(result, info, data_dir)
+    if info.get("prepared"):
+        _finish_fewshot(result, info, Path(info["prepared"]))
     return result
 
 
 def _set_time_left(minutes: float, trainer: Any) -> None:
     trainer.args.time = minutes / 60
-
-
-def _train_data(run_dir: Path) -> Path:
-    """The prepared dataset's ``data.yaml`` a run trained on (from its ``args.yaml``)."""
-    import yaml
-
-    args = yaml.safe_load((run_dir / "args.yaml").read_text(encoding="utf-8")) or {}
-    return Path(args.get("data", run_dir / "data.yaml"))
 
 
 def is_bundled(model: str | Path) -> bool:
