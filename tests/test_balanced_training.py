@@ -150,3 +150,35 @@ def test_balanced_trainer_trains_one_epoch_on_tiny_tiles(tmp_path, monkeypatch):
     assert len(trainer.train_loader) == 2  # ...but an epoch is 4 tiles x 2 sources / batch 4
     steps = [type(t).__name__ for t in trainer.train_loader.dataset.transforms.transforms]
     assert steps.index("MicroscopyAugment") == steps.index("Format") - 1
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_label_fragments_inside_a_nucleus_are_dropped_small_nuclei_kept():
+    ms = _script("train_multisource")
+    nuclei = [[y, x, y + 30, x + 30] for y in (0, 50, 100) for x in (0, 50, 100)]
+    fragment = [10, 10, 16, 16]  # a 6 px piece of the first nucleus, labelled on its own
+    lone_small = [200, 200, 206, 206]  # a small object on its own stays (a micronucleus-size call
+    # is the model's to learn, not the cleaner's)
+    out = ms.drop_fragments(np.array([*nuclei, fragment, lone_small], float))
+    assert len(out) == len(nuclei) + 1
+    assert not any(np.array_equal(b, fragment) for b in out)
+    assert any(np.array_equal(b, lone_small) for b in out)
+
+
+def test_splits_are_fixed_by_name_and_near_the_fractions():
+    ms = _script("train_multisource")
+    names = [f"img{i}" for i in range(2000)]
+    splits = Counter(ms.split_of(n) for n in names)
+    assert abs(splits["test"] / 2000 - ms.TEST_FRACTION) < 0.03
+    assert abs(splits["val"] / 2000 - ms.VAL_FRACTION) < 0.03
+    assert [ms.split_of(n) for n in names[:50]] == [ms.split_of(n) for n in names[:50]]
