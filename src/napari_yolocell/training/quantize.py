@@ -175,6 +175,7 @@ def quantize_openvino(
         NNCF is not installed.
     """
     model, meta = quantize_model(fp32_folder, tiles, fast, head_convs)
+    meta["source"] = Path(str(meta.get("source", ""))).name  # shipped: no paths of this machine
     return _save_atomically(model, meta, Path(out))
 
 
