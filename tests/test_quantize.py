@@ -83,8 +83,8 @@ def test_calibration_tiles_at_several_scales():
 def test_matches_is_one_to_one():
     a = np.array([[0, 0, 10, 10, 0.9, 0], [20, 20, 30, 30, 0.8, 0]], float)
     b = np.array([[1, 0, 11, 10, 0.9, 0], [0, 1, 10, 11, 0.7, 0], [50, 50, 60, 60, 0.5, 0]])
-    assert quantize._matches(a, b) == 1
-    assert quantize._matches(a, a) == 2 and quantize._matches(a, b[:0]) == 0
+    assert quantize._matches(a, b) == [(0, 0)]
+    assert len(quantize._matches(a, a)) == 2 and quantize._matches(a, b[:0]) == []
 
 
 def _exported(tmp_path_factory):

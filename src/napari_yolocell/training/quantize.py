@@ -50,6 +50,10 @@ _log = logging.getLogger(__name__)
 MAX_COUNT_CHANGE = 0.01
 #: ... or its boxes agree with FP32's (F1 at IoU 0.5) less than this.
 MIN_F1_AGREEMENT = 0.995
+#: A box counts as found by the other model when that one scores it at most this much below
+#: the confidence threshold: a score crossing the threshold by a hair is the count check's
+#: business (both ways, it cancels), not a different answer.
+SCORE_MARGIN = 0.05
 #: Calibration tiles: enough for stable activation ranges (NNCF's own default is 300).
 DEFAULT_TILES = 64
 
@@ -241,7 +245,8 @@ class Int8Check:
     count_fp32, count_int8 : int
         Boxes above the confidence threshold, all tiles together.
     f1 : float
-        F1 of the INT8 boxes against FP32's (one-to-one, IoU >= 0.5); 1.0 when both are empty.
+        F1 of the INT8 boxes against FP32's (one-to-one, IoU >= 0.5; a partner may score up to
+        :data:`SCORE_MARGIN` under the threshold); 1.0 when both are empty.
     tiles : int
         Tiles compared.
     passed : bool
@@ -280,35 +285,45 @@ def check_int8(
 
     spec = ModelSpec(name="check")
     grey = [np.round(t[0, 0] * 255).astype(np.uint8) for t in tiles]
+    low = max(conf - SCORE_MARGIN, 1e-3)  # greedy NMS: boxes >= conf are the same as at conf
     boxes = []
     for folder in (fp32_folder, int8_folder):
         detector = OpenVinoDetector(spec, folder, device="cpu")
-        boxes.append([b for t in grey for b in detector.predict([t], conf, iou, 1000)])
-    matched = sum(_matches(a, b) for a, b in zip(*boxes, strict=True))
-    n_fp32, n_int8 = (sum(len(b) for b in side) for side in boxes)
-    f1 = 1.0 if n_fp32 + n_int8 == 0 else 2 * matched / (n_fp32 + n_int8)
+        boxes.append([b for t in grey for b in detector.predict([t], low, iou, 1000)])
+    n_fp32 = n_int8 = found_fp32 = found_int8 = 0
+    for a, b in zip(*boxes, strict=True):
+        pairs = _matches(a, b)
+        n_fp32, n_int8 = (
+            n_fp32 + int((a[:, 4] >= conf).sum()),
+            n_int8 + int((b[:, 4] >= conf).sum()),
+        )
+        found_fp32 += sum(a[i, 4] >= conf for i, _ in pairs)
+        found_int8 += sum(b[j, 4] >= conf for _, j in pairs)
+    recall, precision = found_fp32 / max(1, n_fp32), found_int8 / max(1, n_int8)
+    f1 = 1.0 if n_fp32 + n_int8 == 0 else 2 * precision * recall / max(precision + recall, 1e-9)
     change = abs(n_int8 - n_fp32) / max(1, n_fp32)
     passed = change <= MAX_COUNT_CHANGE and f1 >= MIN_F1_AGREEMENT
-    return Int8Check(n_fp32, n_int8, round(f1, 5), len(tiles), bool(passed))
+    return Int8Check(n_fp32, n_int8, round(float(f1), 5), len(tiles), bool(passed))
 
 
-def _matches(a: np.ndarray, b: np.ndarray, iou: float = 0.5) -> int:
-    """One-to-one greedy matches between two ``(k, 6)`` box arrays at IoU >= ``iou``."""
+def _matches(a: np.ndarray, b: np.ndarray, iou: float = 0.5) -> list[tuple[int, int]]:
+    """One-to-one greedy ``(i, j)`` matches of two ``(k, 6)`` box arrays at IoU >= ``iou``."""
     if not len(a) or not len(b):
-        return 0
+        return []
     lo = np.maximum(a[:, None, :2], b[None, :, :2])
     hi = np.minimum(a[:, None, 2:4], b[None, :, 2:4])
     inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
     area = lambda x: np.prod(x[:, 2:4] - x[:, :2], axis=1)  # noqa: E731
     overlap = inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
-    used_a, used_b = set(), set()
+    used_a, used_b, pairs = set(), set(), []
     for i, j in zip(*np.unravel_index(np.argsort(-overlap, axis=None), overlap.shape), strict=True):
         if overlap[i, j] < iou:
             break
         if i not in used_a and j not in used_b:
             used_a.add(i)
             used_b.add(j)
-    return len(used_a)
+            pairs.append((int(i), int(j)))
+    return pairs
 
 
 def quantize_for_user(
