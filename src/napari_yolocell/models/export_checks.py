@@ -23,6 +23,8 @@ MAX_XML_BYTES = 32 * 1024 * 1024
 #: Largest static input side and batch an exported detector may declare.
 MAX_SIDE = 4096
 MAX_BATCH = 64
+#: Largest tensor a ConstantOfShape with a stored shape may make (64 M elements).
+MAX_CONSTANT_ELEMENTS = 1 << 26
 _DOMAINS = frozenset({"", "ai.onnx"})
 _CONTROL_FLOW = frozenset({"Loop", "Scan", "If", "SequenceMap"})
 _OV_CONTROL_FLOW = frozenset({"Loop", "TensorIterator", "If"})
@@ -89,7 +91,10 @@ def check_onnx(path: Path) -> None:
     for tensor in list(graph.initializer) + list(graph.sparse_initializer):
         if _external(tensor):
             raise _refuse(path, "it keeps tensor data in other files (external data)")
+    constants = {t.name: t for t in graph.initializer}
     for node in graph.node:
+        if node.op_type == "ConstantOfShape" and node.input and node.input[0] in constants:
+            _check_constant_shape(path, constants[node.input[0]])
         if node.domain not in _DOMAINS:
             raise _refuse(path, "it uses a non-standard operator (custom operator)")
         if node.op_type in _CONTROL_FLOW:
@@ -105,6 +110,21 @@ def check_onnx(path: Path) -> None:
     dims = inputs[0].type.tensor_type.shape.dim
     shape = [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
     check_input_shape(path, shape)
+
+
+def _check_constant_shape(path: Path, shape_tensor) -> None:
+    """A ConstantOfShape whose shape is stored must stay small (runtimes fold it at load)."""
+    from onnx import numpy_helper
+
+    try:
+        dims = numpy_helper.to_array(shape_tensor).astype("int64").ravel().tolist()
+    except Exception:  # malformed initializer
+        raise _refuse(path, "a malformed constant shape") from None
+    total = 1
+    for d in dims:
+        total *= max(int(d), 0)
+    if len(dims) > 8 or total > MAX_CONSTANT_ELEMENTS:
+        raise _refuse(path, "a constant tensor larger than the limit")
 
 
 def _external(tensor) -> bool:

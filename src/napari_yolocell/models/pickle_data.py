@@ -726,7 +726,7 @@ class Checkpoint:
     globals: list[str] = field(default_factory=list)
 
 
-def read_bytes(path: str | os.PathLike, limit: int = MAX_FILE_BYTES) -> bytes:
+def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
     """The bytes of a regular file (not a link, not a device), read once, at most ``limit``.
 
     Raises
@@ -738,6 +738,7 @@ def read_bytes(path: str | os.PathLike, limit: int = MAX_FILE_BYTES) -> bytes:
     """
     import stat
 
+    limit = MAX_FILE_BYTES if limit is None else limit
     path = Path(path)
     try:
         info = os.lstat(path)
