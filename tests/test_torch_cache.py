@@ -16,11 +16,11 @@ import pytest
 
 from napari_yolocell.engine.detect import DetectParams, detect_image
 from napari_yolocell.models import loading, pickle_data, safety, torch_cache
-from napari_yolocell.models.user_cache import sign_folder
 from napari_yolocell.models.backends import OnnxRuntimeDetector
 from napari_yolocell.models.export_cache import weights_sha256
 from napari_yolocell.models.registry import resolve_model
 from napari_yolocell.models.spec import ModelSpec
+from napari_yolocell.models.user_cache import sign_folder
 
 BUNDLED = Path(loading.__file__).parent / "weights" / "nucleus_v5n.pt"
 CLASSIC = ("nuclephaser_dapi_v5", "dapi_v5.pt")
