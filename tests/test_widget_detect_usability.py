@@ -118,7 +118,8 @@ def test_roi_table_follows_add_move_delete_rename(qtbot, make_napari_viewer, nuc
     rois.remove_selected()  # names of the remaining ROIs never change
     assert table_rows(widget) == {"upper half": top}
     rois.add_rectangles(rect(0, 0, 383.5, 239.5))
-    assert table_rows(widget) == {"upper half": top, "roi_1": left}
+    # roi_0 and roi_1 were shown (and maybe exported) for other regions: never reused (#22)
+    assert table_rows(widget) == {"upper half": top, "roi_2": left}
 
 
 # ------------------------------------------------------------------ 2. progress in the widget
@@ -158,14 +159,16 @@ def test_missing_or_corrupt_model_file_is_refused_in_one_line(
     widget.model_file.value = tmp_path / "typo.pt"
     assert len(errors) == 1 and "model file not found" in errors[0] and "typo.pt" in errors[0]
     assert widget.model.value == "classical"
-    assert widget.model_file.line_edit.value == ""  # the field shows what will run: nothing
+    # the refused path stays in the field, to be corrected (#22); the model did not change
+    assert widget.model_file.line_edit.value == str(tmp_path / "typo.pt")
 
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"PK\x03\x04 half a download")
     widget.model_file.value = corrupt
     assert len(errors) == 2 and "cannot read model weights" in errors[1]
     assert "\n" not in errors[1] and "yolo" not in errors[1].lower().replace("yolocell", "")
-    assert widget.model.value == "classical" and widget.model_file.line_edit.value == ""
+    assert widget.model.value == "classical"
+    assert widget.model_file.line_edit.value == str(corrupt)
 
     try:  # a readable checkpoint is selected, and the field keeps showing it
         widget.model_file.value = WEIGHTS
