@@ -216,3 +216,41 @@ def test_a_tampered_int8_entry_is_not_used(user_model):
     finally:
         check_file.write_text(original)
     assert int8_cache.lookup(spec) is not None
+
+
+def test_cli_quantize_and_detect_first_use(user_model, tmp_path, monkeypatch):
+    """``yolocell quantize MODEL --images`` and ``detect``'s first CPU use both calibrate on the
+    user's images through quantize_for_user; bundled models and other backends never do."""
+    from types import SimpleNamespace
+
+    import tifffile
+
+    from napari_yolocell import cli
+
+    calls = []
+
+    def fake(model, calibration, **kwargs):
+        calls.append((str(model), len(calibration)))
+        return int8_cache.Int8Entry(tmp_path, {"passed": True})
+
+    monkeypatch.setattr(quantize, "quantize_for_user", fake)
+    monkeypatch.setattr(int8_cache, "cpu_gains_from_int8", lambda: True)
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in range(3):
+        syn = make_nuclei_image((300, 400), n_nuclei=40, seed=seed)
+        tifffile.imwrite(images / f"field{seed}.tif", syn.image)
+    assert cli.main(["quantize", str(user_model), "--images", str(images)]) == 0
+    assert calls == [(str(user_model), 3)]
+
+    other = tmp_path / "other.pt"  # another user model, never quantized
+    other.write_bytes(user_model.read_bytes() + b"\0")
+    paths = sorted(images.iterdir())
+    args = SimpleNamespace(backend="auto", device="cpu", channel=None)
+    cli._quantize_on_first_use(str(other), paths, args)
+    assert calls[-1] == (str(other), 3)
+    for model, backend in (("default", "auto"), (str(other), "torch"), (str(other), "openvino")):
+        cli._quantize_on_first_use(
+            model, paths, SimpleNamespace(**{**vars(args), "backend": backend})
+        )
+    assert len(calls) == 2
