@@ -479,6 +479,10 @@ def resume_finetune(
     )
     if info.get("prepared"):
         _finish_fewshot(result, info, Path(info["prepared"]))
+        if not result.cancelled:
+            from napari_yolocell.training.quantize import quantize_after_finetune
+
+            quantize_after_finetune(result.best, info["prepared"])  # INT8 for CPU detection (#23)
     return result
 
 
