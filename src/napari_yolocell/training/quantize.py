@@ -18,10 +18,12 @@ calibration tiles (count within 1 %, F1 against FP32's boxes >= 0.995); otherwis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -200,7 +202,16 @@ def quantize_model(
     fp32_folder = Path(fp32_folder)
     model = ov.Core().read_model(str(fp32_folder / "model.xml"))
     model.reshape({0: list(tiles[0].shape)})
-    quantized = nncf.quantize(
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # one INFO line per ignored node
+    with contextlib.redirect_stdout(sys.stderr):  # its progress bar: stdout is for results
+        quantized = _nncf_quantize(nncf, model, tiles, fast, head_convs)
+    meta = json.loads((fp32_folder / "meta.json").read_text(encoding="utf-8"))
+    meta.update(precision="int8", int8_recipe=int8_cache.INT8_VERSION)
+    return quantized, meta
+
+
+def _nncf_quantize(nncf, model, tiles: Sequence[np.ndarray], fast: bool, head_convs: int):
+    return nncf.quantize(
         model,
         nncf.Dataset(list(tiles)),
         preset=nncf.QuantizationPreset.MIXED,
@@ -209,9 +220,6 @@ def quantize_model(
         advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=fast),
         ignored_scope=nncf.IgnoredScope(names=fp32_nodes(model, head_convs), validate=False),
     )
-    meta = json.loads((fp32_folder / "meta.json").read_text(encoding="utf-8"))
-    meta.update(precision="int8", int8_recipe=int8_cache.INT8_VERSION)
-    return quantized, meta
 
 
 def _write_ir(model, meta: dict, folder: Path) -> None:
