@@ -84,10 +84,12 @@ def run_bare(args) -> dict:
     lo, hi = _value_range(image, params)
     plane = image.levels[0]
     tiles = tile_grid(plane.shape[-2:], params.tile, params.overlap)
-    inputs = [
-        np.repeat(to_uint8(np.asarray(plane[t.slices]), lo, hi)[..., None], 3, axis=2)
-        for t in tiles
-    ]
+    # the tiles the engine hands this detector: grey (H, W) where it takes them (OpenVINO
+    # feeds those to the network as uint8), else three identical channels
+    grey = getattr(detector, "grey_tiles", False)
+    inputs = [to_uint8(np.asarray(plane[t.slices]), lo, hi) for t in tiles]
+    if not grey:
+        inputs = [np.repeat(u8[..., None], 3, axis=2) for u8 in inputs]
     if getattr(detector, "needs_overview", False):  # classical: plane-wide threshold
         detector.prepare(to_uint8(np.asarray(image.levels[-1]), lo, hi))
 
