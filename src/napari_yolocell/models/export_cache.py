@@ -113,7 +113,8 @@ def cached_export(spec, fmt: str, model=None, root: Path | None = None) -> Path:
     if model is None and spec.sha256 is not None:  # bundled: the bytes read are hash-checked
         model = load_network(spec.path, trusted=True, sha256=spec.unpacked_sha256 or spec.sha256)
     elif model is None:  # never the pickle again once converted (:mod:`torch_cache`)
-        model = torch_cache.load_network_cached(spec.path, root=root)
+        # the bytes loaded must be the ones hashed for the key (no swap in between)
+        model = torch_cache.load_network_cached(spec.path, root=root, sha256=key)
     if fmt == "openvino":
         onnx_dir = cached_export(spec, "onnx", model=model, root=root)
         build = lambda tmp: _onnx_to_openvino(model_file(onnx_dir, "onnx"), tmp)  # noqa: E731

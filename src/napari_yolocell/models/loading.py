@@ -319,19 +319,20 @@ def unpack_weights(spec: ModelSpec, root: Path | None = None) -> ModelSpec:
         return spec
     folder = private_dir((root or cache_root()) / "unpacked-weights")
     key = spec.unpacked_sha256 or file_sha256(spec.path)
-    target = folder / f"{Path(spec.path).stem.removesuffix('.pt')}-{key[:16]}"
-    if not (target / "weights.pt").is_file() or not verify_cache_folder(target, f"xz:{key}"):
+    name = f"{Path(spec.path).stem.removesuffix('.pt')}-{key[:16]}"
+    target = folder / name
+    if not (target / f"{name}.pt").is_file() or not verify_cache_folder(target, f"xz:{key}"):
         _unpack(Path(spec.path), target, key)
-    return dataclasses.replace(spec, path=target / "weights.pt")
+    return dataclasses.replace(spec, path=target / f"{name}.pt")
 
 
 def _unpack(source: Path, target: Path, key: str) -> None:
-    """Unpack ``source`` into a signed folder ``target`` (``weights.pt``), size-limited."""
+    """Unpack ``source`` into a signed folder ``target`` (``<target name>.pt``), size-limited."""
     tmp = entry_tempdir(target)
     limit = pickle_data.MAX_FILE_BYTES
     try:
         written = 0
-        with lzma.open(source, "rb") as src, open(tmp / "weights.pt", "wb") as dst:
+        with lzma.open(source, "rb") as src, open(tmp / f"{target.name}.pt", "wb") as dst:
             while block := src.read(1 << 20):
                 written += len(block)
                 if written > limit:
