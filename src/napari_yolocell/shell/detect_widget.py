@@ -847,13 +847,13 @@ class DetectWidget(OneTaskAtATime, Container):
         if self._updating or str(getattr(event, "action", "changed")) not in EDIT_DONE:
             return
         res, layer = self._results.get(source), event.source
-        if res is None or layer.metadata.get(SOURCE_KEY) != source:
+        if res is None or layer.metadata.get(SOURCE_KEY) != source or ID not in layer.features:
             return
         table, ids = apply_layer_edits(
             res.df,
             kind,
             layer.data,
-            layer.features[ID].to_numpy() if ID in layer.features else [],
+            layer.features[ID].to_numpy(),
             layer.metadata.get(DRAWN_KEY, []),
             res.plane_shape,
         )
