@@ -170,3 +170,35 @@ def test_code_globals_are_refused_by_name_but_never_imported(tmp_path, marker, m
     safety.trust(path)
     assert isinstance(safety.read_model_file(path).root["model"], pickle_data.Record)
     assert "notamodule_xyz" not in sys.modules
+
+
+def _shared_lists(levels: int = 40) -> bytes:
+    """A list of two references to the previous one, ``levels`` deep: 2**levels leaves."""
+    body = b"]q\x000"
+    for i in range(1, levels + 1):
+        body += b"(h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"lq" + bytes([i]) + b"0"
+    return body + b"h" + bytes([levels])
+
+
+def test_shared_structures_do_not_expand(tmp_path, marker):
+    """A DAG through the memo would expand to 2**40 values if walked as a tree."""
+    from napari_yolocell.models import netbuild
+
+    body = b"}" + text("yolocell") + _shared_lists() + b"s"
+    path = tmp_path / "dag.pt"
+    path.write_bytes(stream(body))
+    root = safety.read_model_file(path).root
+    assert netbuild.checkpoint_settings(root["yolocell"]) is None
+    # modules: each level's _modules holds the previous module twice (2**30 visits as a tree)
+    ops = glob("torch.nn.modules.linear", "Identity") + b")\x81q\x00}b0"
+    for i in range(1, 31):
+        children = b"}(" + text("a") + b"h" + bytes([i - 1]) + text("b") + b"h" + bytes([i - 1])
+        state = b"}(" + text("_modules") + children + b"uu"
+        ops += glob("torch.nn.modules.container", "Sequential") + b")\x81q" + bytes([i])
+        ops += state + b"b0"
+    ops += b"h\x1e"
+    root = glob("ultralytics.nn.tasks", "DetectionModel") + b")\x81}(" + text("_modules")
+    root += b"}(" + text("m") + ops + b"u" + b"ub"
+    path.write_bytes(stream(b"}" + text("model") + root + b"s"))
+    err = contained(lambda: load_detector(path, backend="torch", device="cpu"), marker)
+    assert "too many" in str(err)

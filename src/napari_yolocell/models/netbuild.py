@@ -371,16 +371,39 @@ def untrained_network(cfg: dict):
 # Module records -> trees, tensors, plain values
 
 
-def _plain(value: Any, depth: int = 0) -> Any:
+#: Most values converted from one record tree: shared sub-lists (a DAG through the memo) would
+#: otherwise expand exponentially.
+MAX_VALUES = 1_000_000
+
+
+#: Most module visits in one network (YOLOv5x has ~700 modules).
+MAX_MODULES = 50_000
+
+
+class _Budget:
+    """Counts values visited while converting; refuses past ``limit``."""
+
+    def __init__(self, limit: int = MAX_VALUES) -> None:
+        self.left = limit
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise PickleDataError("a checkpoint with too many values (shared structures)")
+
+
+def _plain(value: Any, depth: int = 0, budget: _Budget | None = None) -> Any:
     """Plain JSON-like data of a record-free value; raises PickleDataError on anything else."""
+    budget = _Budget() if budget is None else budget
+    budget.spend()
     if depth > 32:
         raise PickleDataError("data nested too deeply")
     if isinstance(value, (str, bool, int, float)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v, depth + 1) for v in value)
+        return type(value)(_plain(v, depth + 1, budget) for v in value)
     if isinstance(value, dict):
-        return {k: _plain(v, depth + 1) for k, v in value.items()}
+        return {k: _plain(v, depth + 1, budget) for k, v in value.items()}
     raise PickleDataError("a value that is not plain data")
 
 
@@ -407,7 +430,9 @@ def module_tree(record: Any, ckpt: Checkpoint) -> tuple[dict, dict]:
     return _tree(record, ckpt, "", tensors, 0), tensors
 
 
-def _tree(record: Any, ckpt: Checkpoint, prefix: str, tensors: dict, depth: int) -> dict:
+def _tree(record: Any, ckpt: Checkpoint, prefix: str, tensors: dict, depth: int, seen=None) -> dict:
+    seen = _Budget(MAX_MODULES) if seen is None else seen
+    seen.spend()  # shared modules (one SiLU in every Conv) are fine; an exponential DAG is not
     state = _module_state(record, depth)
     node: dict[str, Any] = {
         "type": record.name,
@@ -444,7 +469,9 @@ def _tree(record: Any, ckpt: Checkpoint, prefix: str, tensors: dict, depth: int)
         if not isinstance(name, str) or not name.isidentifier() and not name.isdigit():
             raise PickleDataError("a sub-module with an invalid name")
         node["children"][name] = (
-            None if child is None else _tree(child, ckpt, f"{prefix}{name}.", tensors, depth + 1)
+            None
+            if child is None
+            else _tree(child, ckpt, f"{prefix}{name}.", tensors, depth + 1, seen)
         )
     return node
 
@@ -898,8 +925,10 @@ _PATH_ARGS = frozenset(
 _STOPPER_KEYS = frozenset({"best_fitness", "best_epoch", "patience", "possible_stop"})
 
 
-def _with_tensors(value: Any, ckpt: Checkpoint, depth: int = 0) -> Any:
+def _with_tensors(value: Any, ckpt: Checkpoint, depth: int = 0, budget=None) -> Any:
     """Plain data in which tensor references become tensors; records are refused."""
+    budget = _Budget() if budget is None else budget
+    budget.spend()
     if depth > 16:
         raise PickleDataError("training state nested too deeply")
     if isinstance(value, TensorRef):
@@ -907,9 +936,9 @@ def _with_tensors(value: Any, ckpt: Checkpoint, depth: int = 0) -> Any:
     if isinstance(value, (str, bool, int, float)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
-        return type(value)(_with_tensors(v, ckpt, depth + 1) for v in value)
+        return type(value)(_with_tensors(v, ckpt, depth + 1, budget) for v in value)
     if isinstance(value, dict):
-        return {k: _with_tensors(v, ckpt, depth + 1) for k, v in value.items()}
+        return {k: _with_tensors(v, ckpt, depth + 1, budget) for k, v in value.items()}
     raise PickleDataError("training state that is not plain data")
 
 

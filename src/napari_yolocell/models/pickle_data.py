@@ -724,6 +724,10 @@ class Checkpoint:
     members: dict[str, bytes] = field(default_factory=dict)
     storages: dict[str, StorageRef] = field(default_factory=dict)
     globals: list[str] = field(default_factory=list)
+    #: Storages already turned into tensors, and the bytes of tensors made so far (bounded:
+    #: many views of one large storage must not each become a copy of it).
+    tensor_cache: dict = field(default_factory=dict, repr=False)
+    made_bytes: int = 0
 
 
 def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
@@ -864,7 +868,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     return raw
 
 
-def tensor(ckpt: Checkpoint, ref: TensorRef, cache: dict | None = None):
+def tensor(ckpt: Checkpoint, ref: TensorRef):
     """The tensor ``ref`` describes, built from its storage bytes (a copy, float or not).
 
     Raises
@@ -881,11 +885,14 @@ def tensor(ckpt: Checkpoint, ref: TensorRef, cache: dict | None = None):
         numel *= s
     if numel > storage.numel:
         raise PickleDataError("a tensor with more elements than its stored data")
+    ckpt.made_bytes += numel * _ELEMENT_SIZE[storage.dtype]
+    if ckpt.made_bytes > 2 * ckpt.size + (1 << 20):
+        raise PickleDataError("tensors that add up to more than the bytes in the file")
     if numel:
         last = ref.offset + sum((s - 1) * st for s, st in zip(ref.size, ref.stride, strict=True))
         if last >= storage.numel:
             raise PickleDataError("a tensor view reaching past its stored data")
-    cache = {} if cache is None else cache
+    cache = ckpt.tensor_cache
     base = cache.get(storage.key)
     dtype = getattr(torch, storage.dtype)
     if base is None:
