@@ -1,6 +1,6 @@
 """Fixtures of the hostile-file tests (issue 21): private settings and cache folders, and a
-marker file that a payload would create (see ``_craft.contained`` for the check every case
-ends with)."""
+marker file that a payload would create (``_craft.contained`` is the check every case ends
+with). This folder is a package, so this conftest never shadows ``tests/conftest.py``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _private_dirs(tmp_path, monkeypatch):
+def private_dirs(tmp_path, monkeypatch):
+    """Private settings and cache folders for each test; offline ultralytics."""
     monkeypatch.setenv("YOLOCELL_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("YOLOCELL_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("YOLO_OFFLINE", "1")

@@ -12,11 +12,12 @@ import copy
 import pytest
 import torch
 import yaml as pyyaml
-from _craft import bundled_checkpoint, contained, payload
 
 from napari_yolocell.models import netbuild
 from napari_yolocell.models.checkpoints import load_network
 from napari_yolocell.models.loading import load_detector
+
+from ._craft import bundled_checkpoint, contained, payload
 
 
 def _base() -> dict:

@@ -14,11 +14,21 @@ import zipfile
 
 import pytest
 import torch
-from _craft import BUNDLED, bundled_checkpoint, contained, glob, pickled, stream, text, torch_zip
 
 from napari_yolocell.models import loading, pickle_data
 from napari_yolocell.models.loading import load_detector
 from napari_yolocell.models.spec import ModelSpec
+
+from ._craft import (
+    BUNDLED,
+    bundled_checkpoint,
+    contained,
+    glob,
+    pickled,
+    stream,
+    text,
+    torch_zip,
+)
 
 
 def _load(path, backend="torch"):

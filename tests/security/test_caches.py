@@ -13,11 +13,12 @@ import shutil
 import stat
 
 import pytest
-from _craft import BUNDLED, payload
 
 from napari_yolocell.models import torch_cache, user_cache
 from napari_yolocell.models.integrity import file_sha256
 from napari_yolocell.models.loading import load_detector
+
+from ._craft import BUNDLED, payload
 
 
 @pytest.fixture

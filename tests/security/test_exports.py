@@ -11,11 +11,12 @@ import os
 import numpy as np
 import onnx
 import pytest
-from _craft import contained
 from onnx import TensorProto, helper, numpy_helper
 
 from napari_yolocell.cli import main
 from napari_yolocell.models.loading import describe_model, load_detector
+
+from ._craft import contained
 
 
 def _graph(nodes, inputs=None, initializers=(), shape=(1, 3, 64, 64), opsets=None):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _craft import BUNDLED
 
 from napari_yolocell.engine.detect import DetectParams, detect_image
 from napari_yolocell.models.loading import describe_model, load_detector
+
+from ._craft import BUNDLED
 
 
 def _image() -> np.ndarray:

@@ -8,10 +8,11 @@ must end in one line, with nothing run and nothing cached.
 from __future__ import annotations
 
 import pytest
-from _craft import contained, glob, payload, pickled, stream, text, torch_zip
 
 from napari_yolocell.models import pickle_data, safety
 from napari_yolocell.models.loading import load_detector
+
+from ._craft import contained, glob, payload, pickled, stream, text, torch_zip
 
 DETECTION_MODEL = glob("ultralytics.nn.tasks", "DetectionModel")
 

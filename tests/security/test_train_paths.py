@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _craft import BUNDLED, bundled_checkpoint, contained, payload, zip_bytes
 from PIL import Image
 
 from napari_yolocell.models import netbuild, pickle_data, safety
 from napari_yolocell.models.integrity import file_sha256
 from napari_yolocell.training.train import train
+
+from ._craft import BUNDLED, bundled_checkpoint, contained, payload, zip_bytes
 
 SIZE = 64
 
