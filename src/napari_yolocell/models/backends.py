@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_yolocell.models import int8_cache
+from napari_yolocell.models import export_checks, int8_cache
 from napari_yolocell.models.detector import (
     Detector,
     _clip_to_tile,
@@ -37,7 +37,7 @@ from napari_yolocell.models.detector import (
 )
 from napari_yolocell.models.export_cache import model_file, read_meta
 from napari_yolocell.models.integrity import verify_folder
-from napari_yolocell.models.spec import ModelSpec
+from napari_yolocell.models.spec import ModelSpec, WeightsError
 
 
 class TorchDetector(Detector):
@@ -425,46 +425,64 @@ class ForeignExportDetector(Detector):
     """An ONNX file or OpenVINO IR folder made elsewhere (yolov5's / meituan's / ultralytics'
     exporters), run with ONNX Runtime or OpenVINO.
 
-    Each tile is letterboxed (centred on grey 114, as the original exporters' code does) to a
-    static input size (e.g. 640 x 640; larger tiles are refused: pass a smaller ``--tile``), or
-    for a dynamic input to a multiple of 32. The output layout is detected by :func:`detect_layout`.
+    The runtime is opened from the bytes :func:`~napari_yolocell.models.export_checks.check_export`
+    read and checked, never from the path again. Each tile is letterboxed (centred on grey 114,
+    as the original exporters' code does) to a static input size (e.g. 640 x 640; larger tiles
+    are refused: pass a smaller ``--tile``), or for a dynamic input to a multiple of 32 (at most
+    :data:`~napari_yolocell.models.export_checks.MAX_SIDE`). ONNX Runtime runs in a capped
+    memory arena; OpenVINO is compiled per input shape, after a check of every tensor's size at
+    that shape. The output layout is detected by :func:`detect_layout`.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        The model's description.
+    checked : CheckedExport or path
+        What :func:`~napari_yolocell.models.export_checks.check_export` returned (a path is
+        read and checked here first).
+    device : str, optional
+        Ignored: foreign exports run on the CPU.
     """
 
     grey_tiles = True
+    max_compiled = 4
 
-    def __init__(self, spec: ModelSpec, path: str | Path, device: str | None = None) -> None:
+    def __init__(self, spec: ModelSpec, checked, device: str | None = None) -> None:
+        if not isinstance(checked, export_checks.CheckedExport):
+            checked = export_checks.check_export(checked)
         self.spec = spec
-        self.path = Path(path)
+        self.path = checked.path
         self.device = device or "cpu"
-        if self.path.is_dir() or self.path.suffix.lower() == ".xml":
-            self._init_openvino()
+        if checked.kind == "openvino":
+            self._init_openvino(checked)
         else:
-            self._init_onnx()
+            self._init_onnx(checked)
         self.layout = detect_layout(self.output_shape, self.input_hw, self.metadata)
         self.names = _parse_names(self.metadata.get("names"))
         self.model = None
         self.description = LAYOUT_LABELS[self.layout]
 
-    def _init_onnx(self) -> None:
+    def _init_onnx(self, checked: export_checks.CheckedExport) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = _num_threads()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.path), options, ["CPUExecutionProvider"])
+        options = export_checks.capped_ort_options(_num_threads())
+        self.session = ort.InferenceSession(checked.model, options, ["CPUExecutionProvider"])
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_hw = tuple(d if isinstance(d, int) else -1 for d in inp.shape[2:4])
         self.output_shape = self.session.get_outputs()[0].shape
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        self._run = lambda batch: self.session.run(None, {self.input_name: batch})[0]
+        run_options = export_checks.ort_run_options()
+        self._run = lambda batch: self.session.run(None, {self.input_name: batch}, run_options)[0]
 
-    def _init_openvino(self) -> None:
+    def _init_openvino(self, checked: export_checks.CheckedExport) -> None:
         import openvino as ov
 
-        xml = self.path / "model.xml" if self.path.is_dir() else self.path
-        core = ov.Core()
-        network = core.read_model(str(xml))
+        self._core = ov.Core()
+        # from memory: model=XML bytes, weights=a Tensor (never a path; with weights=None a
+        # str would be read as a file name)
+        weights = ov.Tensor(np.frombuffer(checked.weights, np.uint8))
+        network = self._core.read_model(model=checked.model, weights=weights)
         shape = network.inputs[0].get_partial_shape()
         self.input_hw = tuple(d.get_length() if d.is_static else -1 for d in list(shape)[2:4])
         out = network.outputs[0].get_partial_shape()
@@ -476,8 +494,33 @@ class ForeignExportDetector(Detector):
             self.metadata = {k: str(meta[k]) for k in meta} if hasattr(meta, "__iter__") else {}
         except Exception:  # rt_info layouts vary between exporters: metadata is optional
             self.metadata = {}
-        compiled = core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        self._run = lambda batch: np.asarray(compiled(batch)[0], dtype=np.float32)
+        self._network = network
+        self._compiled: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+        if shape.is_static:  # compiled (and checked) now, so a refusal comes at load
+            self._compiled_for(tuple(d.get_length() for d in shape))
+        self._run = lambda batch: self._run_openvino(batch)
+
+    def _compiled_for(self, shape: tuple[int, ...]):
+        """The network compiled for one static input shape, its tensors checked first."""
+        if shape in self._compiled:
+            self._compiled.move_to_end(shape)
+            return self._compiled[shape]
+        network = self._network
+        if not network.inputs[0].get_partial_shape().is_static:
+            network = network.clone()
+            network.reshape({0: list(shape)})
+        export_checks.check_openvino_tensors(self.path, network)
+        compiled = self._core.compile_model(network, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self._compiled[shape] = compiled
+        while len(self._compiled) > self.max_compiled:
+            self._compiled.popitem(last=False)
+        return compiled
+
+    def _run_openvino(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            compiled = self._compiled_for(tuple(batch.shape))
+            return np.array(compiled(batch)[0], dtype=np.float32, copy=True)
 
     def predict(
         self, tiles: list[np.ndarray], conf: float, iou: float, max_det: int
@@ -486,7 +529,7 @@ class ForeignExportDetector(Detector):
         out = []
         for tile in tiles:
             batch, offsets = self._input(tile)
-            raw = self._run(batch)
+            raw = self._forward(batch)
             if self.layout == "xyxy-score-cls":
                 data = np.asarray(raw, np.float64)[0].reshape(-1, 6)
                 data = data[data[:, 4] > conf][:max_det]
@@ -498,9 +541,28 @@ class ForeignExportDetector(Detector):
                 out.extend(postprocess_letterboxed(scores, [tile], offsets, conf, iou, max_det))
         return out
 
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        """The raw output, runtime failures (a capped allocation...) as one line."""
+        try:
+            return self._run(batch)
+        except WeightsError:
+            raise
+        except Exception as err:  # runtimes' messages can quote the file: the type only
+            reason = "its memory limit was reached" if _out_of_budget(err) else "it failed"
+            raise WeightsError(
+                f"exported model {str(self.path)!r} cannot run on a {batch.shape[3]}x"
+                f"{batch.shape[2]} input: {reason} ({type(err).__name__})"
+            ) from None
+
     def _input(self, tile: np.ndarray) -> np.ndarray:
         height, width = self.input_hw
         if height == -1 or width == -1:
+            side = export_checks.MAX_SIDE
+            if max(tile.shape[:2]) > side:  # bounds what a dynamic graph is run at
+                raise ValueError(
+                    f"model {str(self.path)!r} runs tiles of at most {side} px: use a smaller "
+                    "tile (--tile)"
+                )
             return letterbox_batch([tile])
         if tile.shape[0] > height or tile.shape[1] > width:
             raise ValueError(
@@ -508,6 +570,11 @@ class ForeignExportDetector(Detector):
                 f"{min(height, width)} px (--tile)"
             )
         return letterbox_batch([tile], size=(height, width))
+
+
+def _out_of_budget(err: Exception) -> bool:
+    text = str(err)
+    return "bfc_arena" in text or "Available memory" in text or "memory limit" in text
 
 
 def _parse_names(text) -> dict[int, str]:

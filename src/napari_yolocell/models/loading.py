@@ -159,16 +159,17 @@ def make_detector(spec: ModelSpec, backend: str = "auto", device: str | None = N
 
 
 def open_foreign_export(spec: ModelSpec, device: str | None = None) -> ForeignExportDetector:
-    """An ONNX file / OpenVINO folder made elsewhere, checked first (:mod:`export_checks`).
+    """An ONNX file / OpenVINO folder made elsewhere, read once and checked
+    (:mod:`export_checks`), then opened from the bytes read (never the path again).
 
     Raises
     ------
     WeightsError
         Refused by the checks, or the runtime cannot open it (one line naming the file).
     """
-    export_checks.check_export(spec.path)
+    checked = export_checks.check_export(spec.path)  # read once: the runtime opens these bytes
     try:
-        return ForeignExportDetector(spec, spec.path, device=device)
+        return ForeignExportDetector(spec, checked, device=device)
     except (FileNotFoundError, WeightsError):
         raise
     except Exception as err:  # runtimes raise their own types; their text may echo the file
