@@ -41,7 +41,7 @@ MAX_SIDE = 4096
 MAX_BATCH = 64
 #: Largest tensor a ConstantOfShape with a stored shape may make (64 M elements).
 MAX_CONSTANT_ELEMENTS = 1 << 26
-#: Memory all ONNX Runtime sessions of foreign models may hold together (weights included).
+#: Memory all ONNX Runtime sessions of foreign models may take from their shared arena.
 MAX_ORT_ARENA_BYTES = 4 << 30
 #: Largest tensor an OpenVINO model may infer once reshaped to the input we feed it.
 MAX_TENSOR_BYTES = 2 << 30
@@ -80,26 +80,6 @@ class CheckedExport:
 
 def _refuse(path: Path, reason: str) -> WeightsError:
     return WeightsError(f"refusing exported model {str(path)!r}: {reason}")
-
-
-def regular_file(path: Path, limit: int) -> int:
-    """Size of ``path``, a regular file (not a link) of at most ``limit`` bytes.
-
-    Raises
-    ------
-    FileNotFoundError, WeightsError
-    """
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"model file not found: {str(path)!r}") from None
-    if stat.S_ISLNK(info.st_mode):
-        raise _refuse(path, "it is a symbolic link (give the file itself)")
-    if not stat.S_ISREG(info.st_mode):
-        raise _refuse(path, "not a regular file")
-    if info.st_size > limit:
-        raise _refuse(path, f"larger than the {limit >> 20} MiB limit")
-    return info.st_size
 
 
 _OPEN_FLAGS = (
