@@ -570,32 +570,19 @@ def _quantize(model: str, images: list[str], force: bool = False, channel=None):
 
 def _quantize_on_first_use(model: str, paths: list, args) -> None:
     """``detect`` on a CPU with a model that has no INT8 version yet: make it, once, from the
-    images about to be detected (when NNCF is installed and the CPU gains from INT8)."""
-    import importlib.util
+    images about to be detected (``training.quantize.quantize_on_first_use``)."""
+    from napari_yolocell.training.quantize import quantize_on_first_use, read_calibration_images
 
-    from napari_yolocell.models import int8_cache
-    from napari_yolocell.models.detector import default_device
-    from napari_yolocell.models.loading import is_exported_model, unpack_weights
-    from napari_yolocell.models.registry import resolve_model
-
-    if args.backend not in ("auto", "openvino-int8"):
-        return
-    if not (args.device or default_device()).lower().startswith("cpu"):
-        return
+    say = lambda message: print(f"yolocell: {message}", file=sys.stderr)  # noqa: E731
     try:
-        spec = resolve_model(model)
-    except (FileNotFoundError, ValueError):
-        return  # load_detector reports it in one line
-    plain_weights = spec.path is not None and str(spec.path).lower().endswith(".pt")
-    if spec.int8 or spec.family == "classical" or not plain_weights:
-        return
-    if is_exported_model(spec.path) or int8_cache.lookup(unpack_weights(spec)) is not None:
-        return
-    if importlib.util.find_spec("nncf") is None or not int8_cache.cpu_gains_from_int8():
-        return
-    try:
-        _quantize(model, [str(p) for p in paths], channel=args.channel)
-    except CliError as exc:  # an optimisation only: detect in FP32
+        quantize_on_first_use(
+            model,
+            lambda: read_calibration_images([str(p) for p in paths], channel=args.channel),
+            backend=args.backend,
+            device=args.device,
+            progress=say,
+        )
+    except (FileNotFoundError, ValueError, ImportError) as exc:  # an optimisation only
         print(f"yolocell: INT8 quantization skipped: {exc}", file=sys.stderr)
 
 

@@ -975,6 +975,45 @@ def iter_detect(
     return df
 
 
+def plane_windows(
+    image,
+    params: DetectParams | None = None,
+    *,
+    channel_axis: int | None = None,
+    rgb: bool | None = None,
+    planes: Sequence[int] | None = None,
+    axes: str | None = None,
+    window: int = 2048,
+    max_planes: int = 4,
+) -> list[np.ndarray]:
+    """Central windows of the planes a detection would analyse, as 2-D arrays.
+
+    Same image arguments as :func:`detect_image`: the window is read at ``params.level``, in
+    ``params.channel`` (RGB reduced as detection reduces it), from at most ``max_planes`` of
+    the planes detected (spread evenly). What an INT8 model of the detector is calibrated on
+    when a widget quantizes it on first use
+    (:func:`napari_yolocell.training.quantize.quantize_on_first_use`).
+    """
+    params = params or DetectParams()
+    shape = tuple(_as_levels(image)[0].shape)
+    channel_axis = image_channel_axis(shape, axes, channel_axis, rgb, params)
+    layout = _layout(image, channel_axis, rgb)
+    _check_channel(layout, params.channel)
+    array = layout.levels[min(max(params.level, 0), len(layout.levels) - 1)]
+    plane_index = list(itertools.product(*(range(n) for n in layout.plane_shape)))
+    ids = list(range(len(plane_index))) if planes is None else list(planes)
+    ids = [i for i in ids if 0 <= i < len(plane_index)]
+    if len(ids) > max_planes:
+        ids = [ids[int(i)] for i in np.linspace(0, len(ids) - 1, max_planes)]
+    out = []
+    for plane in ids:
+        view = PlaneView(array, layout, plane_index[plane], params.channel)
+        h, w = view.shape
+        y, x = max(0, (h - window) // 2), max(0, (w - window) // 2)
+        out.append(view[slice(y, y + window), slice(x, x + window)])
+    return out
+
+
 def detect_image(
     image,
     detector: Detector | str,

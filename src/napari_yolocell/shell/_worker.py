@@ -11,15 +11,20 @@ through :func:`start`:
 - the function's end reaches the widget's ``on_done`` as one :class:`Outcome`: its value, the
   exception it raised, or ``cancelled`` when it raised the core's
   :class:`~napari_yolocell.engine.detect.Cancelled`. Nothing is raised into superqt (it would
-  reduce a ``RuntimeError`` to a bare warning, and napari would report other errors twice).
+  reduce a ``RuntimeError`` to a bare warning, and napari would report other errors twice);
+- a warning the package itself raises in the worker (e.g. "the INT8 version ... differs from
+  FP32: running FP32", told once by the core) is shown as a napari notification, in one line
+  (napari's workers only emit their ``warned`` signal); other libraries' warnings are logged.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from napari_yolocell.engine.detect import Cancelled
@@ -62,7 +67,28 @@ def outcome_of(
         return Outcome(error=exc)
 
 
-def _relay(callback: Callable[[Progress], None]):
+#: The package's own files: warnings attributed to them are meant for the user.
+_PACKAGE = Path(__file__).resolve().parents[1]
+_NOT_FOR_USERS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def show_worker_warning(args: tuple) -> None:
+    """Show a warning raised in a worker (superqt's ``warned`` arguments, ``showwarning``'s:
+    message, category, filename, ...) as a napari notification if the package raised it."""
+    message, category, filename = args[0], args[1], str(args[2])
+    try:
+        ours = Path(filename).resolve().is_relative_to(_PACKAGE)
+    except (OSError, ValueError):
+        ours = False
+    if not ours or issubclass(category, _NOT_FOR_USERS):
+        log.debug("worker warning: %s", warnings.formatwarning(*args[:4]))
+        return
+    from napari_yolocell.shell import _qt
+
+    _qt.show_warning(str(message))
+
+
+def _relay(callback: Callable[[Any], None]):
     """A QObject whose signal carries reports from the worker thread to ``callback``.
 
     Created in the GUI thread, with a queued connection to its own slot: ``callback`` always
@@ -105,10 +131,12 @@ class Task:
         self._latest: Progress | None = None
         self._updating = False
         self._relay = _relay(self._progress)
+        self._warnings = _relay(show_worker_warning)
         self._pbar = progress(total=total, desc=desc)
         self.worker = create_worker(
             outcome_of, fn, self._report, self.cancel_event, _start_thread=False
         )
+        self.worker.warned.connect(self._warnings.message.emit)
         self.worker.returned.connect(on_done)
         self.worker.finished.connect(self._finished)
         self.running = True

@@ -47,7 +47,9 @@ from napari_yolocell.engine.detect import AMBIGUOUS_LENGTHS, DetectParams, param
 from napari_yolocell.io.images import glob_images
 from napari_yolocell.shell import _qt
 from napari_yolocell.shell._worker import OneTaskAtATime, Outcome, Progress, Task, start
+from napari_yolocell.shell.first_use_int8 import INT8_STEP, quantize_first
 from napari_yolocell.shell.progress_row import ProgressRow
+from napari_yolocell.training.quantize import read_calibration_images
 
 __all__ = ["BatchJob", "BatchPanel", "DetectSettings", "TileProgress", "run_batch_job"]
 
@@ -67,6 +69,7 @@ class DetectSettings:
     model: str | None
     backend: str
     params: DetectParams
+    quantize: bool = True
 
 
 class TileProgress(NamedTuple):
@@ -88,6 +91,7 @@ class BatchJob:
     workers: int = 1
     root: Path | None = None
     backend: str = "auto"
+    quantize: bool = True
 
 
 def run_batch_job(
@@ -98,9 +102,15 @@ def run_batch_job(
     Reports are ``(images done, images, "", (index, ImageResult))`` per finished image and,
     with one worker, ``(images done, images, "", TileProgress)`` per tile of the image being
     analysed (the core reports tiles only in-process). ``errors.csv`` is always written
-    (header only when every image was read), so scripts can rely on it.
+    (header only when every image was read), so scripts can rely on it. With
+    ``job.quantize``, a model without an INT8 version first gets one, calibrated on the
+    batch's images (:func:`~napari_yolocell.shell.first_use_int8.quantize_first`; its steps
+    are reported with ``data=INT8_STEP``).
     """
     done = [0]
+    if job.quantize:
+        images = lambda: read_calibration_images(job.paths, channel=job.params.channel)  # noqa: E731
+        quantize_first(job.model, job.backend, images, report, cancel)
 
     def on_result(index: int, res: ImageResult) -> None:
         done[0] += 1
@@ -226,6 +236,7 @@ class BatchPanel(OneTaskAtATime, Container):
             params=self._with_channel(settings.params),
             output=output,
             backend=settings.backend,
+            quantize=settings.quantize,
             workers=int(self.workers.value),
             root=Path(self.folder.value).expanduser(),
         )
@@ -300,6 +311,8 @@ class BatchPanel(OneTaskAtATime, Container):
             self._on_tiles(item.data)
             return
         self.progress.update(item)
+        if item.data == INT8_STEP:
+            return
         self._on_result(item)
 
     def _on_tiles(self, tiles: TileProgress) -> None:
@@ -331,7 +344,10 @@ class BatchPanel(OneTaskAtATime, Container):
     def _on_done(self, job: BatchJob, outcome: Outcome) -> None:
         self.tiles.end()
         n_done = sum(r is not None for r in self.results)
-        if outcome.cancelled:
+        last = self.progress.last
+        if outcome.cancelled and last is not None and last.data == INT8_STEP:
+            self.progress.end("cancelled while making the INT8 version (nothing kept)")
+        elif outcome.cancelled:
             self.progress.end(f"cancelled after {n_done} of {len(job.paths)} images")
         elif outcome.error is not None:
             self.progress.end("")

@@ -56,6 +56,7 @@ from napari_yolocell.engine.detect import (
     counted,
     detect_image,
     param_help,
+    plane_windows,
     unlabelled_axis,
 )
 from napari_yolocell.io.coords import to_table_coords
@@ -73,6 +74,7 @@ from napari_yolocell.models.registry import resolve_model
 from napari_yolocell.shell import _qt, session
 from napari_yolocell.shell._worker import OneTaskAtATime, Outcome, Progress, Task, start
 from napari_yolocell.shell.batch_widget import BatchPanel, DetectSettings
+from napari_yolocell.shell.first_use_int8 import INT8_STEP, QUANTIZE_TIP, quantize_first
 from napari_yolocell.shell.help import apply_tooltips
 from napari_yolocell.shell.layers import (
     BOXES_KEY,
@@ -165,6 +167,7 @@ class _Job:
     scale: list[float]
     translate: list[float]
     plane_shape: tuple[int, ...]
+    quantize: bool = True
 
 
 @dataclass
@@ -182,7 +185,16 @@ class _Result:
 
 
 def run_detection(job: _Job, report: Callable[..., None], cancel: threading.Event) -> pd.DataFrame:
-    """Load the job's model and detect (the worker thread's part of a run)."""
+    """Load the job's model and detect (the worker thread's part of a run).
+
+    With ``job.quantize``, a model without an INT8 version gets one first, calibrated on the
+    planes about to be detected (:func:`~napari_yolocell.shell.first_use_int8.quantize_first`).
+    """
+    if job.quantize:
+        images = partial(
+            plane_windows, job.image, job.params, rgb=job.rgb, planes=job.planes, axes=job.axes
+        )
+        quantize_first(job.model, job.backend, images, report, cancel)
     detector = load_detector(job.model, backend=job.backend)
     return detect_image(
         job.image,
@@ -249,6 +261,7 @@ class DetectWidget(OneTaskAtATime, Container):
             value="auto",
             choices=[BACKEND_CHOICES[0], *reversed(BACKEND_CHOICES[1:])],  # auto, fastest first
         )
+        self.quantize = CheckBox(text="INT8 on first use (CPU)", value=True, tooltip=QUANTIZE_TIP)
         # --- parameters
         self.conf = FloatSlider(label="confidence", value=0.25, min=0.0, max=1.0, step=0.01)
         self.legend = _qt.colour_legend("turbo", "box colour: confidence 0", "1")
@@ -327,6 +340,7 @@ class DetectWidget(OneTaskAtATime, Container):
                 self.level,
                 self.current_plane,
                 self.backend,
+                self.quantize,
                 self.iou,
                 self.tile,
                 self.overlap,
@@ -405,6 +419,7 @@ class DetectWidget(OneTaskAtATime, Container):
             {
                 "model": self.model,
                 "backend": self.backend,
+                "quantize": self.quantize,
                 "iou": self.iou,
                 "tile": self.tile,
                 "overlap": self.overlap,
@@ -584,6 +599,7 @@ class DetectWidget(OneTaskAtATime, Container):
             model=None if model is None else str(model),
             backend=str(self.backend.value),
             params=params,
+            quantize=bool(self.quantize.value),
         )
 
     def _full_resolution_diameter(self, params: DetectParams) -> float | None:
@@ -638,6 +654,7 @@ class DetectWidget(OneTaskAtATime, Container):
             scale=[float(s) for s in layer.scale[lead:]],
             translate=[float(t) for t in layer.translate[lead:]],
             plane_shape=plane_shape,
+            quantize=bool(self.quantize.value),
         )
 
     # ------------------------------------------------------------------ running
@@ -720,6 +737,8 @@ class DetectWidget(OneTaskAtATime, Container):
 
     def _progress_summary(self, outcome: Outcome) -> str:
         last: Progress | None = self.progress.last
+        if outcome.cancelled and last is not None and last.data == INT8_STEP:
+            return "cancelled while making the INT8 version (nothing kept)"
         done = f"{last.done:,} of {last.total:,} tiles" if last is not None else "no tiles"
         if outcome.cancelled:
             return f"cancelled after {done}"

@@ -56,22 +56,38 @@ class ProgressRow(Container):
         super().__init__(widgets=[self.bar, self.text], labels=False)
         self.native.layout().setContentsMargins(0, 0, 0, 0)
         self._t0 = time.monotonic()
+        self._phase = False  # the last report had its own text (a step such as INT8)
         self.last: Progress | None = None
 
     def begin(self, text: str = "starting...") -> None:
         """Show a busy bar (total unknown yet) and ``text``."""
         self._t0 = time.monotonic()
+        self._phase = False
         self.last = None
         self.bar.max, self.bar.value = 0, 0
         self.text.value = text
         self.bar.visible = self.text.visible = True
 
     def update(self, item: Progress) -> None:
-        """Move the bar to ``item`` and say how much is left."""
+        """Move the bar to ``item`` and say how much is left.
+
+        A report with its own text (a step before the counted ones, e.g. making a model's
+        INT8 version) shows that text; the time-left clock starts again when the counted
+        steps follow it.
+        """
         self.last = item
         if item.total > 0:
             self.bar.max = item.total
             self.bar.value = min(item.done, item.total)
+        elif item.text:
+            self.bar.max, self.bar.value = 0, 0  # busy: a step of unknown length
+        if item.text:
+            self._phase = True
+            self.text.value = item.text
+            return
+        if self._phase:
+            self._phase = False
+            self._t0 = time.monotonic()
         self.text.value = progress_text(
             item.done, item.total, time.monotonic() - self._t0, self.unit
         )

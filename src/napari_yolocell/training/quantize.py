@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_yolocell.engine.detect import Cancel, Cancelled, is_cancelled
 from napari_yolocell.engine.normalize import percentile_range, to_uint8
 from napari_yolocell.models import int8_cache
 
@@ -41,8 +42,10 @@ __all__ = [
     "fp32_nodes",
     "quantize_after_finetune",
     "quantize_for_user",
+    "quantize_on_first_use",
     "quantize_openvino",
     "read_calibration_images",
+    "wants_int8",
 ]
 
 _log = logging.getLogger(__name__)
@@ -186,10 +189,14 @@ def quantize_openvino(
 
 
 def quantize_model(
-    fp32_folder: str | Path, tiles: Sequence[np.ndarray], fast: bool = False, head_convs: int = 1
+    fp32_folder: str | Path,
+    tiles: Sequence[np.ndarray],
+    fast: bool = False,
+    head_convs: int = 1,
+    cancel: Cancel = None,
 ):
     """The NNCF-quantized OpenVINO model of an FP32 export folder and its ``meta.json`` dict
-    (see :func:`quantize_openvino`)."""
+    (see :func:`quantize_openvino`); ``cancel`` is polled before each calibration tile."""
     # NNCF sends usage telemetry unless the user opted out; its CI switch replaces the sender
     # with a stub. Nothing in this package may reach the network.
     os.environ.setdefault("NNCF_CI", "1")
@@ -204,16 +211,34 @@ def quantize_model(
     model.reshape({0: list(tiles[0].shape)})
     logging.getLogger("nncf").setLevel(logging.WARNING)  # one INFO line per ignored node
     with contextlib.redirect_stdout(sys.stderr):  # its progress bar: stdout is for results
-        quantized = _nncf_quantize(nncf, model, tiles, fast, head_convs)
+        quantized = _nncf_quantize(nncf, model, _Tiles(tiles, cancel), fast, head_convs)
     meta = json.loads((fp32_folder / "meta.json").read_text(encoding="utf-8"))
     meta.update(precision="int8", int8_recipe=int8_cache.INT8_VERSION)
     return quantized, meta
 
 
+class _Tiles:
+    """Calibration tiles that raise :class:`Cancelled` while NNCF iterates them, once
+    ``cancel`` is set (NNCF runs the model on every tile, twice with bias correction)."""
+
+    def __init__(self, tiles: Sequence[np.ndarray], cancel: Cancel = None) -> None:
+        self.tiles = list(tiles)
+        self.cancel = cancel
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __iter__(self):
+        for tile in self.tiles:
+            if is_cancelled(self.cancel):
+                raise Cancelled("INT8 quantization cancelled")
+            yield tile
+
+
 def _nncf_quantize(nncf, model, tiles: Sequence[np.ndarray], fast: bool, head_convs: int):
     return nncf.quantize(
         model,
-        nncf.Dataset(list(tiles)),
+        nncf.Dataset(tiles),
         preset=nncf.QuantizationPreset.MIXED,
         subset_size=len(tiles),
         fast_bias_correction=True,
@@ -286,8 +311,10 @@ def check_int8(
     tiles: Sequence[np.ndarray],
     conf: float = 0.25,
     iou: float = 0.5,
+    cancel: Cancel = None,
 ) -> Int8Check:
-    """Run both models on ``tiles`` and compare their boxes (see :class:`Int8Check`)."""
+    """Run both models on ``tiles`` and compare their boxes (see :class:`Int8Check`);
+    ``cancel`` is polled before each tile."""
     from napari_yolocell.models.backends import OpenVinoDetector
     from napari_yolocell.models.spec import ModelSpec
 
@@ -297,7 +324,11 @@ def check_int8(
     boxes = []
     for folder in (fp32_folder, int8_folder):
         detector = OpenVinoDetector(spec, folder, device="cpu")
-        boxes.append([b for t in grey for b in detector.predict([t], low, iou, 1000)])
+        found = []
+        for tile in grey:
+            _stop_if(cancel)
+            found.extend(detector.predict([tile], low, iou, 1000))
+        boxes.append(found)
     n_fp32 = n_int8 = found_fp32 = found_int8 = 0
     for a, b in zip(*boxes, strict=True):
         pairs = _matches(a, b)
@@ -341,6 +372,7 @@ def quantize_for_user(
     force: bool = False,
     n_tiles: int = DEFAULT_TILES,
     progress: Callable[[str], None] | None = None,
+    cancel: Cancel = None,
 ) -> int8_cache.Int8Entry:
     """Quantize a user's model once, check it against FP32, cache both in the user cache.
 
@@ -364,6 +396,9 @@ def quantize_for_user(
         Calibration tiles drawn from images (at most).
     progress : callable, optional
         Called with a one-line message at each step.
+    cancel : threading.Event or callable, optional
+        Polled between steps and before every calibration / check tile; nothing is cached
+        when it stops the quantization.
 
     Returns
     -------
@@ -376,6 +411,8 @@ def quantize_for_user(
         NNCF is not installed.
     ValueError
         No calibration image, or unreadable weights.
+    napari_yolocell.engine.detect.Cancelled
+        ``cancel`` was set.
     """
     from napari_yolocell.models.export_cache import cached_export
     from napari_yolocell.models.loading import clear_cache, unpack_weights
@@ -388,14 +425,17 @@ def quantize_for_user(
         return entry
     tiles = _as_tiles(calibration, n_tiles)
     say(f"INT8: exporting {spec.name} to OpenVINO FP32")
+    _stop_if(cancel)
     fp32 = cached_export(spec, "openvino")
     say(f"INT8: calibrating on {len(tiles)} tiles of your images")
-    model, meta = quantize_model(fp32, tiles)
+    _stop_if(cancel)
+    model, meta = quantize_model(fp32, tiles, cancel=cancel)
+    _stop_if(cancel)
     tmp = int8_cache.new_entry(spec)
     try:
         _write_ir(model, meta, tmp)
         say("INT8: checking it against FP32 on the calibration tiles")
-        check = check_int8(fp32, tmp, tiles, conf=float(spec.default_conf))
+        check = check_int8(fp32, tmp, tiles, conf=float(spec.default_conf), cancel=cancel)
         entry = int8_cache.install(spec, tmp, asdict(check) | {"count_change": check.count_change})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -403,6 +443,91 @@ def quantize_for_user(
     clear_cache()  # detectors loaded before now would keep running FP32
     say(f"INT8: {check.describe()}: " + ("used" if check.passed else "not used, FP32 runs"))
     return entry
+
+
+def wants_int8(model: str | Path, backend: str = "auto", device: str | None = None) -> bool:
+    """Whether detecting with ``model`` should first make its INT8 version (its first use).
+
+    True when all hold: the runtime is ``auto`` or ``openvino-int8`` on a CPU whose OpenVINO
+    runs INT8 kernels (:func:`~napari_yolocell.models.int8_cache.cpu_gains_from_int8`), NNCF
+    is installed, and the model is a plain ``.pt`` that ships no INT8 version (a fine-tune, a
+    classic YOLOv5 or meituan YOLOv6 checkpoint; not a bundled model, an export or the
+    classical baseline) and has no INT8 entry in the user cache yet (one that failed its check
+    counts: it is not made again).
+    """
+    import importlib.util
+
+    from napari_yolocell.models.detector import default_device
+    from napari_yolocell.models.loading import is_exported_model, unpack_weights
+    from napari_yolocell.models.registry import resolve_model
+
+    if backend not in ("auto", "openvino-int8"):
+        return False
+    if not (device or default_device()).lower().startswith("cpu"):
+        return False
+    try:
+        spec = resolve_model(str(model))
+    except (FileNotFoundError, ValueError):
+        return False  # loading the detector reports it
+    plain_weights = spec.path is not None and str(spec.path).lower().endswith(".pt")
+    if spec.int8 or spec.family == "classical" or not plain_weights:
+        return False
+    if is_exported_model(spec.path) or int8_cache.lookup(unpack_weights(spec)) is not None:
+        return False
+    return importlib.util.find_spec("nncf") is not None and int8_cache.cpu_gains_from_int8()
+
+
+def quantize_on_first_use(
+    model: str | Path,
+    images: Callable[[], Sequence[np.ndarray]],
+    *,
+    backend: str = "auto",
+    device: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    cancel: Cancel = None,
+) -> int8_cache.Int8Entry | None:
+    """Make ``model``'s INT8 version before its first detection, if :func:`wants_int8`.
+
+    What ``yolocell detect`` and the Detect and Batch widgets do before loading the detector.
+
+    Parameters
+    ----------
+    model : str or path
+        The model about to detect.
+    images : callable
+        Returns the images about to be detected (2-D arrays: e.g. central windows of a
+        layer's planes, :func:`napari_yolocell.engine.detect.plane_windows`, or of files,
+        :func:`read_calibration_images`); called only when quantizing.
+    backend, device : str
+        The detection's runtime and device.
+    progress, cancel
+        As in :func:`quantize_for_user`.
+
+    Returns
+    -------
+    Int8Entry or None
+        The new entry (check it with ``entry.used``), or None when nothing was to be done.
+
+    Raises
+    ------
+    Exception
+        Whatever the quantization raised (an optimisation only: callers detect in FP32).
+    """
+    if not wants_int8(model, backend, device):
+        return None
+    return quantize_for_user(model, images(), progress=progress, cancel=cancel)
+
+
+def _stop_if(cancel: Cancel) -> None:
+    if is_cancelled(cancel):
+        raise Cancelled("INT8 quantization cancelled")
+
+
+def _distinct_windows(image: np.ndarray, tile: int = 640) -> int:
+    """How many calibration windows of ``tile`` px an image gives before they mostly repeat
+    (one for an image no larger than a tile: its windows would all be the same padded copy)."""
+    h, w = image.shape[:2]
+    return max(1, int(np.ceil(2 * h * w / tile**2)) if max(h, w) > tile else 1)
 
 
 def _as_tiles(calibration, n_tiles: int) -> list[np.ndarray]:
@@ -413,7 +538,13 @@ def _as_tiles(calibration, n_tiles: int) -> list[np.ndarray]:
     if all(x.ndim == 4 and x.dtype == np.float32 for x in items):
         return items[:n_tiles]
     per_image = max(1, -(-n_tiles // len(items)))
-    tiles = calibration_tiles(items, per_image=per_image)
+    tiles = [
+        tile
+        for index, image in enumerate(items)
+        for tile in calibration_tiles(
+            [image], per_image=min(per_image, _distinct_windows(image)), seed=index
+        )
+    ]
     rng = np.random.default_rng(0)
     if len(tiles) > n_tiles:
         tiles = [tiles[i] for i in sorted(rng.choice(len(tiles), n_tiles, replace=False))]
