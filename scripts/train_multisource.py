@@ -381,6 +381,26 @@ def test_items(data: Path, source: str, whole: bool = False) -> list[tuple[str, 
     return out
 
 
+CORRUPTIONS = [
+    *("blur", "noise", "gamma", "jpeg"),
+    *("downscale", "illumination", "saturate", "quantise"),
+]
+
+
+def corrupt(img: np.ndarray, effect: str, name: str) -> np.ndarray:
+    """The image as detection normalises it (8 bit), with one training augmentation applied at
+    probability 1 (seeded by the image's name): how much each effect costs a model at test
+    time, the measure of what training with it buys."""
+    from napari_yolocell.engine.normalize import normalize_image
+    from napari_yolocell.training.augment import PHOTOMETRIC_DEFAULTS, MicroscopyAugment
+
+    probs = {k: float(k == effect) for k in PHOTOMETRIC_DEFAULTS}
+    seed = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+    aug = MicroscopyAugment(probs, seed=seed)
+    aug._pipeline.set_random_seed(seed)  # albumentations draws its own parameters
+    return aug.apply(normalize_image(img))
+
+
 def cmd_eval(args) -> None:
     from napari_yolocell.analysis.evaluate import evaluate_predictions
     from napari_yolocell.engine.detect import DetectParams, detect_image
@@ -411,7 +431,10 @@ def cmd_eval(args) -> None:
             items = test_items(data, source, whole=whole)
             per_image = []
             for path, truth, name in items:
-                df = detect_image(read_grey(path), det, DetectParams(conf=0.01))
+                img = read_grey(path)
+                if args.corrupt:
+                    img = corrupt(img, args.corrupt, name)
+                df = detect_image(img, det, DetectParams(conf=0.01))
                 per_image.append(
                     (
                         df[["y0", "x0", "y1", "x1"]].to_numpy(float),
@@ -425,7 +448,9 @@ def cmd_eval(args) -> None:
                 rows.append(
                     {
                         "model": Path(model).parent.name if model.endswith(".pt") else model,
-                        "source": source + (" (all)" if whole else " (test)"),
+                        "source": source
+                        + (" (all" if whole else " (test")
+                        + (f", {args.corrupt})" if args.corrupt else ")"),
                         "images": len(items),
                         "conf": c,
                         "f1": r["f1"],
@@ -611,6 +636,12 @@ def main(argv=None) -> int:
     e.add_argument("--conf", type=float, default=None)
     e.add_argument("--extra-confs", type=float, nargs="*", default=[])
     e.add_argument("--out", default=None)
+    e.add_argument(
+        "--corrupt",
+        default=None,
+        choices=CORRUPTIONS,
+        help="apply one training augmentation to every test image (robustness table)",
+    )
     u = sub.add_parser("bundle", help="make a run's best weights the bundled default")
     u.add_argument("--data", required=True)
     u.add_argument("--run", default="all")
