@@ -165,10 +165,15 @@ def test_finetune_end_to_end_scores_held_out_region(qtbot, setup, tmp_path, monk
     panel.max_epochs.value = 1
     panel.device.value = "cpu"
     panel.out.value = tmp_path / "runs"
-    # INT8 quantization after the fine-tune has its own tests (test_quantize): not here
-    monkeypatch.setattr(
-        "napari_yolocell.training.quantize.quantize_after_finetune", lambda *a, **k: None
-    )
+    # INT8 quantization after the fine-tune has its own tests (test_quantize); here only its
+    # steps reach the progress row, and Cancel reaches it
+    calls = []
+
+    def fake_quantize(weights, dataset, progress=None, cancel=None):
+        calls.append((weights, callable(cancel)))
+        progress("INT8: calibrating on 4 tiles")
+
+    monkeypatch.setattr("napari_yolocell.training.quantize.quantize_after_finetune", fake_quantize)
     seen = []
     show = panel._on_progress
     monkeypatch.setattr(panel, "_on_progress", lambda item: (seen.append(item), show(item)))
@@ -180,6 +185,8 @@ def test_finetune_end_to_end_scores_held_out_region(qtbot, setup, tmp_path, monk
         shown = [item.text for item in seen if item.text.startswith("training:")]
         assert shown and all(" of " in t and "/1000" not in t for t in shown)  # time used
         assert any("scoring" in item.text for item in seen)
+        assert calls == [(run.result.best, True)]
+        assert any(item.text == "INT8: calibrating on 4 tiles" for item in seen)
         assert len(panel.history) == 1 and panel.figure.axes  # one epoch on the live plot
         assert run.held_out == 1 and run.scores is not None
         start, new = run.scores

@@ -135,7 +135,15 @@ def run_finetune(
     def on_batch(info: dict[str, Any]) -> None:
         report(int(min(spent(), budget)), int(budget), _progress_text(spent(), budget, info))
 
-    hooks = {"on_epoch": on_epoch, "on_batch": on_batch, "should_stop": cancel.is_set}
+    def on_status(text: str) -> None:  # the INT8 quantization after training
+        report(int(min(spent(), budget)), int(budget), text)
+
+    hooks = {
+        "on_epoch": on_epoch,
+        "on_batch": on_batch,
+        "should_stop": cancel.is_set,
+        "on_status": on_status,
+    }
     if resume is not None:
         left = (budget - used) / 60 if budget else None
         result = resume_finetune(resume, minutes_left=left, device=job["device"], **hooks)

@@ -286,6 +286,7 @@ def finetune(
     augment: str | dict[str, float] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     holdout: int = 0,
+    on_status: Callable[[str], None] | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Fine-tune a model on a few whole images within a time budget.
@@ -316,6 +317,8 @@ def finetune(
         As in :func:`napari_yolocell.training.train.train`.
     holdout : int
         Training images kept back for judging the result (:func:`held_out_split`).
+    on_status : callable, optional
+        Gets one line per step of the INT8 quantization that follows training.
     **overrides
         Other ``YOLO.train`` arguments (``freeze``, ``lr0``...).
 
@@ -382,7 +385,10 @@ def finetune(
     if not result.cancelled:  # a cancelled run is resumed first
         from napari_yolocell.training.quantize import quantize_after_finetune
 
-        quantize_after_finetune(result.best, prepared["path"])  # INT8 for CPU detection (#23)
+        # INT8 for CPU detection (#23)
+        quantize_after_finetune(
+            result.best, prepared["path"], on_status, cancel=overrides.get("should_stop")
+        )
     return result
 
 
@@ -440,6 +446,7 @@ def resume_finetune(
     last: str | Path,
     minutes_left: float | None = None,
     device: str | None = None,
+    on_status: Callable[[str], None] | None = None,
     **hooks: Any,
 ) -> TrainResult:
     """Continue a cancelled fine-tune from its ``last.pt`` within what is left of its budget.
@@ -450,7 +457,7 @@ def resume_finetune(
         The run's ``weights/last.pt``.
     minutes_left : float, optional
         Training time left (ultralytics would otherwise start its whole time budget again).
-    device : str, optional
+    device, on_status : str, callable, optional
         As in :func:`finetune`.
     **hooks
         ``on_epoch``, ``on_batch``, ``should_stop`` of
@@ -482,7 +489,9 @@ def resume_finetune(
         if not result.cancelled:
             from napari_yolocell.training.quantize import quantize_after_finetune
 
-            quantize_after_finetune(result.best, info["prepared"])  # INT8 for CPU detection (#23)
+            quantize_after_finetune(  # INT8 for CPU detection (#23)
+                result.best, info["prepared"], on_status, cancel=hooks.get("should_stop")
+            )
     return result
 
 

@@ -604,10 +604,12 @@ def quantize_after_finetune(
     weights: str | Path | None,
     dataset: str | Path,
     progress: Callable[[str], None] | None = None,
+    cancel: Cancel = None,
 ) -> int8_cache.Int8Entry | None:
     """The INT8 version of a freshly fine-tuned model, calibrated on its training tiles.
 
-    Called at the end of :func:`napari_yolocell.training.fewshot.finetune`. Does nothing (None)
+    Called at the end of :func:`napari_yolocell.training.fewshot.finetune`, with its
+    ``progress`` (one line per step) and ``cancel``. Does nothing (None)
     when the CPU gains nothing from INT8 or NNCF is missing; a failure is a warning, never an
     error: the fine-tuned model stays usable in FP32.
     """
@@ -620,7 +622,9 @@ def quantize_after_finetune(
         return None
     try:
         images = read_calibration_images([Path(dataset) / "images" / "train"], max_images=64)
-        return quantize_for_user(weights, images, progress=progress)
+        return quantize_for_user(weights, images, progress=progress, cancel=cancel)
+    except Cancelled:  # nothing was cached; the fine-tuned model runs FP32
+        return None
     except Exception as err:  # quantization is an optimisation: never lose the fine-tune
         warnings.warn(f"INT8 quantization skipped: {err}", RuntimeWarning, stacklevel=2)
         return None
