@@ -66,7 +66,11 @@ def estimate_diameter(image: np.ndarray, min_area: int = 12) -> float | None:
         return None
     areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     dist = ndi.distance_transform_edt(fg)
-    radii = np.asarray(ndi.maximum(dist, labels, index=np.arange(1, n + 1)), dtype=np.float64)
+    # Largest inscribed radius per component; ufunc.at is much faster than ndimage.maximum
+    # (which sorts every pixel) for the same maxima.
+    radii = np.zeros(n + 1)
+    np.maximum.at(radii, labels.ravel(), dist.ravel())
+    radii = radii[1:]
     keep = areas >= min_area
     if keep.sum() < MIN_COMPONENTS:
         return None
