@@ -127,3 +127,15 @@ def reader_imports(path) -> tuple[set[str], set[str]]:
     )
     asked, read = (set(m) for m in json.loads(out.stdout.splitlines()[-1]))
     return asked, read
+
+
+def write_two_level_pyramid(path, image) -> None:
+    """A pyramidal BigTIFF of ``image`` (2-D, even sides) with one half-resolution level, the
+    level a 2x2 mean in the image's dtype, both tiled 256 px."""
+    import tifffile
+
+    h, w = image.shape
+    half = image.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)).astype(image.dtype)
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        tw.write(image, tile=(256, 256), subifds=1)
+        tw.write(half, tile=(256, 256), subfiletype=1)

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from conftest import write_two_level_pyramid
 
 from napari_yolocell.cli import main
 from napari_yolocell.data.synthetic import make_nuclei_image
@@ -179,11 +180,8 @@ def test_cli_level_1_of_a_pyramid_with_the_default_runtime(tmp_path, capsys, mod
     1 are no longer split into pairs of boxes by the quantized box decoding."""
     pytest.importorskip("openvino")
     syn = make_nuclei_image((1024, 1024), n_nuclei=160, diameter=(18.0, 22.0), seed=7)
-    half = syn.image.reshape(512, 2, 512, 2).mean(axis=(1, 3)).astype(syn.image.dtype)
     path = tmp_path / "pyramid.tif"
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        tw.write(syn.image, tile=(256, 256), subifds=1)
-        tw.write(half, tile=(256, 256), subfiletype=1)
+    write_two_level_pyramid(path, syn.image)
     assert main(["detect", str(path), "--level", "1", "--model", model, "--quiet"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"total\t{syn.count}"
 

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from conftest import write_two_level_pyramid
 
 from napari_yolocell.cli import main
 from napari_yolocell.data.synthetic import make_nuclei_image
@@ -143,11 +144,8 @@ def test_two_plane_marker_layer_is_refused_in_one_line(make_napari_viewer, qtbot
 
 def test_level_and_diameter_pixels_in_the_widget(make_napari_viewer, qtbot, tmp_path, capsys):
     syn = make_nuclei_image((1024, 1024), n_nuclei=60, diameter=(18.0, 22.0), seed=7)
-    half = syn.image.reshape(512, 2, 512, 2).mean(axis=(1, 3)).astype(syn.image.dtype)
     path = tmp_path / "pyramid.tif"
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        tw.write(syn.image, tile=(256, 256), subifds=1)
-        tw.write(half, tile=(256, 256), subfiletype=1)
+    write_two_level_pyramid(path, syn.image)
     viewer = make_napari_viewer()
     viewer.open(str(path), plugin="napari-yolocell")
     widget = make_widget(viewer)
