@@ -13,6 +13,10 @@ the automatic size: the fine-tuned model detects at the lab's scale it remembers
 
     python benchmarks/bench_fewshot.py --sources bitdepth mnfinder --minutes 5 --seed 1
 
+Sources: ``bitdepth``, ``mnfinder`` (never trained on by the bundled models), and image groups
+of DSB2018 and Kromp 2020 standing in for one lab each (``bench_heldout.GROUPS``, e.g.
+``dsb-696x520``, ``kromp-cytospin63x``; the bundled models saw other images of these sources).
+
 ``--set freeze=10`` (repeatable) changes a few-shot training setting
 (``training.fewshot.FEWSHOT_SETTINGS``) for an experiment.
 """
@@ -43,8 +47,8 @@ def write_dataset(chosen: list[tuple], out: Path) -> Path:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         (out / "labels" / split).mkdir(parents=True, exist_ok=True)
     for path, boxes, name in chosen:
-        img = tifffile.imread(path)
-        img = img.max(axis=-1) if img.ndim == 3 else img
+        img = tifffile.imread(path) if str(path).endswith(".tif") else np.asarray(Image.open(path))
+        img = img[..., :3].max(axis=-1) if img.ndim == 3 else img  # RGB(A)-stored grey
         lo, hi = percentile_range(img, 1.0, 99.8)
         png = to_uint8(img, lo, hi)
         h, w = png.shape

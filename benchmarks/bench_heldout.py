@@ -48,6 +48,8 @@ def items(data: Path, source: str) -> list[tuple[Path, np.ndarray, str]]:
     if source.startswith("bbbc039-"):
         split = {"test": "test", "val": "validation"}[source.split("-", 1)[1]]
         return bbbc039_items(data / "bbbc039", split, min_area=25)
+    if source.startswith(("dsb", "kromp")):
+        return _group_items(data, source)
     folder = data / {"bitdepth": "bitdepth_nucseg_2021", "mnfinder": "mnfinder_2023"}[source]
     with open(folder / "counts.csv") as fh:
         names = [row["image"] for row in csv.DictReader(fh)]
@@ -55,6 +57,38 @@ def items(data: Path, source: str) -> list[tuple[Path, np.ndarray, str]]:
     for name in names:
         boxes = boxes_from_labels(tifffile.imread(folder / "labels" / name), min_area=25)
         out.append((folder / "images" / name, boxes, Path(name).stem))
+    return out
+
+
+#: Image groups standing in for one lab each (same instrument and preparation).
+GROUPS = {
+    "dsb-696x520": ("dsb2018_stage1_train_fluo", {"width": "696", "height": "520"}),
+    "dsb-360x360": ("dsb2018_stage1_train_fluo", {"width": "360", "height": "360"}),
+    "kromp-cytospin63x": (
+        "kromp2020_s_bsst265",
+        {"preparation": "cellline cytospin", "magnification": "63x", "modality": "FM"},
+    ),
+    "kromp": ("kromp2020_s_bsst265", {}),
+}
+
+
+def _group_items(data: Path, source: str) -> list[tuple[Path, np.ndarray, str]]:
+    """DSB2018 / Kromp images of one group (:data:`GROUPS`): ``(path, boxes, name)``."""
+    import tifffile
+
+    from napari_yolocell.training.annotations import boxes_from_labels
+
+    if source not in GROUPS:
+        raise SystemExit(f"unknown source {source!r}; groups: {', '.join(GROUPS)}")
+    folder, match = GROUPS[source]
+    ext = ".png" if folder.startswith("dsb") else ".tif"
+    out = []
+    with open(data / folder / "counts.csv") as fh:
+        for row in csv.DictReader(fh):
+            if all(row[k] == v for k, v in match.items()):
+                labels = tifffile.imread(data / folder / "labels" / f"{row['id']}.tif")
+                boxes = boxes_from_labels(labels, min_area=25)
+                out.append((data / folder / "images" / f"{row['id']}{ext}", boxes, row["id"][:40]))
     return out
 
 

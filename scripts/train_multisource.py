@@ -281,10 +281,16 @@ def cmd_chunk(args) -> None:
         sys.exit(f"run {args.run} excludes {state.get('exclude')}, not {exclude}")
     chunk = len(state.get("chunks", []))
     last = STATE / args.run / "last.fp16.pt"
-    start = last if last.exists() else resolve_base_weights("default")[0]
+    if last.exists():
+        start = last
+    elif args.init:  # a new run that branches off another run's weights
+        start = Path(args.init)
+    else:
+        start = resolve_base_weights("default")[0]
     print(f"run {args.run}, chunk {chunk + 1}, from {start}, excluding {exclude or 'nothing'}")
     per_source = args.per_source or state.get("per_source", 60)
-    trainer = balanced_trainer(per_source, seed=SEED + chunk, exclude=exclude)
+    shares = {"*": per_source, **dict(_share(x) for x in args.share or [])}
+    trainer = balanced_trainer(shares, seed=SEED + chunk, exclude=exclude)
     model = YOLO(str(start))
     t0 = time.time()
     name = f"{args.run}-c{chunk + 1}"
@@ -341,6 +347,8 @@ def cmd_chunk(args) -> None:
             "epochs": len(results),
             "lr0": args.lr0,
             "optimizer": args.optimizer,
+            "start": str(start),
+            "shares": shares,
             "best_fitness": round(best_fit, 4),
             "last": results[-1] if results else {},
             "finished": time.strftime("%Y-%m-%d %H:%M"),
@@ -348,6 +356,14 @@ def cmd_chunk(args) -> None:
     )
     _save_state(args.run, state)
     print(json.dumps(state["chunks"][-1], indent=1))
+
+
+def _share(text: str) -> tuple[str, int]:
+    """``bbbc039=90`` -> ("bbbc039", 90)."""
+    source, _, n = text.partition("=")
+    if source not in SOURCES or not n.isdigit():
+        sys.exit(f"--share takes SOURCE=N with SOURCE in {', '.join(SOURCES)}, got {text!r}")
+    return source, int(n)
 
 
 def _history(path: Path) -> list[dict]:
@@ -622,10 +638,14 @@ def main(argv=None) -> int:
     c.add_argument("--minutes", type=float, required=True)
     c.add_argument("--exclude", nargs="*", choices=SOURCES, default=None)
     c.add_argument("--per-source", type=int, default=None, help="tiles per source per epoch")
+    c.add_argument(
+        "--share", nargs="*", metavar="SOURCE=N", help="another share for a source (this chunk)"
+    )
     c.add_argument("--batch", type=int, default=8)
     c.add_argument("--workers", type=int, default=2)
     c.add_argument("--lr0", type=float, default=0.0002)
     c.add_argument("--optimizer", default="AdamW", choices=["AdamW", "SGD"])
+    c.add_argument("--init", default=None, help="weights a new run starts from (default: bundled)")
     e = sub.add_parser("eval", help="F1 / count error on each source's test images")
     e.add_argument("--data", required=True)
     e.add_argument("--work", default=None)

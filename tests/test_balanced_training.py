@@ -43,6 +43,15 @@ def test_sampler_gives_every_source_an_equal_share_each_epoch():
     assert np.array_equal(BalancedSampler(sources, 20, seed=3).draw(1), sampler.draw(1))
 
 
+def test_sampler_gives_named_sources_their_own_share():
+    sources = ["bbbc039"] * 200 + ["mnfinder"] * 30 + ["dsb"] * 400
+    sampler = BalancedSampler(sources, {"bbbc039": 90, "*": 40}, seed=0)
+    assert len(sampler) == 170
+    assert Counter(sources[i] for i in sampler) == {"bbbc039": 90, "mnfinder": 40, "dsb": 40}
+    with pytest.raises(ValueError):
+        BalancedSampler(sources, {"dsb": 0})
+
+
 def test_sampler_refuses_nonsense():
     with pytest.raises(ValueError):
         BalancedSampler(["a"], per_source=0)

@@ -14,13 +14,13 @@ A tile's source is the prefix of its file name before the first ``_`` (the datas
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["BalancedSampler", "balanced_trainer", "source_of"]
+__all__ = ["BalancedSampler", "balanced_trainer", "shares_of", "source_of"]
 
 
 def source_of(path: str | Path) -> str:
@@ -35,34 +35,38 @@ class BalancedSampler:
     ----------
     sources : sequence of str
         Source of each dataset item (index order).
-    per_source : int
-        Tiles drawn from each source per epoch.
+    per_source : int or mapping
+        Tiles drawn from each source per epoch; a mapping ``{source: n}`` gives some sources
+        another share (sources it does not name keep ``per_source["*"]``, default 60).
     seed : int
         Seed; pass ``k`` draws the same tiles for the same seed.
     """
 
-    def __init__(self, sources: Sequence[str], per_source: int, seed: int = 0):
-        if per_source < 1:
-            raise ValueError(f"per_source must be >= 1, got {per_source}")
+    def __init__(self, sources: Sequence[str], per_source: int | Mapping[str, int], seed: int = 0):
         self.groups: dict[str, np.ndarray] = {}
         for i, s in enumerate(sources):
             self.groups.setdefault(s, []).append(i)  # type: ignore[union-attr]
         self.groups = {k: np.asarray(v) for k, v in sorted(self.groups.items())}
         if not self.groups:
             raise ValueError("no training items")
-        self.per_source = int(per_source)
+        self.shares = shares_of(per_source, self.groups)
         self.seed = int(seed)
         self.epoch = 0
 
+    @property
+    def per_source(self) -> int:
+        """The usual share (the largest when sources differ)."""
+        return max(self.shares.values())
+
     def __len__(self) -> int:
-        return self.per_source * len(self.groups)
+        return sum(self.shares.values())
 
     def draw(self, epoch: int) -> np.ndarray:
         """The shuffled indices of pass ``epoch``."""
         rng = np.random.default_rng([self.seed, epoch])
         picks = []
-        for idx in self.groups.values():
-            whole, rest = divmod(self.per_source, len(idx))
+        for source, idx in self.groups.items():
+            whole, rest = divmod(self.shares[source], len(idx))
             # every tile once per `whole` repeat, then a random subset for the remainder
             parts = [rng.permutation(idx) for _ in range(whole)]
             parts.append(rng.choice(idx, size=rest, replace=False))
@@ -81,8 +85,21 @@ class BalancedSampler:
         return {k: len(v) for k, v in self.groups.items()}
 
 
+def shares_of(per_source: int | Mapping[str, int], sources) -> dict[str, int]:
+    """Tiles per epoch of each source from an int or a ``{source: n, "*": n}`` mapping."""
+    if isinstance(per_source, Mapping):
+        default = int(per_source.get("*", 60))
+        shares = {s: int(per_source.get(s, default)) for s in sources}
+    else:
+        shares = {s: int(per_source) for s in sources}
+    bad = {s: n for s, n in shares.items() if n < 1}
+    if bad:
+        raise ValueError(f"per_source must be >= 1, got {bad}")
+    return shares
+
+
 def balanced_trainer(
-    per_source: int,
+    per_source: int | Mapping[str, int],
     augment: dict[str, float] | None = None,
     seed: int = 0,
     exclude: Sequence[str] = (),
@@ -91,8 +108,8 @@ def balanced_trainer(
 
     Parameters
     ----------
-    per_source : int
-        Training tiles per source per epoch.
+    per_source : int or mapping
+        Training tiles per source per epoch (a mapping: see :class:`BalancedSampler`).
     augment : dict, optional
         Probabilities for :class:`~napari_yolocell.training.augment.MicroscopyAugment`
         (None: its defaults; ``{}`` with every value 0 turns it off).

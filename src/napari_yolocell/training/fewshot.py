@@ -77,12 +77,15 @@ FEWSHOT_AUGMENT: dict[str, float] = {
 }
 # A few images give one or two batches an epoch: no warm-up (ultralytics warms up for at least
 # 100 iterations, the whole budget) and no gradient accumulation (``nbs`` = the batch, set in
-# :func:`finetune`; ultralytics would otherwise step the optimizer every 64 images).
+# :func:`finetune`; ultralytics would otherwise step the optimizer every 64 images). A small
+# learning rate: 1e-3 made three images of one organ over-fit and count the lab's other organs
+# worse than the start model; 2e-4 keeps the start's generality and the gains (issue #20,
+# docs/benchmarks.md).
 FEWSHOT_SETTINGS: dict[str, Any] = {
     "warmup_epochs": 0.0,
     "close_mosaic": 0,
     "optimizer": "AdamW",
-    "lr0": 0.001,
+    "lr0": 0.0002,
     "cos_lr": True,
 }
 # Part of the budget kept for preparing data, the final validation of best.pt and saving.
