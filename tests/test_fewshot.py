@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,32 @@ def test_lab_scale_is_remembered_and_used_by_detect(tmp_path):
     assert df.attrs["diameter"] == 92.0 and df.attrs.get("measured_diameter") is None
     df = detect_image(image, det, DetectParams(diameter=40.0))  # the user's size wins
     assert df.attrs["diameter"] == 40.0
+
+
+def test_lab_scale_gives_way_on_an_image_at_another_magnification():
+    """A model fine-tuned on ~90 px nuclei, then an image of ~20 px nuclei from the same lab
+    (another objective): shrunk by the lab's factor they would be 5 px and lost (Kromp 2020's
+    63x group holds one such image: recall 0.95 -> 0.68 after a fine-tune)."""
+    import dataclasses
+
+    from napari_yolocell.data.synthetic import make_nuclei_image
+    from napari_yolocell.engine.detect import DetectParams, detect_image
+    from napari_yolocell.models.classical import ClassicalDetector
+
+    det = ClassicalDetector()
+    det.spec = dataclasses.replace(det.spec, diameter_px=23.0, lab_diameter_px=92.0)
+    small = make_nuclei_image((512, 512), n_nuclei=60, diameter=(16.0, 24.0), seed=1).image
+    with pytest.warns(UserWarning, match=r"measure ~\d+ px across, far from the ~92 px"):
+        df = detect_image(small, det, DetectParams())
+    assert 14 < df.attrs["measured_diameter"] < 30
+    assert df.attrs["diameter"] is None and df.attrs["scale"] == 1.0  # the model's own scale
+    assert abs(len(df) - 60) <= 6
+    # the lab's own magnification keeps the lab's scale, silently
+    large = make_nuclei_image((1024, 1024), n_nuclei=40, diameter=(80.0, 100.0), seed=2).image
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        df = detect_image(large, det, DetectParams())
+    assert df.attrs["diameter"] == 92.0 and df.attrs["scale"] == pytest.approx(23 / 92)
 
 
 def test_resume_keeps_the_time_left_and_the_lab_scale(tmp_path, monkeypatch):

@@ -866,9 +866,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings() -> None:
+    """Our warnings as one ``warning: ...`` line on stderr (not Python's file:line + source)."""
+    import warnings
+
+    package = str(Path(__file__).resolve().parent)
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(filename).startswith(package) and issubclass(
+            category, (UserWarning, RuntimeWarning)
+        ):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _one_line_warnings()
     try:
         _trust_models(args)
         return int(args.func(args) or 0)

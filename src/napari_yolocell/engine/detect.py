@@ -158,7 +158,9 @@ class DetectParams:
         outside the model's range, use it as ``diameter``. ``df.attrs`` reports
         ``measured_diameter`` and the ``diameter`` used (None = the model's scale). A model
         fine-tuned on a lab's images (``ModelSpec.lab_diameter_px`` set) is used at that lab's
-        scale instead, without measuring: the estimate can fail on dim + saturated images.
+        scale instead (the estimate can fail on dim + saturated images), unless the image's
+        nuclei measure over ``LAB_SCALE_TOLERANCE`` times larger or smaller than the lab's
+        (another objective): then the automatic size applies, with a warning.
     classes : tuple of int or None
         Keep only detections of these classes (a model trained on several classes, e.g.
         COCO's 80); None keeps every class.
@@ -670,6 +672,34 @@ def _check_level_diameter(params: DetectParams, measured: float | None, factor: 
         )
 
 
+#: A fine-tuned model's lab scale is kept unless the image's nuclei measure this many times
+#: larger or smaller (the estimate is within 0.8-1.6x of the truth on 90 % of the public images,
+#: docs/benchmarks.md "Automatic nucleus size"; a lab's other magnification is 2x or more away).
+LAB_SCALE_TOLERANCE = 2.5
+
+
+def _lab_or_measured(params: DetectParams, measured: float | None, lab: float, spec):
+    """The lab's scale, or the automatic size when the image is clearly at another scale.
+
+    A model fine-tuned on 120 px nuclei, used at that scale on an image of 20 px nuclei from
+    the same lab (another objective), shrinks them to 4 px and misses them all. Such an image
+    gets the automatic size (resized only when far larger than the model's scale) and one
+    warning; the estimate may fail on dim + saturated images, hence the wide tolerance.
+    """
+    if measured is None or max(measured / lab, lab / measured) <= LAB_SCALE_TOLERANCE:
+        return params
+    chosen = auto_diameter(measured, float(spec.diameter_px))
+    warnings.warn(
+        f"nuclei here measure ~{measured:.0f} px across, far from the ~{lab:.0f} px of the "
+        f"images {spec.name or 'this model'} was fine-tuned on: detected at "
+        + (f"{chosen:.0f} px" if chosen else "the model's own scale")
+        + " instead (give the diameter to override)",
+        UserWarning,
+        stacklevel=2,
+    )
+    return dataclasses.replace(params, diameter=chosen)
+
+
 def measure_diameter(
     stats_view: PlaneView, full_height: int, spec
 ) -> tuple[float | None, np.ndarray | None]:
@@ -895,11 +925,13 @@ def iter_detect(
     plane_index = list(itertools.product(*(range(n) for n in layout.plane_shape)))
     measured, first_sample = None, None
     lab = getattr(detector.spec, "lab_diameter_px", None)  # a fine-tuned model: its lab's scale
-    if params.diameter is None and params.auto_diameter and lab:
+    lab_scale = bool(params.diameter is None and params.auto_diameter and lab)
+    if lab_scale:
         params = dataclasses.replace(params, diameter=float(lab))
-    # measured for "auto", and to catch a level diameter read as full-resolution pixels
-    check_level = params.diameter is not None and params.level > 0
-    if (params.diameter is None and params.auto_diameter or check_level) and plane_ids:
+    # measured for "auto", to catch a level diameter read as full-resolution pixels, and to
+    # catch an image at another magnification than the lab's
+    check_level = params.diameter is not None and params.level > 0 and not lab_scale
+    if (params.diameter is None and params.auto_diameter or check_level or lab_scale) and plane_ids:
         first = plane_index[plane_ids[0]] if 0 <= plane_ids[0] < len(plane_index) else None
         if first is not None:
             stats_view = PlaneView(stats_array, layout, first, params.channel)
@@ -908,6 +940,8 @@ def iter_detect(
             )
             if check_level:
                 _check_level_diameter(params, measured, float(np.mean(factor)))
+            elif lab_scale:
+                params = _lab_or_measured(params, measured, float(lab), detector.spec)
             else:
                 chosen = auto_diameter(measured, float(detector.spec.diameter_px))
                 if chosen is not None:
