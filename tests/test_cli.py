@@ -212,3 +212,32 @@ def test_class_filter_keeps_only_that_class():
     params.classes = (0,)
     only = detect_image(image, det, params)
     assert set(only["class"]) <= {0} and len(only) == (every["class"] == 0).sum()
+
+
+def test_package_warnings_print_as_one_line(capsys):
+    """A warning of ours (here the lab-scale one) is one ``warning: ...`` line on stderr, not
+    Python's file:line header plus a source line."""
+    import dataclasses
+    import warnings
+
+    from napari_yolocell import cli
+    from napari_yolocell.data.synthetic import make_nuclei_image
+    from napari_yolocell.engine.detect import detect_image
+    from napari_yolocell.models.classical import ClassicalDetector
+
+    det = ClassicalDetector()
+    det.spec = dataclasses.replace(
+        det.spec, name="lab-model", diameter_px=23.0, lab_diameter_px=92.0
+    )
+    image = make_nuclei_image((512, 512), n_nuclei=60, diameter=(16.0, 24.0), seed=1).image
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        cli._one_line_warnings()
+        df = detect_image(image, det)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: nuclei here measure ~")
+    assert err[0].endswith(
+        "far from the ~92 px of the images lab-model was fine-tuned on: detected at the "
+        "model's own scale instead (give the diameter to override)"
+    )
+    assert df.attrs["diameter"] is None

@@ -874,10 +874,11 @@ def _one_line_warnings() -> None:
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if str(filename).startswith(package) and issubclass(
-            category, (UserWarning, RuntimeWarning)
-        ):
-            print(f"warning: {message}", file=sys.stderr)
+        ours = str(filename).startswith(package)
+        if ours and issubclass(category, (UserWarning, RuntimeWarning)):
+            from tqdm import tqdm
+
+            tqdm.write(f"warning: {message}", file=sys.stderr)  # above any progress bar
         else:
             shown(message, category, filename, lineno, file, line)
 
