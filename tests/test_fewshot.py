@@ -175,6 +175,7 @@ def test_lab_scale_gives_way_on_an_image_at_another_magnification():
         df = detect_image(small, det, DetectParams())
     assert 14 < df.attrs["measured_diameter"] < 30
     assert df.attrs["diameter"] is None and df.attrs["scale"] == 1.0  # the model's own scale
+    assert df.attrs["lab_scale"] is False
     assert abs(len(df) - 60) <= 6
     # the lab's own magnification keeps the lab's scale, silently
     large = make_nuclei_image((1024, 1024), n_nuclei=40, diameter=(80.0, 100.0), seed=2).image
@@ -182,6 +183,7 @@ def test_lab_scale_gives_way_on_an_image_at_another_magnification():
         warnings.simplefilter("error")
         df = detect_image(large, det, DetectParams())
     assert df.attrs["diameter"] == 92.0 and df.attrs["scale"] == pytest.approx(23 / 92)
+    assert df.attrs["lab_scale"] is True
 
 
 def test_resume_keeps_the_time_left_and_the_lab_scale(tmp_path, monkeypatch):

@@ -978,7 +978,9 @@ class DetectWidget(OneTaskAtATime, Container):
         if edits:
             text += f"; {edits} (kept whatever the confidence; added nuclei count as 1.00)"
         measured, used = res.df.attrs.get("measured_diameter"), res.df.attrs.get("diameter")
-        if measured is not None and used is not None:
+        if res.df.attrs.get("lab_scale"):
+            text += f"; at the fine-tune's lab scale (~{used:.0f} px nuclei)"
+        elif measured is not None and used is not None:
             text += f"; nuclei measured ~{used:.0f} px across: tiles resized to the model's scale"
         large = len(shown) > LARGE_RESULT
         self.boxes_button.visible = large
