@@ -267,7 +267,7 @@ def _fp16(src: Path, dst: Path, info: dict) -> None:
 
 def cmd_chunk(args) -> None:
     from napari_yolocell.models.ultralytics_env import import_ultralytics
-    from napari_yolocell.training.balanced import balanced_trainer
+    from napari_yolocell.training.balanced import DEFAULT_PER_SOURCE, balanced_trainer
     from napari_yolocell.training.fewshot import resolve_base_weights
     from napari_yolocell.training.train import MICROSCOPY_AUGMENT
 
@@ -288,7 +288,7 @@ def cmd_chunk(args) -> None:
     else:
         start = resolve_base_weights("default")[0]
     print(f"run {args.run}, chunk {chunk + 1}, from {start}, excluding {exclude or 'nothing'}")
-    per_source = args.per_source or state.get("per_source", 60)
+    per_source = args.per_source or state.get("per_source", DEFAULT_PER_SOURCE)
     shares = {"*": per_source, **dict(_share(x) for x in args.share or [])}
     trainer = balanced_trainer(shares, seed=SEED + chunk, exclude=exclude)
     model = YOLO(str(start))

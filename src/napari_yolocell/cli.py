@@ -870,8 +870,10 @@ def _one_line_warnings() -> None:
     """Our warnings as one ``warning: ...`` line on stderr (not Python's file:line + source)."""
     import warnings
 
-    package = str(Path(__file__).resolve().parent)
     shown = warnings.showwarning
+    if getattr(shown, "_yolocell", False):  # main() called again in one process
+        return
+    package = str(Path(__file__).resolve().parent)
 
     def show(message, category, filename, lineno, file=None, line=None):
         ours = str(filename).startswith(package)
@@ -882,6 +884,7 @@ def _one_line_warnings() -> None:
         else:
             shown(message, category, filename, lineno, file, line)
 
+    show._yolocell = True  # type: ignore[attr-defined]
     warnings.showwarning = show
 
 

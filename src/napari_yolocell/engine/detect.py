@@ -1003,7 +1003,7 @@ def iter_detect(
         skipped_tiles=state["skipped"],
         diameter=params.diameter,
         measured_diameter=measured,
-        lab_scale=bool(lab_scale and lab and params.diameter == float(lab)),
+        lab_scale=lab_scale and params.diameter == float(lab),
         level_factor=float(np.mean(factor)),
         channel_axis=layout.channel_axis,
     )

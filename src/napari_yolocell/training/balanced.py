@@ -20,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BalancedSampler", "balanced_trainer", "shares_of", "source_of"]
+__all__ = ["BalancedSampler", "DEFAULT_PER_SOURCE", "balanced_trainer", "shares_of", "source_of"]
+
+#: Tiles per source per epoch when a share mapping does not say (``"*"``).
+DEFAULT_PER_SOURCE = 60
 
 
 def source_of(path: str | Path) -> str:
@@ -37,7 +40,8 @@ class BalancedSampler:
         Source of each dataset item (index order).
     per_source : int or mapping
         Tiles drawn from each source per epoch; a mapping ``{source: n}`` gives some sources
-        another share (sources it does not name keep ``per_source["*"]``, default 60).
+        another share (sources it does not name keep ``per_source["*"]``, default
+        :data:`DEFAULT_PER_SOURCE`).
     seed : int
         Seed; pass ``k`` draws the same tiles for the same seed.
     """
@@ -52,11 +56,6 @@ class BalancedSampler:
         self.shares = shares_of(per_source, self.groups)
         self.seed = int(seed)
         self.epoch = 0
-
-    @property
-    def per_source(self) -> int:
-        """The usual share (the largest when sources differ)."""
-        return max(self.shares.values())
 
     def __len__(self) -> int:
         return sum(self.shares.values())
@@ -88,7 +87,7 @@ class BalancedSampler:
 def shares_of(per_source: int | Mapping[str, int], sources) -> dict[str, int]:
     """Tiles per epoch of each source from an int or a ``{source: n, "*": n}`` mapping."""
     if isinstance(per_source, Mapping):
-        default = int(per_source.get("*", 60))
+        default = int(per_source.get("*", DEFAULT_PER_SOURCE))
         shares = {s: int(per_source.get(s, default)) for s in sources}
     else:
         shares = {s: int(per_source) for s in sources}
