@@ -12,6 +12,7 @@ from napari_yolocell.engine.normalize import to_uint8, uint8_mapping
 from napari_yolocell.engine.tiling import tile_grid
 from napari_yolocell.io.chunk_cache import ChunkCache, chunk_bounds
 from napari_yolocell.io.tiff import open_tiff
+from napari_yolocell.io.tiff_tiles import TiffTiles
 from napari_yolocell.models.loading import load_detector
 
 
@@ -110,7 +111,10 @@ def test_detection_through_the_cache_equals_in_memory(tmp_path):
     )
     tiles = [k for k in arr.reads if k[0].step in (None, 1)]
     assert len(tiles) == len(set(map(str, tiles))) == 6 * 7  # each 256 px TIFF tile once
-    # the reader's own dask arrays: chunks read from the zarr array they wrap, same answer
-    assert isinstance(image.levels[0].yolocell_source, zarr.Array)
+    # the reader's own dask arrays: TIFF tiles decoded by tifffile directly, each once, same
+    # answer
+    source = image.levels[0].yolocell_source
+    assert isinstance(source, TiffTiles)
     direct = detect_image(image.levels, det, params)
     np.testing.assert_array_equal(direct[["y", "x"]].to_numpy(), got[["y", "x"]].to_numpy())
+    assert source.decoded == 6 * 7

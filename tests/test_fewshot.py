@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -110,6 +111,58 @@ def test_cli_finetunes_default_and_prints_weights_last(tmp_path, capsys):
     side = json.loads(Path(path).with_name("best.yolocell.json").read_text())
     assert side["family"] == "yolov5" and side["default_conf"] == pytest.approx(0.2)
     assert side["lab_diameter_px"] == pytest.approx(side["diameter_px"])  # not rescaled
+    # the delivered weights are halfway to the start's, and fewshot.json says so
+    info = json.loads((Path(path).parent.parent / "fewshot.json").read_text())
+    assert info["blend"] == 0.5
+    assert info["blended_sha256"] == hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def _tuned_checkpoint(path: Path, shift: float) -> dict:
+    """The bundled v5n with every weight moved by ``shift``, saved as ultralytics does."""
+    import torch
+
+    from napari_yolocell.models.loading import network_of
+    from napari_yolocell.models.registry import resolve_model
+
+    net = network_of(resolve_model("default")).model
+    start = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(shift)
+    torch.save({"model": net.half(), "ema": None, "optimizer": None, "epoch": -1}, path)
+    return start
+
+
+def test_blend_puts_the_weights_halfway_to_the_start_once(tmp_path):
+    import json
+
+    from napari_yolocell.models.loading import network_of
+    from napari_yolocell.models.spec import ModelSpec
+    from napari_yolocell.training import fewshot
+    from napari_yolocell.training.train import TrainResult
+
+    run_dir = tmp_path / "runs" / "yolov5_finetune"
+    best = run_dir / "weights" / "best.pt"
+    best.parent.mkdir(parents=True)
+    start = _tuned_checkpoint(best, shift=0.02)
+    prepared = _whole_image_dataset(tmp_path / "prep", size=(120, 140), diameter=20.0, n=1)
+    info = {"base": "default", "family": "yolov5", "default_conf": 0.2, "scale": 1.0}
+    info.update(tile=160, blend=0.5)
+    result = TrainResult(best=best, last=None, metrics={}, run_dir=run_dir)
+    fewshot._finish_fewshot(result, info, prepared)
+    once = best.read_bytes()
+    fewshot._finish_fewshot(result, info, prepared)  # a resume that found no better epoch
+    assert best.read_bytes() == once
+    assert json.loads((run_dir / "fewshot.json").read_text())["blend"] == 0.5
+    got = network_of(ModelSpec(name="t", family="yolov5", path=best)).model
+    weights = [k for k, _ in got.named_parameters()]
+    state = got.state_dict()
+    for key in weights:
+        np.testing.assert_allclose(
+            state[key].float().numpy(), start[key].numpy() + 0.01, atol=1e-3, rtol=2e-3, err_msg=key
+        )
+    with pytest.raises(ValueError, match="blend must be"):
+        fewshot.blend_with_start(best, "default", 1.5)
 
 
 def test_held_out_split_ignores_copies_and_keeps_back_k(tmp_path):

@@ -26,6 +26,7 @@ import numpy as np
 import tifffile
 
 from napari_yolocell.io.tiff_files import TIFF_SUFFIXES, is_tiff_path, list_tiffs
+from napari_yolocell.io.tiff_tiles import TiffTiles
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -111,19 +112,24 @@ class TiffImage:
     metadata: dict[str, Any] = field(default_factory=dict)
     _handles: list[Any] = field(default_factory=list, repr=False)
     _names: list[str] = field(default_factory=list, repr=False)
+    _sources: list[Any] = field(default_factory=list, repr=False)
     _levels: list[Any] | None = field(default=None, init=False, repr=False)
 
     @property
     def levels(self) -> list[da.Array]:
         """Resolution levels as dask arrays (level 0 = full resolution), built on first use.
 
-        Dask arrays over tiled data carry their zarr array as ``yolocell_source`` (the
-        detection engine reads chunks from it directly); thin strips are merged into bands of
-        about 256 rows so that dask graphs stay small.
+        Dask arrays over tiled data carry the array the detection engine reads chunks from as
+        ``yolocell_source``: a :class:`~napari_yolocell.io.tiff_tiles.TiffTiles` for a tiled
+        single page, else the zarr array (no dask graph per chunk). Thin strips are merged
+        into bands of about 256 rows so that dask graphs stay small.
         """
         if self._levels is None:
             names = self._names or [None] * len(self.arrays)
-            self._levels = [_to_dask(a, n) for a, n in zip(self.arrays, names, strict=True)]
+            sources = self._sources or [None] * len(self.arrays)
+            self._levels = [
+                _to_dask(a, n, s) for a, n, s in zip(self.arrays, names, sources, strict=True)
+            ]
         return self._levels
 
     @property
@@ -251,6 +257,10 @@ def _open_series(path: Path, tif: tifffile.TiffFile, series_index: int) -> TiffI
 
     axes = series.axes
     levels, handles, names = _lazy_levels(path, tif, series, series_index)
+    sources = [
+        TiffTiles.from_level(lvl) if not isinstance(arr, np.memmap) else None
+        for lvl, arr in zip(series.levels, levels, strict=True)
+    ]
 
     rgb = "S" in axes and axes.endswith("S") and series.shape[-1] in (3, 4) and "C" not in axes
     if "C" in axes:
@@ -297,6 +307,7 @@ def _open_series(path: Path, tif: tifffile.TiffFile, series_index: int) -> TiffI
         metadata=metadata,
         _handles=[tif, *handles],
         _names=names,
+        _sources=sources,
     )
 
 
@@ -377,8 +388,9 @@ def _lazy_levels(
     return levels, handles, names
 
 
-def _to_dask(arr: Any, name: str | None) -> da.Array:
-    """Wrap one level (zarr array, memory map or dask array) in dask."""
+def _to_dask(arr: Any, name: str | None, source: Any = None) -> da.Array:
+    """Wrap one level (zarr array, memory map or dask array) in dask; ``source``: the engine's
+    direct reader of the level, if it has one."""
     import dask.array as da
 
     if isinstance(arr, da.Array):
@@ -386,9 +398,9 @@ def _to_dask(arr: Any, name: str | None) -> da.Array:
     if isinstance(arr, np.memmap):
         return da.from_array(arr, chunks=_memmap_chunks(arr.shape, arr.dtype), name=name)
     out = _merge_thin_chunks(da.from_zarr(arr, name=name, inline_array=True))
-    # the detection engine reads chunks from the zarr array itself (no dask graph per chunk);
-    # napari and everything else use the dask array
-    out.yolocell_source = arr
+    # the detection engine reads chunks from the zarr array or tifffile directly (no dask
+    # graph per chunk); napari and everything else use the dask array
+    out.yolocell_source = arr if source is None else source
     return out
 
 

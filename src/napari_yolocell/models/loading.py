@@ -187,6 +187,11 @@ def is_exported_model(path) -> bool:
     return path.suffix.lower() in (".onnx", ".xml") or (path / "model.xml").is_file()
 
 
+def network_of(spec: ModelSpec):
+    """A model's network for PyTorch (read as data, built by us; see :func:`_load_network`)."""
+    return _load_network(unpack_weights(spec))
+
+
 def _load_network(spec: ModelSpec):
     if _is_architecture(spec):  # read as data and checked like any architecture
         return load_network(spec.path)

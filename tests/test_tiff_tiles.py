@@ -1,0 +1,146 @@
+"""Direct tile reader: the same pixels as tifffile/zarr for every layout it takes, and the
+layouts it does not take fall back to zarr."""
+
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from napari_yolocell.io.tiff import open_tiff
+from napari_yolocell.io.tiff_tiles import TiffTiles
+
+KEYS = [
+    (slice(None), slice(None)),
+    (slice(100, 613), slice(250, 777)),  # across tile edges
+    (slice(900, None), slice(1000, None)),  # the partial edge tiles
+    (slice(7, 900, 3), slice(None, None, 5)),
+    (5, slice(None)),
+    (-1, slice(30, 40)),
+    (slice(None, None, -7), 3),
+    (slice(50, 10), slice(None)),  # empty
+    (Ellipsis,),
+]
+
+
+def _image(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "f":
+        return rng.random(shape).astype(dtype)
+    return rng.integers(0, np.iinfo(dtype).max, size=shape, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "options"),
+    [
+        ((1001, 1200), "uint16", {"compression": "zlib"}),
+        ((1001, 1200), ">u2", {"compression": "zlib"}),  # big-endian file
+        ((1001, 1200), "float32", {"compression": "lzw", "predictor": True}),
+        ((1001, 1200, 3), "uint8", {"compression": "zlib", "photometric": "rgb"}),
+        ((1001, 1200), "uint8", {"compression": None}),
+    ],
+)
+def test_same_pixels_as_tifffile(tmp_path, shape, dtype, options):
+    data = _image(shape, np.dtype(dtype).newbyteorder("="))
+    path = tmp_path / "tiled.tif"
+    tifffile.imwrite(path, data.astype(dtype), tile=(256, 256), **options)
+    image = open_tiff(path)
+    source = image.levels[0].yolocell_source
+    if options["compression"] is None:  # uncompressed contiguous tiles are not memory-mapped
+        assert isinstance(source, (TiffTiles, np.memmap))
+        if not isinstance(source, TiffTiles):
+            return
+    assert isinstance(source, TiffTiles)
+    assert source.shape == shape and source.chunks[:2] == (256, 256)
+    assert source.dtype == data.dtype
+    for key in KEYS:
+        np.testing.assert_array_equal(source[key], data[key], err_msg=str(key))
+    np.testing.assert_array_equal(np.asarray(source), data)
+    image.close()
+
+
+def test_jpeg_tiles_equal_tifffile(tmp_path):
+    """JPEG tiles need the page's tables (whole-slide scans are JPEG)."""
+    pytest.importorskip("imagecodecs")
+    rng = np.random.default_rng(1)
+    data = (rng.random((700, 900, 3)) * 60 + np.linspace(0, 180, 900)[None, :, None]).astype(
+        "uint8"
+    )
+    path = tmp_path / "jpeg.tif"
+    tifffile.imwrite(path, data, tile=(256, 256), compression="jpeg", photometric="rgb")
+    with tifffile.TiffFile(path) as tif:
+        expected = tif.asarray()
+    image = open_tiff(path)
+    source = image.levels[0].yolocell_source
+    assert isinstance(source, TiffTiles)
+    np.testing.assert_array_equal(source[100:650, 200:800], expected[100:650, 200:800])
+    image.close()
+
+
+def test_pyramid_levels_each_read_directly(tmp_path):
+    data = _image((1024, 1024), "uint16")
+    path = tmp_path / "pyramid.ome.tif"
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(data, tile=(256, 256), subifds=1, compression="zlib")
+        tif.write(data[::2, ::2], tile=(256, 256), subfiletype=1, compression="zlib")
+    image = open_tiff(path)
+    assert len(image.levels) == 2
+    for level, expected in zip(image.levels, [data, data[::2, ::2]], strict=True):
+        assert isinstance(level.yolocell_source, TiffTiles)
+        np.testing.assert_array_equal(
+            level.yolocell_source[300:700, 10:500], expected[300:700, 10:500]
+        )
+    image.close()
+
+
+def test_stacks_and_strips_keep_zarr(tmp_path):
+    stack = _image((3, 300, 400), "uint16")
+    tifffile.imwrite(tmp_path / "stack.tif", stack, tile=(128, 128), compression="zlib")
+    strips = _image((300, 400), "uint16")
+    tifffile.imwrite(tmp_path / "strips.tif", strips, compression="zlib", rowsperstrip=16)
+    for name, data in [("stack.tif", stack), ("strips.tif", strips)]:
+        image = open_tiff(tmp_path / name)
+        source = image.levels[0].yolocell_source
+        assert isinstance(source, zarr.Array), name
+        np.testing.assert_array_equal(np.asarray(image.levels[0]), data)
+        image.close()
+
+
+def test_sparse_tiles_read_as_zeros(tmp_path):
+    """A tile with no data (offset and byte count 0, as sparse writers leave) is zeros."""
+    data = _image((512, 512), "uint16")
+    path = tmp_path / "sparse.tif"
+    tifffile.imwrite(path, data, tile=(256, 256), compression="zlib")
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        page = tif.pages[0]
+        offsets, counts = page.tags["TileOffsets"], page.tags["TileByteCounts"]
+        offsets.overwrite([0, *page.dataoffsets[1:]])
+        counts.overwrite([0, *page.databytecounts[1:]])
+    image = open_tiff(path)
+    source = image.levels[0].yolocell_source
+    assert isinstance(source, TiffTiles)
+    got = source[:, :]
+    assert not got[:256, :256].any()
+    np.testing.assert_array_equal(got[256:, :], data[256:, :])
+    np.testing.assert_array_equal(got, np.asarray(image.arrays[0]))
+    image.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priority is Linux's")
+def test_read_ahead_thread_yields_the_cpu():
+    """Tiles are read in order, ahead, by a thread at the lowest priority (it must not take
+    cores from the runtime's threads)."""
+    from napari_yolocell.engine.detect import _read_ahead
+
+    seen = []
+
+    def read(item):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return item * 2
+
+    assert list(_read_ahead(read, list(range(10)), depth=3)) == [i * 2 for i in range(10)]
+    assert seen == [19] * 10
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # caller unchanged
