@@ -18,7 +18,8 @@ of DSB2018 and Kromp 2020 standing in for one lab each (``bench_heldout.GROUPS``
 ``dsb-696x520``, ``kromp-cytospin63x``; the bundled models saw other images of these sources).
 
 ``--set freeze=10`` (repeatable) changes a few-shot training setting
-(``training.fewshot.FEWSHOT_SETTINGS``) for an experiment.
+(``training.fewshot.FEWSHOT_SETTINGS``) for an experiment; ``--set blend=1`` the share of the
+fine-tuned weights in the delivered model (``WEIGHT_BLEND``).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def finetune_cli(
         launcher = [
             "-c",
             "import sys, napari_yolocell.training.fewshot as f; "
-            f"f.FEWSHOT_SETTINGS.update({settings!r}); "
+            f"s = {settings!r}; f.WEIGHT_BLEND = s.pop('blend', f.WEIGHT_BLEND); "
+            "f.FEWSHOT_SETTINGS.update(s); "
             "from napari_yolocell.cli import main; sys.exit(main(sys.argv[1:]))",
         ]
     cmd = [

@@ -271,3 +271,22 @@ def test_resume_keeps_the_time_left_and_the_lab_scale(tmp_path, monkeypatch):
     assert side["family"] == "yolov5" and side["lab_diameter_px"] == pytest.approx(
         side["diameter_px"] / 0.25
     )
+
+
+@pytest.mark.parametrize(
+    ("model", "blend", "message"),
+    [
+        ("yolov5n", "0.5", "--blend applies to fine-tuning"),
+        ("default", "1.5", "--blend must be between 0 and 1"),
+    ],
+)
+def test_cli_refuses_a_blend_it_cannot_apply(tmp_path, capsys, model, blend, message):
+    from napari_yolocell.cli import main
+
+    data = _whole_image_dataset(tmp_path / "data", size=(96, 96), diameter=20.0, n=1)
+    out = tmp_path / "runs"
+    rc = main(["train", "--data", str(data), "--model", model, "--blend", blend, "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()  # nothing trained, nothing written

@@ -383,6 +383,10 @@ def cmd_train(args) -> int:
         is_bundled(args.model)
         or (args.minutes is not None and str(args.model).lower().endswith(".pt"))
     )
+    if args.blend is not None and not fewshot:
+        raise CliError("--blend applies to fine-tuning (a bundled model, or a .pt with --minutes)")
+    if args.blend is not None and not 0.0 <= args.blend <= 1.0:
+        raise CliError(f"--blend must be between 0 and 1, got {args.blend}")
     bar, on_epoch = _train_progress(args, fewshot)
     try:
         if fewshot:
@@ -399,6 +403,7 @@ def cmd_train(args) -> int:
                 seed=args.seed,
                 on_epoch=on_epoch,
                 holdout=args.holdout,
+                blend=args.blend,
             )
         else:
             extra = {} if args.minutes is None else {"time": args.minutes / 60}
@@ -815,6 +820,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="fine-tuning: keep K training images back; the start and the fine-tuned model are "
         "scored on them (and on a val split that is not a copy of train)",
+    )
+    t.add_argument(
+        "--blend",
+        type=float,
+        default=None,
+        help="fine-tuning: share of the fine-tuned weights in the delivered model, the rest the "
+        "start's (default 0.5: keeps what the start counts well; 1: the fine-tune alone)",
     )
     t.add_argument("--resume", action="store_true", help="continue from last.pt")
     t.add_argument("--quiet", action="store_true")

@@ -14,7 +14,9 @@ images, any size; they are prepared like the bundled models' training data befor
 
 Training then starts from the model's weights with augmentation suited to a handful of images
 (:data:`FEWSHOT_AUGMENT`), ultralytics' time mode (the learning-rate schedule is fitted to the
-time budget) and an optional epoch cap, whichever is reached first.
+time budget) and an optional epoch cap, whichever is reached first. The delivered ``best.pt``
+is then moved halfway back to the start's weights (:data:`WEIGHT_BLEND`,
+:func:`blend_with_start`), so that what the start counted well is not forgotten.
 
 Held-out images (:func:`held_out_split`) are never trained on: the dataset's own ``val`` /
 ``test`` images when they are not copies of training images, and ``holdout`` training images
@@ -301,7 +303,7 @@ def finetune(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     holdout: int = 0,
     on_status: Callable[[str], None] | None = None,
-    blend: float = WEIGHT_BLEND,
+    blend: float | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Fine-tune a model on a few whole images within a time budget.
@@ -334,9 +336,9 @@ def finetune(
         Training images kept back for judging the result (:func:`held_out_split`).
     on_status : callable, optional
         Gets one line per step of the INT8 quantization that follows training.
-    blend : float
-        Share of the fine-tuned weights in ``best`` (:data:`WEIGHT_BLEND`; 1 = the fine-tuned
-        weights alone, see :func:`blend_with_start`).
+    blend : float, optional
+        Share of the fine-tuned weights in ``best``, default :data:`WEIGHT_BLEND` (1 = the
+        fine-tuned weights alone; see :func:`blend_with_start`).
     **overrides
         Other ``YOLO.train`` arguments (``freeze``, ``lr0``...).
 
@@ -350,6 +352,9 @@ def finetune(
     start = time.monotonic()
     if minutes is not None and not minutes > 0:
         raise ValueError(f"minutes must be positive, got {minutes}")
+    blend = WEIGHT_BLEND if blend is None else float(blend)
+    if not 0.0 <= blend <= 1.0:
+        raise ValueError(f"blend must be in [0, 1], got {blend}")
     weights, spec = resolve_base_weights(model)
     out = Path(out).expanduser().resolve()
     prepared = prepare_fewshot_dataset(
@@ -380,6 +385,7 @@ def finetune(
         "holdout": holdout,
         "seed": seed,
         "prepared": str(prepared["path"]),
+        "blend": float(blend),  # a resumed run blends too
     }
     result = train(
         prepared["path"],
@@ -399,7 +405,6 @@ def finetune(
         **kwargs,
     )
     info["trained_s"] = time.monotonic() - start
-    info["blend"] = float(blend)
     _finish_fewshot(result, info, prepared["path"])
     if not result.cancelled:  # a cancelled run is resumed first
         from napari_yolocell.training.quantize import quantize_after_finetune
