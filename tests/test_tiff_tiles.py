@@ -144,3 +144,27 @@ def test_read_ahead_thread_yields_the_cpu():
     assert list(_read_ahead(read, list(range(10)), depth=3)) == [i * 2 for i in range(10)]
     assert seen == [19] * 10
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # caller unchanged
+
+
+def test_threads_reading_through_zarr_and_directly_agree(tmp_path):
+    """napari reads through zarr while the engine reads tiles directly, from one file handle."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = _image((1500, 1300), "uint16", seed=3)
+    path = tmp_path / "shared.tif"
+    tifffile.imwrite(path, data, tile=(128, 128), compression="zlib")
+    image = open_tiff(path)
+    level = image.levels[0]
+    source = level.yolocell_source
+    rng = np.random.default_rng(0)
+    windows = [(int(y), int(x)) for y, x in rng.integers(0, 1000, size=(40, 2))]
+
+    def read(i):
+        y, x = windows[i]
+        key = (slice(y, y + 300), slice(x, x + 280))
+        got = source[key] if i % 2 else np.asarray(level[key])
+        return np.array_equal(got, data[key])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(read, range(len(windows))))
+    image.close()

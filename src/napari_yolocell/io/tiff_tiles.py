@@ -40,6 +40,9 @@ class TiffTiles:
         self.chunks = self.tile + self.shape[2:]
         self.grid = (-(-self.shape[0] // self.tile[0]), -(-self.shape[1] // self.tile[1]))
         self.decoded = 0
+        # napari may read the same file through zarr from another thread: seek + read locked
+        if not page.parent.filehandle.has_lock:
+            page.parent.filehandle.set_lock(True)
         self._decode = page.decode
         self._kwargs: dict[str, Any] = {"_fullsize": True}
         if page.compression in _JPEG:
@@ -84,7 +87,9 @@ class TiffTiles:
         if count == 0 or offset == 0:  # sparse file: an empty tile is zeros
             return np.zeros((h, w, *self.shape[2:]), self.dtype)
         fh = self.page.parent.filehandle
-        with fh.lock:  # napari may read the same file from another thread
+        with fh.lock:
+            if fh.closed:  # tifffile's file cache (zarr's store) may have closed it
+                fh.open()
             fh.seek(offset)
             data = fh.read(count)
         segment = self._decode(data, index, **self._kwargs)[0]
