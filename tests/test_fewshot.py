@@ -163,6 +163,11 @@ def test_blend_puts_the_weights_halfway_to_the_start_once(tmp_path):
         )
     with pytest.raises(ValueError, match="blend must be"):
         fewshot.blend_with_start(best, "default", 1.5)
+    # a start model that cannot be read: the fine-tune is kept as trained, with one warning
+    lost = {**info, "base": str(tmp_path / "gone.pt"), "blended_sha256": None}
+    with pytest.warns(RuntimeWarning, match="kept as trained"):
+        fewshot._finish_fewshot(result, lost, prepared)
+    assert best.read_bytes() == once
 
 
 def test_held_out_split_ignores_copies_and_keeps_back_k(tmp_path):

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -98,7 +99,7 @@ FEWSHOT_SETTINGS: dict[str, Any] = {
 # teach their own kind and forget the rest: fully fine-tuned, three 50 px shots of a lab
 # imaging at two magnifications counted its 25 px images at F1 0.89 against the start's 0.95;
 # halfway, 0.94. The halfway model keeps most of a new lab's gain (MNFinder 0.80 -> 0.90, fully
-# 0.95) and was never worse than the start by more than 0.007 F1 on any of 10 draws
+# 0.95) and was never worse than the start by more than 0.008 F1 on any of 10 draws
 # (docs/benchmarks.md, "Halfway between the start and the fine-tune").
 WEIGHT_BLEND = 0.5
 # Part of the budget kept for preparing data, the final validation of best.pt and saving.
@@ -435,8 +436,17 @@ def _finish_fewshot(result: TrainResult, info: dict[str, Any], prepared: Path) -
         digest = _fingerprint(best)
         # a resumed run that found no better epoch leaves the blended best.pt as it was
         if digest != info.get("blended_sha256"):
-            blend_with_start(best, info["base"], alpha)
-            info["blended_sha256"] = _fingerprint(best)
+            try:
+                blend_with_start(best, info["base"], alpha)
+                info["blended_sha256"] = _fingerprint(best)
+            except (ValueError, OSError) as err:  # WeightsError is a ValueError
+                # the fine-tune is the user's minutes of work: keep it as trained
+                warnings.warn(
+                    f"the fine-tuned weights were kept as trained (not averaged with "
+                    f"{info['base']}): {err}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
     model_diameter = median_diameter(prepared)
     for path in (result.best, result.last):  # the family of the starting model, not "yolo"
         if path is not None and path.exists():
