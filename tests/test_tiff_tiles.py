@@ -96,17 +96,42 @@ def test_pyramid_levels_each_read_directly(tmp_path):
     image.close()
 
 
-def test_stacks_and_strips_keep_zarr(tmp_path):
-    stack = _image((3, 300, 400), "uint16")
-    tifffile.imwrite(tmp_path / "stack.tif", stack, tile=(128, 128), compression="zlib")
+def test_planar_samples_and_strips_keep_zarr(tmp_path):
+    planar = _image((3, 300, 400), "uint16")  # one page, samples stored plane by plane
+    tifffile.imwrite(tmp_path / "planar.tif", planar, tile=(128, 128), compression="zlib")
     strips = _image((300, 400), "uint16")
     tifffile.imwrite(tmp_path / "strips.tif", strips, compression="zlib", rowsperstrip=16)
-    for name, data in [("stack.tif", stack), ("strips.tif", strips)]:
+    for name, data in [("planar.tif", planar), ("strips.tif", strips)]:
         image = open_tiff(tmp_path / name)
         source = image.levels[0].yolocell_source
         assert isinstance(source, zarr.Array), name
         np.testing.assert_array_equal(np.asarray(image.levels[0]), data)
         image.close()
+
+
+def test_multi_page_ome_reads_each_plane_directly(tmp_path):
+    """A fluorescence OME-TIFF (channels x planes, one tiled page each): the engine's reads
+    of any plane, channel and window equal tifffile's."""
+    data = _image((2, 3, 300, 400), "uint16", seed=5)
+    path = tmp_path / "czyx.ome.tif"
+    tifffile.imwrite(path, data, tile=(128, 128), compression="zlib", metadata={"axes": "CZYX"})
+    image = open_tiff(path)
+    source = image.levels[0].yolocell_source
+    assert isinstance(source, TiffTiles) and image.axes == "CZYX"
+    assert source.chunks == (1, 1, 128, 128)
+    for key in [
+        (1, 2),
+        (slice(None), 0, slice(10, 200)),
+        (0, slice(0, 3, 2), slice(100, 250), slice(7, 390, 3)),
+        (Ellipsis, 5),
+        (slice(1, 1),),
+        (-1, -1, slice(290, None), slice(None, None, -9)),
+    ]:
+        np.testing.assert_array_equal(source[key], data[key], err_msg=str(key))
+    before = source.decoded
+    source[1, 2, 0:128, 0:128]
+    assert source.decoded == before + 1  # one plane's one tile, nothing else
+    image.close()
 
 
 def test_sparse_tiles_read_as_zeros(tmp_path):
