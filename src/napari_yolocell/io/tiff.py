@@ -112,7 +112,7 @@ class TiffImage:
     metadata: dict[str, Any] = field(default_factory=dict)
     _handles: list[Any] = field(default_factory=list, repr=False)
     _names: list[str] = field(default_factory=list, repr=False)
-    _sources: list[Any] = field(default_factory=list, repr=False)
+    _sources: list[Any] = field(default_factory=list, repr=False)  # tifffile series levels
     _levels: list[Any] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -126,7 +126,10 @@ class TiffImage:
         """
         if self._levels is None:
             names = self._names or [None] * len(self.arrays)
-            sources = self._sources or [None] * len(self.arrays)
+            sources = [
+                None if s is None else TiffTiles.from_level(s)
+                for s in (self._sources or [None] * len(self.arrays))
+            ]
             self._levels = [
                 _to_dask(a, n, s) for a, n, s in zip(self.arrays, names, sources, strict=True)
             ]
@@ -257,8 +260,10 @@ def _open_series(path: Path, tif: tifffile.TiffFile, series_index: int) -> TiffI
 
     axes = series.axes
     levels, handles, names = _lazy_levels(path, tif, series, series_index)
+    # the engine's direct tile readers are made with the dask levels (reading every page's
+    # IFD of a long stack is not paid at opening)
     sources = [
-        TiffTiles.from_level(lvl) if not isinstance(arr, np.memmap) else None
+        None if isinstance(arr, np.memmap) else lvl
         for lvl, arr in zip(series.levels, levels, strict=True)
     ]
 
