@@ -1,10 +1,6 @@
 """Direct tile reader: the same pixels as tifffile/zarr for every layout it takes, and the
 layouts it does not take fall back to zarr."""
 
-import os
-import sys
-import threading
-
 import numpy as np
 import pytest
 import tifffile
@@ -152,23 +148,6 @@ def test_sparse_tiles_read_as_zeros(tmp_path):
     np.testing.assert_array_equal(got[256:, :], data[256:, :])
     np.testing.assert_array_equal(got, np.asarray(image.arrays[0]))
     image.close()
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priority is Linux's")
-def test_read_ahead_thread_yields_the_cpu():
-    """Tiles are read in order, ahead, by a thread at the lowest priority (it must not take
-    cores from the runtime's threads)."""
-    from napari_yolocell.engine.detect import _read_ahead
-
-    seen = []
-
-    def read(item):
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return item * 2
-
-    assert list(_read_ahead(read, list(range(10)), depth=3)) == [i * 2 for i in range(10)]
-    assert seen == [19] * 10
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # caller unchanged
 
 
 def test_threads_reading_through_zarr_and_directly_agree(tmp_path):

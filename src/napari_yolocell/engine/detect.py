@@ -30,8 +30,6 @@ import collections
 import dataclasses
 import itertools
 import math
-import os
-import sys
 import threading
 import warnings
 from collections.abc import Callable, Generator, Sequence
@@ -786,31 +784,14 @@ def is_cancelled(cancel: Cancel) -> bool:
     return bool(cancel())
 
 
-def _lower_priority() -> None:
-    """Make the calling thread yield the CPU to every other thread of the process.
-
-    The read-ahead thread decompresses the next tiles while the runtime's threads run the
-    forward pass. On a machine with as many cores as runtime threads, at equal priority it
-    takes cores from them and stalls the whole pass (docs/benchmarks.md, "8192 x 8192");
-    at the lowest priority it runs in the gaps (decode, NMS, Python) and, when the engine
-    waits for a tile, as soon as the cores are free.
-    """
-    if not sys.platform.startswith("linux"):  # elsewhere a thread id is not a "process"
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except OSError:  # not allowed: read at equal priority
-        pass
-
-
 def _read_ahead(read, items: list, depth: int):
     """``read(item)`` for each item, in order, computed up to ``depth`` items ahead in one
-    background thread of low priority: decompressing the next tiles overlaps the model's
-    forward pass (tifffile's codecs and numpy release the GIL)."""
+    background thread: decompressing the next tiles overlaps the model's forward pass
+    (tifffile's codecs and numpy release the GIL). The thread keeps the process's priority: a
+    lowered one measured no faster on 2 cores (docs/benchmarks.md, "8192 x 8192") and would
+    starve the reads whenever another program keeps the cores busy."""
     it = iter(items)
-    with ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="yolocell-read", initializer=_lower_priority
-    ) as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="yolocell-read") as pool:
         queue = collections.deque(pool.submit(read, item) for item in itertools.islice(it, depth))
         try:
             while queue:
