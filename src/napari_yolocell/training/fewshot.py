@@ -530,8 +530,12 @@ def blend_with_start(weights: str | Path, start: str | Path, alpha: float = WEIG
     if parts["settings"]:
         out["yolocell"] = parts["settings"]
     tmp = weights.with_name(f".{weights.name}.tmp")
-    torch.save(out, tmp)
-    os.replace(tmp, weights)
+    try:
+        torch.save(out, tmp)
+        os.replace(tmp, weights)
+    except BaseException:  # a full disk or Ctrl-C: the fine-tuned best.pt stays, no stray file
+        tmp.unlink(missing_ok=True)
+        raise
     return weights
 
 
