@@ -290,7 +290,8 @@ def cmd_chunk(args) -> None:
     print(f"run {args.run}, chunk {chunk + 1}, from {start}, excluding {exclude or 'nothing'}")
     per_source = args.per_source or state.get("per_source", DEFAULT_PER_SOURCE)
     shares = {"*": per_source, **dict(_share(x) for x in args.share or [])}
-    trainer = balanced_trainer(shares, seed=SEED + chunk, exclude=exclude)
+    boost = tuple(args.small_boost) if args.small_boost else None
+    trainer = balanced_trainer(shares, seed=SEED + chunk, exclude=exclude, small_boost=boost)
     model = YOLO(str(start))
     t0 = time.time()
     name = f"{args.run}-c{chunk + 1}"
@@ -349,6 +350,7 @@ def cmd_chunk(args) -> None:
             "optimizer": args.optimizer,
             "start": str(start),
             "shares": shares,
+            "small_boost": boost,
             "best_fitness": round(best_fit, 4),
             "last": results[-1] if results else {},
             "finished": time.strftime("%Y-%m-%d %H:%M"),
@@ -645,6 +647,13 @@ def main(argv=None) -> int:
     c.add_argument("--workers", type=int, default=2)
     c.add_argument("--lr0", type=float, default=0.0002)
     c.add_argument("--optimizer", default="AdamW", choices=["AdamW", "SGD"])
+    c.add_argument(
+        "--small-boost",
+        nargs=2,
+        type=float,
+        metavar=("SIZE", "POWER"),
+        help="raise the classification targets of boxes under SIZE px to target**POWER",
+    )
     c.add_argument("--init", default=None, help="weights a new run starts from (default: bundled)")
     e = sub.add_parser("eval", help="F1 / count error on each source's test images")
     e.add_argument("--data", required=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from napari_yolocell.training.augment import PHOTOMETRIC_DEFAULTS, MicroscopyAugment, insert_into
-from napari_yolocell.training.balanced import BalancedSampler, source_of
+from napari_yolocell.training.balanced import BalancedSampler, SmallObjectTargets, source_of
 
 
 def _nuclei_image(seed: int = 0, size: int = 128) -> np.ndarray:
@@ -134,7 +134,7 @@ def test_balanced_trainer_trains_one_epoch_on_tiny_tiles(tmp_path, monkeypatch):
     from napari_yolocell.models.registry import resolve_model
 
     seen: list[int] = []
-    trainer_cls = balanced_trainer(per_source=4, seed=0, exclude=["c"])
+    trainer_cls = balanced_trainer(per_source=4, seed=0, exclude=["c"], small_boost=(18, 0.5))
     model = YOLO(str(resolve_model("default").path))  # our own v5n .pt
     model.add_callback(
         "on_train_epoch_start", lambda t: seen.append(len(t.train_loader.dataset.im_files))
@@ -159,6 +159,27 @@ def test_balanced_trainer_trains_one_epoch_on_tiny_tiles(tmp_path, monkeypatch):
     assert len(trainer.train_loader) == 2  # ...but an epoch is 4 tiles x 2 sources / batch 4
     steps = [type(t).__name__ for t in trainer.train_loader.dataset.transforms.transforms]
     assert steps.index("MicroscopyAugment") == steps.index("Format") - 1
+    # the optimised model trained with raised small-box targets; the saved EMA keeps plain loss
+    assert isinstance(trainer.model.criterion.assigner, SmallObjectTargets)
+    ema_criterion = getattr(trainer.ema.ema, "criterion", None)
+    assert ema_criterion is None or not isinstance(ema_criterion.assigner, SmallObjectTargets)
+
+
+def test_small_object_targets_raise_only_small_foreground_boxes():
+    torch = pytest.importorskip("torch")
+    boxes = torch.tensor([[[0, 0, 10, 10], [0, 0, 30, 30], [0, 0, 8, 8]]], dtype=torch.float32)
+    scores = torch.tensor([[[0.25], [0.25], [0.0]]])
+    fg = torch.tensor([[True, True, False]])
+
+    def assigner(*args, **kwargs):
+        return None, boxes, scores, fg, None
+
+    wrapped = SmallObjectTargets(assigner, size=18, power=0.5)
+    _, _, out, _, _ = wrapped()
+    # small foreground: 0.25 -> 0.5; large foreground unchanged; background stays 0
+    assert out[0, :, 0].tolist() == pytest.approx([0.5, 0.25, 0.0])
+    with pytest.raises(ValueError):
+        SmallObjectTargets(assigner, size=18, power=1.5)
 
 
 def _script(name: str):

@@ -20,7 +20,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BalancedSampler", "DEFAULT_PER_SOURCE", "balanced_trainer", "shares_of", "source_of"]
+__all__ = [
+    "BalancedSampler",
+    "DEFAULT_PER_SOURCE",
+    "SmallObjectTargets",
+    "balanced_trainer",
+    "shares_of",
+    "source_of",
+]
 
 #: Tiles per source per epoch when a share mapping does not say (``"*"``).
 DEFAULT_PER_SOURCE = 60
@@ -102,6 +109,7 @@ def balanced_trainer(
     augment: dict[str, float] | None = None,
     seed: int = 0,
     exclude: Sequence[str] = (),
+    small_boost: tuple[float, float] | None = None,
 ):
     """An ultralytics ``DetectionTrainer`` subclass with balanced sampling and microscopy augment.
 
@@ -116,6 +124,10 @@ def balanced_trainer(
         Sampling seed.
     exclude : sequence of str
         Sources never drawn (leave-one-source-out); their tiles may stay in the file list.
+    small_boost : (float, float), optional
+        ``(size, power)``: raise the classification target of boxes under ``size`` px (the
+        geometric mean of width and height, in the training tile) to ``target ** power``; see
+        :class:`SmallObjectTargets`. None trains with ultralytics' targets.
 
     Returns
     -------
@@ -134,6 +146,11 @@ def balanced_trainer(
 
     class BalancedTrainer(DetectionTrainer):
         """DetectionTrainer drawing ``per_source`` tiles of every source each epoch."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if small_boost is not None:
+                self.add_callback("on_train_start", _boost_small(*small_boost))
 
         def build_dataset(self, img_path, mode="train", batch=None):
             dataset = super().build_dataset(img_path, mode, batch)
@@ -163,6 +180,63 @@ def balanced_trainer(
             )
 
     return BalancedTrainer
+
+
+class SmallObjectTargets:
+    """Wrap ultralytics' task-aligned assigner to raise the targets of small boxes.
+
+    The assigner's classification target of a box is the IoU its best prediction reaches. Small
+    nuclei never reach a high IoU (a pixel of box error is a large fraction of their size), so
+    the model learns to give them low confidence and they fall under the detection threshold,
+    although the labels call them nuclei. Raising their targets to ``target ** power`` (power
+    < 1) teaches confidence without changing which anchors are positive. Unlabelled small
+    objects (micronuclei, debris) stay negatives.
+
+    Parameters
+    ----------
+    assigner : callable
+        ``TaskAlignedAssigner`` instance.
+    size : float
+        Boxes whose sqrt(width * height) is under ``size`` px count as small.
+    power : float
+        Exponent applied to their targets, in (0, 1].
+    """
+
+    def __init__(self, assigner, size: float, power: float):
+        if not 0.0 < power <= 1.0 or size <= 0:
+            raise ValueError(f"small_boost needs size > 0 and 0 < power <= 1, got {size}, {power}")
+        self.assigner = assigner
+        self.size = float(size)
+        self.power = float(power)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "assigner":  # not set yet (copy, unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.assigner, name)
+
+    def __call__(self, *args, **kwargs):
+        import torch
+
+        labels, bboxes, scores, fg_mask, gt_idx = self.assigner(*args, **kwargs)
+        wh = (bboxes[..., 2:] - bboxes[..., :2]).clamp(min=0)
+        small = fg_mask.bool() & (wh.prod(-1).sqrt() < self.size)
+        scores = torch.where(small[..., None], scores.clamp(min=0).pow(self.power), scores)
+        return labels, bboxes, scores, fg_mask, gt_idx
+
+
+def _boost_small(size: float, power: float):
+    """An ``on_train_start`` callback giving the trained model's loss :class:`SmallObjectTargets`.
+
+    It runs after the EMA copy is made, so only the model being optimised gets the wrapped
+    assigner; the EMA (what is saved and validated) keeps ultralytics' loss and pickles as usual.
+    """
+
+    def callback(trainer) -> None:
+        model = trainer.model
+        model.criterion = model.init_criterion()
+        model.criterion.assigner = SmallObjectTargets(model.criterion.assigner, size, power)
+
+    return callback
 
 
 class _Subset:
