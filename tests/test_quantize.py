@@ -254,3 +254,45 @@ def test_cli_quantize_and_detect_first_use(user_model, tmp_path, monkeypatch):
             model, paths, SimpleNamespace(**{**vars(args), "backend": backend})
         )
     assert len(calls) == 2
+
+
+def test_a_failed_check_searches_a_mixed_precision_model_once(tmp_path, monkeypatch, recwarn):
+    """Plain INT8 failing its check: the search runs (once), its model is checked and recorded;
+    detect's first use never searches, and its FP32 warning says how to."""
+    pt = tmp_path / "foreign.pt"
+    shutil.copy(resolve_model("default").path, pt)
+    monkeypatch.setenv("YOLOCELL_CACHE_DIR", str(tmp_path / "cache"))
+    clear_cache()
+    images = [make_nuclei_image((640, 640), 100, (8.0, 30.0), seed=s).image for s in range(2)]
+    real_check = quantize.check_int8
+    searched = []
+
+    def failing_plain(fp32, folder, tiles, **kwargs):
+        check = real_check(fp32, folder, tiles, **kwargs)
+        plain = not searched
+        return quantize.Int8Check(**{**vars(check), "passed": check.passed and not plain})
+
+    def mixed(fp32, tiles, conf=0.25, cancel=None):
+        searched.append(len(tiles))
+        model, meta = quantize.quantize_model(fp32, tiles)
+        return model, {**meta, "int8_mixed": {"fake_quantize": 170}}
+
+    monkeypatch.setattr(quantize, "check_int8", failing_plain)
+    monkeypatch.setattr(quantize, "quantize_model_mixed", mixed)
+    messages = []
+    # detect's first use: plain only, FP32 runs, told once with the way out
+    entry = quantize.quantize_for_user(pt, images, n_tiles=4, search=False)
+    assert not entry.used and not searched and not int8_cache.searched(entry)
+    clear_cache()
+    make_detector(resolve_model(pt), "auto", "cpu")
+    told = [str(w.message) for w in recwarn if "running FP32" in str(w.message)]
+    assert len(told) == 1 and f"yolocell quantize {pt}" in told[0]
+    # `yolocell quantize`: the failed entry is searched now, checked, recorded, used
+    entry = quantize.quantize_for_user(pt, images, n_tiles=4, progress=messages.append)
+    assert len(searched) == 1 and entry.used and int8_cache.searched(entry)
+    assert entry.check["recipe"] == "mixed" and entry.check["fp32_quantization_points"] > 0
+    assert any("searching which operations to keep in FP32" in m for m in messages)
+    # once: a searched entry is final
+    assert quantize.quantize_for_user(pt, images, n_tiles=4).folder == entry.folder
+    assert len(searched) == 1
+    clear_cache()

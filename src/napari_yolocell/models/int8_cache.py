@@ -124,12 +124,22 @@ def tell_fp32_once(spec, entry: Int8Entry) -> None:
             return
         _TOLD.add(key)
     change = entry.check.get("count_change", 0.0)
+    hint = (
+        ""
+        if searched(entry)
+        else f"; `yolocell quantize {spec.path or spec.name}` searches a mixed-precision version"
+    )
     warnings.warn(
         f"the INT8 version of {spec.name!r} differs from FP32 on its calibration images "
-        f"(count {change:+.1%}, F1 agreement {entry.check.get('f1', 0):.3f}): running FP32",
+        f"(count {change:+.1%}, F1 agreement {entry.check.get('f1', 0):.3f}): running FP32" + hint,
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def searched(entry: Int8Entry) -> bool:
+    """Whether ``entry`` came out of the mixed-precision search (nothing more to try)."""
+    return entry.check.get("recipe") == "mixed"
 
 
 def cpu_gains_from_int8() -> bool:

@@ -14,6 +14,10 @@ both kept by NMS (the INT8 over-count on small nuclei, issue 23).
 
 A quantized model is used only if it passes :func:`check_int8` against its FP32 export on the
 calibration tiles (count within 1 %, F1 against FP32's boxes >= 0.995); otherwise FP32 runs.
+Some models fail it through a few operations elsewhere in the network (a classic YOLOv5's neck,
+for one). When asked to (``yolocell quantize``, the fine-tune's end), :func:`quantize_for_user`
+then searches which operations to keep in FP32 (:func:`quantize_model_mixed`, NNCF's accuracy
+control, judged by the same agreement with FP32's boxes) and checks the result again.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ __all__ = [
     "quantize_after_finetune",
     "quantize_for_user",
     "quantize_on_first_use",
+    "quantize_model_mixed",
     "quantize_openvino",
     "read_calibration_images",
     "wants_int8",
@@ -61,6 +66,13 @@ MIN_F1_AGREEMENT = 0.995
 SCORE_MARGIN = 0.05
 #: Calibration tiles: enough for stable activation ranges (NNCF's own default is 300).
 DEFAULT_TILES = 64
+#: The mixed-precision search keeps at most this many quantized operations in FP32: each one
+#: costs a little speed, and a model needing more is better run in FP32.
+MAX_FP32_OPS = 16
+#: Tiles the search judges a model on, and ranks the operations on (it compiles the model
+#: once per quantized operation, so this bounds its minutes).
+SEARCH_TILES = 24
+RANKING_TILES = 12
 
 
 def calibration_tiles(
@@ -247,6 +259,97 @@ def _nncf_quantize(nncf, model, tiles: Sequence[np.ndarray], fast: bool, head_co
     )
 
 
+def quantize_model_mixed(
+    fp32_folder: str | Path,
+    tiles: Sequence[np.ndarray],
+    conf: float = 0.25,
+    cancel: Cancel = None,
+):
+    """INT8 with the operations that change the answers kept in FP32 (NNCF accuracy control).
+
+    NNCF quantizes as :func:`quantize_model` does, ranks the quantized operations by how much
+    they move the model's boxes away from FP32's on ``tiles``, and returns them to FP32 one at a
+    time (at most :data:`MAX_FP32_OPS`) until the agreement is within the check's bar: F1
+    against FP32's boxes at least :data:`MIN_F1_AGREEMENT`, counting a count change of
+    :data:`MAX_COUNT_CHANGE` as the same shortfall. Minutes on a CPU (it compiles the model
+    once per quantized operation); run it once, on a model that failed :func:`check_int8`.
+
+    Returns
+    -------
+    (openvino.Model, dict)
+        The model and its ``meta.json`` dict (``int8_mixed`` records the search).
+    """
+    os.environ.setdefault("NNCF_CI", "1")
+    try:
+        import nncf
+        from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+    except ImportError as err:
+        raise ImportError("INT8 quantization needs NNCF: pip install nncf") from err
+    import openvino as ov
+
+    from napari_yolocell.models.detector import postprocess
+
+    fp32_folder = Path(fp32_folder)
+    judged = list(tiles[:SEARCH_TILES])
+    grey = [np.round(t[0, 0] * 255).astype(np.uint8) for t in judged]
+    low = max(conf - SCORE_MARGIN, 1e-3)
+
+    def boxes(compiled, index: int) -> np.ndarray:
+        _stop_if(cancel)
+        raw = np.asarray(compiled(judged[index])[0], dtype=np.float32)
+        return postprocess(raw, [grey[index]], low, 0.5, 1000)[0]
+
+    core = ov.Core()
+
+    def read():
+        network = core.read_model(str(fp32_folder / "model.xml"))
+        network.reshape({0: list(judged[0].shape)})
+        return network
+
+    reference = core.compile_model(read(), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    expected = [boxes(reference, i) for i in range(len(judged))]
+    del reference
+
+    def agreement(compiled, indices) -> tuple[float, None]:
+        indices = list(indices)
+        found = [boxes(compiled, i) for i in indices]
+        f1, n_a, n_b = _agreement([expected[i] for i in indices], found, conf)
+        change = abs(n_b - n_a) / max(1, n_a)
+        shortfall = change * (1 - MIN_F1_AGREEMENT) / MAX_COUNT_CHANGE
+        return min(f1, 1.0 - shortfall), None
+
+    model = read()
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    with contextlib.redirect_stdout(sys.stderr):
+        quantized = nncf.quantize_with_accuracy_control(
+            model,
+            nncf.Dataset(_Tiles(tiles, cancel)),
+            # items are indices: NNCF hands validation items to `agreement` untransformed
+            nncf.Dataset(list(range(len(judged))), lambda i: judged[i]),
+            agreement,
+            max_drop=1 - MIN_F1_AGREEMENT,
+            preset=nncf.QuantizationPreset.MIXED,
+            subset_size=len(tiles),
+            ignored_scope=nncf.IgnoredScope(names=fp32_nodes(model, 1), validate=False),
+            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                max_num_iterations=MAX_FP32_OPS,
+                ranking_subset_size=min(RANKING_TILES, len(judged)),
+            ),
+        )
+    meta = json.loads((fp32_folder / "meta.json").read_text(encoding="utf-8"))
+    meta.update(
+        precision="int8",
+        int8_recipe=int8_cache.INT8_VERSION,
+        int8_mixed={"fake_quantize": _fake_quantize_count(quantized)},
+    )
+    return quantized, meta
+
+
+def _fake_quantize_count(model) -> int:
+    """Quantization points left in an OpenVINO model (fewer: more of it runs in FP32)."""
+    return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+
+
 def _write_ir(model, meta: dict, folder: Path) -> None:
     import openvino as ov
 
@@ -329,20 +432,31 @@ def check_int8(
             _stop_if(cancel)
             found.extend(detector.predict([tile], low, iou, 1000))
         boxes.append(found)
-    n_fp32 = n_int8 = found_fp32 = found_int8 = 0
-    for a, b in zip(*boxes, strict=True):
-        pairs = _matches(a, b)
-        n_fp32, n_int8 = (
-            n_fp32 + int((a[:, 4] >= conf).sum()),
-            n_int8 + int((b[:, 4] >= conf).sum()),
-        )
-        found_fp32 += sum(a[i, 4] >= conf for i, _ in pairs)
-        found_int8 += sum(b[j, 4] >= conf for _, j in pairs)
-    recall, precision = found_fp32 / max(1, n_fp32), found_int8 / max(1, n_int8)
-    f1 = 1.0 if n_fp32 + n_int8 == 0 else 2 * precision * recall / max(precision + recall, 1e-9)
+    f1, n_fp32, n_int8 = _agreement(*boxes, conf)
     change = abs(n_int8 - n_fp32) / max(1, n_fp32)
     passed = change <= MAX_COUNT_CHANGE and f1 >= MIN_F1_AGREEMENT
     return Int8Check(n_fp32, n_int8, round(float(f1), 5), len(tiles), bool(passed))
+
+
+def _agreement(
+    reference: Sequence[np.ndarray], other: Sequence[np.ndarray], conf: float
+) -> tuple[float, int, int]:
+    """F1 of ``other``'s boxes against ``reference``'s (per tile, IoU 0.5) and both counts.
+
+    Boxes are counted at ``conf``; a box matched by one the other model scores within
+    :data:`SCORE_MARGIN` under ``conf`` still counts as found (the arrays hold boxes down to
+    ``conf - SCORE_MARGIN``).
+    """
+    n_a = n_b = found_a = found_b = 0
+    for a, b in zip(reference, other, strict=True):
+        pairs = _matches(a, b)
+        n_a += int((a[:, 4] >= conf).sum())
+        n_b += int((b[:, 4] >= conf).sum())
+        found_a += sum(a[i, 4] >= conf for i, _ in pairs)
+        found_b += sum(b[j, 4] >= conf for _, j in pairs)
+    recall, precision = found_a / max(1, n_a), found_b / max(1, n_b)
+    f1 = 1.0 if n_a + n_b == 0 else 2 * precision * recall / max(precision + recall, 1e-9)
+    return float(f1), n_a, n_b
 
 
 def _matches(a: np.ndarray, b: np.ndarray, iou: float = 0.5) -> list[tuple[int, int]]:
@@ -370,6 +484,7 @@ def quantize_for_user(
     calibration: Iterable[np.ndarray] | Sequence[np.ndarray],
     *,
     force: bool = False,
+    search: bool = True,
     n_tiles: int = DEFAULT_TILES,
     progress: Callable[[str], None] | None = None,
     cancel: Cancel = None,
@@ -392,6 +507,10 @@ def quantize_for_user(
         about to be detected.
     force : bool
         Quantize again even if a cached entry exists.
+    search : bool
+        When the INT8 model fails its check, search which operations to keep in FP32
+        (:func:`quantize_model_mixed`, minutes) and check that one. A cached entry that failed
+        without this search is searched now.
     n_tiles : int
         Calibration tiles drawn from images (at most).
     progress : callable, optional
@@ -421,9 +540,10 @@ def quantize_for_user(
     say = progress or _log.info
     spec = unpack_weights(resolve_model(weights))
     entry = int8_cache.lookup(spec)
-    if entry is not None and not force:
+    if entry is not None and not force and (entry.used or not search or int8_cache.searched(entry)):
         return entry
     tiles = _as_tiles(calibration, n_tiles)
+    conf = float(spec.default_conf)
     say(f"INT8: exporting {spec.name} to OpenVINO FP32")
     _stop_if(cancel)
     fp32 = cached_export(spec, "openvino")
@@ -435,8 +555,27 @@ def quantize_for_user(
     try:
         _write_ir(model, meta, tmp)
         say("INT8: checking it against FP32 on the calibration tiles")
-        check = check_int8(fp32, tmp, tiles, conf=float(spec.default_conf), cancel=cancel)
-        entry = int8_cache.install(spec, tmp, asdict(check) | {"count_change": check.count_change})
+        check = check_int8(fp32, tmp, tiles, conf=conf, cancel=cancel)
+        record = asdict(check) | {"count_change": check.count_change, "recipe": "int8"}
+        if not check.passed and search:
+            say(
+                f"INT8: {check.describe()}: searching which operations to keep in FP32 "
+                "(minutes, once)"
+            )
+            plain_points = _fake_quantize_count(model)
+            model, meta = quantize_model_mixed(fp32, tiles, conf=conf, cancel=cancel)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = int8_cache.new_entry(spec)
+            _write_ir(model, meta, tmp)
+            check = check_int8(fp32, tmp, tiles, conf=conf, cancel=cancel)
+            kept = plain_points - meta["int8_mixed"]["fake_quantize"]
+            record = asdict(check) | {
+                "count_change": check.count_change,
+                "recipe": "mixed",
+                "fp32_quantization_points": kept,
+            }
+            say(f"INT8: {kept} quantization points returned to FP32")
+        entry = int8_cache.install(spec, tmp, record)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -515,7 +654,9 @@ def quantize_on_first_use(
     """
     if not wants_int8(model, backend, device):
         return None
-    return quantize_for_user(model, images(), progress=progress, cancel=cancel)
+    # no mixed-precision search here: its minutes would delay a detection the user is waiting
+    # for; `yolocell quantize` runs it (the warning that FP32 runs says so)
+    return quantize_for_user(model, images(), search=False, progress=progress, cancel=cancel)
 
 
 def _stop_if(cancel: Cancel) -> None:
