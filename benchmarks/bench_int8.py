@@ -168,7 +168,10 @@ def format_table(rows: list[dict]) -> str:
         check = r.get("check") or ""
         if isinstance(check, dict):
             used = "used" if check.get("passed") else "not used"
-            check = f"{check['count_change']:+.2%}, F1 {check['f1']:.4f}: {used}"
+            if check.get("recipe") == "mixed":
+                used += f" (mixed: {check.get('fp32_quantization_points')} points FP32)"
+            minutes = (r.get("quantize_s") or 0) / 60
+            check = f"{check['count_change']:+.2%}, F1 {check['f1']:.4f}: {used}, {minutes:.1f} min"
         lines.append(
             f"| {r['label']} | {r['backend']} | {r['ms_tile']:.1f} | "
             f"{r['engine_s'] / r['bare_s']:.2f} | {r['count']} ({r['truth']}) | "
