@@ -296,4 +296,3 @@ def test_a_failed_check_searches_a_mixed_precision_model_once(tmp_path, monkeypa
     assert quantize.quantize_for_user(pt, images, n_tiles=4).folder == entry.folder
     assert len(searched) == 1
     clear_cache()
-
