@@ -296,3 +296,17 @@ def test_a_failed_check_searches_a_mixed_precision_model_once(tmp_path, monkeypa
     assert quantize.quantize_for_user(pt, images, n_tiles=4).folder == entry.folder
     assert len(searched) == 1
     clear_cache()
+
+
+def test_mixed_search_keeps_everything_int8_when_nothing_disagrees(fp32_folder, tmp_path):
+    """The real search through NNCF: on a model whose INT8 already agrees with FP32 it returns
+    at once, every quantization point kept, and the result passes the check."""
+    images = [make_nuclei_image((640, 640), 100, (14.0, 30.0), seed=s).image for s in range(3)]
+    tiles = quantize._as_tiles(images, 3)
+    plain, _ = quantize.quantize_model(fp32_folder, tiles)
+    mixed, meta = quantize.quantize_model_mixed(fp32_folder, tiles, conf=0.25)
+    assert meta["int8_mixed"]["fake_quantize"] == quantize._fake_quantize_count(plain) > 0
+    out = tmp_path / "mixed"
+    out.mkdir()
+    quantize._write_ir(mixed, meta, out)
+    assert quantize.check_int8(fp32_folder, out, tiles).passed

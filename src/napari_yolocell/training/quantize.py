@@ -32,6 +32,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -219,8 +220,7 @@ def quantize_model(
     import openvino as ov
 
     fp32_folder = Path(fp32_folder)
-    model = ov.Core().read_model(str(fp32_folder / "model.xml"))
-    model.reshape({0: list(tiles[0].shape)})
+    model = _read_fp32(ov.Core(), fp32_folder, tiles[0].shape)
     logging.getLogger("nncf").setLevel(logging.WARNING)  # one INFO line per ignored node
     with contextlib.redirect_stdout(sys.stderr):  # its progress bar: stdout is for results
         quantized = _nncf_quantize(nncf, model, _Tiles(tiles, cancel), fast, head_convs)
@@ -292,7 +292,7 @@ def quantize_model_mixed(
 
     fp32_folder = Path(fp32_folder)
     judged = list(tiles)
-    grey = [np.round(t[0, 0] * 255).astype(np.uint8) for t in judged]
+    grey = _grey(judged)
     low = max(conf - SCORE_MARGIN, 1e-3)
 
     def boxes(compiled, index: int) -> np.ndarray:
@@ -301,13 +301,9 @@ def quantize_model_mixed(
         return postprocess(raw, [grey[index]], low, 0.5, 1000)[0]
 
     core = ov.Core()
-
-    def read():
-        network = core.read_model(str(fp32_folder / "model.xml"))
-        network.reshape({0: list(judged[0].shape)})
-        return network
-
-    reference = core.compile_model(read(), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    model = _read_fp32(core, fp32_folder, judged[0].shape)
+    # FP32's boxes, taken before NNCF is handed the network
+    reference = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     expected = [boxes(reference, i) for i in range(len(judged))]
     del reference
 
@@ -319,7 +315,6 @@ def quantize_model_mixed(
         shortfall = change * (1 - MIN_F1_AGREEMENT) / MAX_COUNT_CHANGE
         return min(f1, 1.0 - shortfall), None
 
-    model = read()
     logging.getLogger("nncf").setLevel(logging.WARNING)
     with contextlib.redirect_stdout(sys.stderr):
         quantized = nncf.quantize_with_accuracy_control(
@@ -344,6 +339,18 @@ def quantize_model_mixed(
         int8_mixed={"fake_quantize": _fake_quantize_count(quantized)},
     )
     return quantized, meta
+
+
+def _read_fp32(core, fp32_folder: Path, shape: Sequence[int]):
+    """The FP32 export's network, reshaped to the calibration tiles' static shape."""
+    model = core.read_model(str(Path(fp32_folder) / "model.xml"))
+    model.reshape({0: list(shape)})
+    return model
+
+
+def _grey(tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The uint8 grey tiles behind NCHW calibration tiles (:func:`calibration_tiles`)."""
+    return [np.round(t[0, 0] * 255).astype(np.uint8) for t in tiles]
 
 
 def _fake_quantize_count(model) -> int:
@@ -423,7 +430,7 @@ def check_int8(
     from napari_yolocell.models.spec import ModelSpec
 
     spec = ModelSpec(name="check")
-    grey = [np.round(t[0, 0] * 255).astype(np.uint8) for t in tiles]
+    grey = _grey(tiles)
     low = max(conf - SCORE_MARGIN, 1e-3)  # greedy NMS: boxes >= conf are the same as at conf
     boxes = []
     for folder in (fp32_folder, int8_folder):
@@ -557,7 +564,7 @@ def quantize_for_user(
         _write_ir(model, meta, tmp)
         say("INT8: checking it against FP32 on the calibration tiles")
         check = check_int8(fp32, tmp, tiles, conf=conf, cancel=cancel)
-        record = asdict(check) | {"count_change": check.count_change, "recipe": "int8"}
+        record = _record(check, recipe="int8")
         if not check.passed and search:
             say(
                 f"INT8: {check.describe()}: searching which operations to keep in FP32 "
@@ -570,11 +577,7 @@ def quantize_for_user(
             _write_ir(model, meta, tmp)
             check = check_int8(fp32, tmp, tiles, conf=conf, cancel=cancel)
             kept = plain_points - meta["int8_mixed"]["fake_quantize"]
-            record = asdict(check) | {
-                "count_change": check.count_change,
-                "recipe": "mixed",
-                "fp32_quantization_points": kept,
-            }
+            record = _record(check, recipe="mixed", fp32_quantization_points=kept)
             say(f"INT8: {kept} quantization points returned to FP32")
         entry = int8_cache.install(spec, tmp, record)
     except BaseException:
@@ -583,6 +586,11 @@ def quantize_for_user(
     clear_cache()  # detectors loaded before now would keep running FP32
     say(f"INT8: {check.describe()}: " + ("used" if check.passed else "not used, FP32 runs"))
     return entry
+
+
+def _record(check: Int8Check, **extra: Any) -> dict[str, Any]:
+    """What ``check.json`` holds: the check, its count change and how the model was made."""
+    return asdict(check) | {"count_change": check.count_change, **extra}
 
 
 def wants_int8(model: str | Path, backend: str = "auto", device: str | None = None) -> bool:
