@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from conftest import RecordingArray
 
+from napari_yolocell.data.synthetic import make_nuclei_image
 from napari_yolocell.engine.normalize import (
+    integer_quantiles,
     normalize_image,
     percentile_range,
     sample_stride,
@@ -62,3 +64,20 @@ def test_bad_mode_and_percentiles():
         normalize_image(np.zeros((2, 2)), "zscore")
     with pytest.raises(ValueError):
         percentile_range(np.zeros((2, 2)), 50, 10)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (512, 700)])
+def test_integer_quantiles_are_numpys_bit_for_bit(dtype, shape):
+    # the histogram path must give the partition's answer exactly, so normalised tiles (and
+    # every count) stay what they were
+    rng = np.random.default_rng(shape[0])
+    info = np.iinfo(dtype)
+    image = make_nuclei_image(shape=(512, 700), n_nuclei=40, seed=shape[1]).image
+    image = image[: shape[0], : shape[1]].astype(np.float64)
+    image = image / max(image.max(), 1) * min(info.max, 4095) + rng.integers(0, 50, shape)
+    values = np.clip(image + (info.min if info.min < 0 else 0), info.min, info.max).astype(dtype)
+    for q in ([0.01, 0.998], [0.0, 1.0], rng.random(3)):
+        expected = np.quantile(values.astype(np.float32), q)
+        assert np.array_equal(integer_quantiles(values, q), expected)
+    assert integer_quantiles(values.astype(np.float32), [0.5]) is None

@@ -8,6 +8,7 @@ from skimage.measure import label, regionprops
 from skimage.transform import downscale_local_mean
 
 from napari_yolocell.data.synthetic import make_nuclei_image
+from napari_yolocell.engine import detect
 from napari_yolocell.engine.detect import DetectParams, detect_image, empty_threshold
 from napari_yolocell.engine.tiling import tile_grid
 from napari_yolocell.models.classical import ClassicalDetector
@@ -188,3 +189,15 @@ def test_slide_like_synthetic_tiff_skips_background_and_counts_every_nucleus(tmp
         ).any()
     assert bare >= 5 and df.attrs["skipped_tiles"] >= 0.75 * bare
     assert abs(len(df) - len(truth)) <= 0.01 * len(truth)
+
+
+def test_threshold_from_the_histogram_is_the_pixelwise_one(monkeypatch):
+    # 8/16-bit overviews take a histogram path; without it, the pixel-wise partition: same level
+    overviews = []
+    for seed in range(4):
+        image = make_nuclei_image(shape=(600, 800), n_nuclei=30 + 40 * seed, seed=seed).image
+        overviews.append((image / image.max() * 255).astype(np.uint8))
+    levels = [empty_threshold(o) for o in overviews]
+    monkeypatch.setattr(detect, "level_counts", lambda values: None)
+    assert None not in levels
+    assert levels == [empty_threshold(o) for o in overviews]

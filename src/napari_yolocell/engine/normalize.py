@@ -67,12 +67,60 @@ def percentile_range(
     """
     if not 0 <= low <= high <= 100:
         raise ValueError(f"need 0 <= low <= high <= 100, got ({low}, {high})")
-    sample = strided_sample(plane, max_pixels).astype(np.float32, copy=False)
+    sample = strided_sample(plane, max_pixels)
+    exact = integer_quantiles(sample, np.true_divide([low, high], 100))
+    if exact is not None:
+        lo, hi = exact
+        return float(lo), float(max(hi, lo))
+    sample = sample.astype(np.float32, copy=False)
     finite = sample[np.isfinite(sample)]
     if finite.size == 0:
         return 0.0, 0.0
     lo, hi = np.percentile(finite, [low, high])
     return float(lo), float(max(hi, lo))
+
+
+def level_counts(values: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """Histogram of 8/16-bit integer ``values``: (count of each level from the lowest, lowest).
+
+    None for other dtypes and empty arrays.
+    """
+    values = np.asarray(values)
+    if values.dtype.kind not in "ui" or values.dtype.itemsize > 2 or values.size == 0:
+        return None
+    flat = values.ravel()
+    if flat.dtype.kind == "u":
+        return np.bincount(flat), 0
+    lowest = int(flat.min())
+    return np.bincount(flat.astype(np.int32) - lowest), lowest
+
+
+def order_statistics(counts: np.ndarray, lowest: int, ranks) -> np.ndarray:
+    """Values at 0-based ``ranks`` of the sorted data behind a :func:`level_counts` histogram."""
+    return np.searchsorted(np.cumsum(counts), np.asarray(ranks), side="right") + lowest
+
+
+def integer_quantiles(values: np.ndarray, q) -> np.ndarray | None:
+    """``np.quantile(values.astype(np.float32), q)`` (linear method) for 8/16-bit integers,
+    bit for bit, from a histogram instead of a partition (a tenth of the time on a
+    camera-sized image, where the partition was a sixth of a small image's detection).
+
+    None for other dtypes or empty arrays: use :func:`numpy.quantile`.
+    """
+    hist = level_counts(values)
+    if hist is None:
+        return None
+    n = int(np.asarray(values).size)
+    virtual = (n - 1) * np.asarray(q, dtype=np.float64)
+    below = np.floor(virtual)
+    above = np.minimum(below + 1, n - 1)
+    a = order_statistics(*hist, below).astype(np.float32)
+    b = order_statistics(*hist, above).astype(np.float32)
+    # numpy's own interpolation on the two neighbours (a 2-sample quantile at the same
+    # fraction), so rounding is exactly that of np.quantile over the whole sample
+    return np.array(
+        [np.quantile(np.array([x, y]), g) for x, y, g in zip(a, b, virtual - below, strict=True)]
+    )
 
 
 def to_uint8(tile, lo: float, hi: float) -> np.ndarray:
