@@ -292,6 +292,9 @@ def cmd_chunk(args) -> None:
     shares = {"*": per_source, **dict(_share(x) for x in args.share or [])}
     boost = tuple(args.small_boost) if args.small_boost else None
     trainer = balanced_trainer(shares, seed=SEED + chunk, exclude=exclude, small_boost=boost)
+    augment = {**MICROSCOPY_AUGMENT, "hsv_v": 0.4}
+    if args.mosaic is not None:
+        augment["mosaic"] = args.mosaic
     model = YOLO(str(start))
     t0 = time.time()
     name = f"{args.run}-c{chunk + 1}"
@@ -321,7 +324,7 @@ def cmd_chunk(args) -> None:
         project=str(work / "runs"),
         name=name,
         exist_ok=True,
-        **{**MICROSCOPY_AUGMENT, "hsv_v": 0.4},
+        **augment,
     )
     run_dir = work / "runs" / name
     results = _history(run_dir / "results.csv")
@@ -351,6 +354,7 @@ def cmd_chunk(args) -> None:
             "start": str(start),
             "shares": shares,
             "small_boost": boost,
+            "mosaic": augment["mosaic"],
             "best_fitness": round(best_fit, 4),
             "last": results[-1] if results else {},
             "finished": time.strftime("%Y-%m-%d %H:%M"),
@@ -655,6 +659,13 @@ def main(argv=None) -> int:
         help="raise the classification targets of boxes under SIZE px to target**POWER",
     )
     c.add_argument("--init", default=None, help="weights a new run starts from (default: bundled)")
+    c.add_argument(
+        "--mosaic",
+        type=float,
+        default=None,
+        help="mosaic probability for this chunk (default: MICROSCOPY_AUGMENT's, 1.0); 0 "
+        "finishes on whole tiles at their own scale, as detection sees them",
+    )
     e = sub.add_parser("eval", help="F1 / count error on each source's test images")
     e.add_argument("--data", required=True)
     e.add_argument("--work", default=None)
