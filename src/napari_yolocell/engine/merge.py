@@ -80,14 +80,18 @@ def _candidate_pairs(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     typical = max(2.0 * float(np.percentile(sides, 99)), 1e-6)
     large = np.flatnonzero(sides > typical)
     tree = cKDTree(centres)
-    pairs = [tree.query_pairs(r=typical, p=np.inf, output_type="ndarray")]
-    if len(large):
-        found = tree.query_ball_point(centres[large], r=(sides[large] + typical) / 2, p=np.inf)
-        for i, near in zip(large, found, strict=True):
-            pairs.append(np.column_stack([np.full(len(near), i), near]).astype(np.intp))
-    pairs = np.sort(np.concatenate(pairs).reshape(-1, 2), axis=1)
-    pairs = np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
-    return pairs[:, 0], pairs[:, 1]
+    pairs = tree.query_pairs(r=typical, p=np.inf, output_type="ndarray").reshape(-1, 2)
+    if len(large) == 0:  # query_pairs gives each pair once, i < j
+        return pairs[:, 0].astype(np.intp), pairs[:, 1].astype(np.intp)
+    extra = [pairs]
+    found = tree.query_ball_point(centres[large], r=(sides[large] + typical) / 2, p=np.inf)
+    for i, near in zip(large, found, strict=True):
+        extra.append(np.column_stack([np.full(len(near), i), near]).astype(np.intp))
+    pairs = np.sort(np.concatenate(extra).reshape(-1, 2).astype(np.intp), axis=1)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    # one integer key per pair: np.unique over rows is several times slower
+    key = np.unique(pairs[:, 0] * len(boxes) + pairs[:, 1])
+    return key // len(boxes), key % len(boxes)
 
 
 def _intersections(boxes: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
