@@ -102,8 +102,8 @@ def order_statistics(counts: np.ndarray, lowest: int, ranks) -> np.ndarray:
 
 def integer_quantiles(values: np.ndarray, q) -> np.ndarray | None:
     """``np.quantile(values.astype(np.float32), q)`` (linear method) for 8/16-bit integers,
-    bit for bit, from a histogram instead of a partition (a tenth of the time on a
-    camera-sized image, where the partition was a sixth of a small image's detection).
+    bit for bit, from a histogram instead of a partition of every pixel, which weighed on
+    the detection of small images (docs/benchmarks.md, "The per-image fixed costs, cut").
 
     None for other dtypes or empty arrays: use :func:`numpy.quantile`.
     """
