@@ -597,7 +597,11 @@ def cmd_quantize(args) -> int:
         from napari_yolocell.data.samples import sample_image_path
 
         images = [str(sample_image_path())]
-        print("yolocell: no --images: calibrating on the bundled sample image", file=sys.stderr)
+        print(
+            "yolocell: no --images: calibrating on the bundled sample image (U2OS, Hoechst); "
+            "the INT8 check then speaks for images like it only",
+            file=sys.stderr,
+        )
     entry = _quantize(args.model, images, force=args.force, channel=args.channel)
     print(f"int8\t{entry.folder}")
     print(f"used\t{'yes' if entry.used else 'no (FP32 runs)'}")
@@ -864,7 +868,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="IMAGE",
-        help="your images to calibrate on: files, folders or globs (default: the sample image)",
+        help="images like those you will count (cell type, stain, magnification), to calibrate "
+        "and check the INT8 model on: files, folders or globs (default: the sample image)",
     )
     q.add_argument("--channel", type=int, default=None, help="channel of multichannel images")
     q.add_argument("--force", action="store_true", help="quantize again")
