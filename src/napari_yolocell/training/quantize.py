@@ -210,13 +210,7 @@ def quantize_model(
 ):
     """The NNCF-quantized OpenVINO model of an FP32 export folder and its ``meta.json`` dict
     (see :func:`quantize_openvino`); ``cancel`` is polled before each calibration tile."""
-    # NNCF sends usage telemetry unless the user opted out; its CI switch replaces the sender
-    # with a stub. Nothing in this package may reach the network.
-    os.environ.setdefault("NNCF_CI", "1")
-    try:
-        import nncf
-    except ImportError as err:
-        raise ImportError("INT8 quantization needs NNCF: pip install nncf") from err
+    nncf = _import_nncf()
     import openvino as ov
 
     fp32_folder = Path(fp32_folder)
@@ -259,6 +253,18 @@ def _nncf_quantize(nncf, model, tiles: Sequence[np.ndarray], fast: bool, head_co
     )
 
 
+def _import_nncf():
+    """NNCF, imported with its telemetry off, or an ImportError that says how to install it."""
+    # NNCF sends usage telemetry unless the user opted out; its CI switch replaces the sender
+    # with a stub. Nothing in this package may reach the network.
+    os.environ.setdefault("NNCF_CI", "1")
+    try:
+        import nncf
+    except ImportError as err:
+        raise ImportError("INT8 quantization needs NNCF: pip install nncf") from err
+    return nncf
+
+
 def quantize_model_mixed(
     fp32_folder: str | Path,
     tiles: Sequence[np.ndarray],
@@ -280,13 +286,9 @@ def quantize_model_mixed(
     (openvino.Model, dict)
         The model and its ``meta.json`` dict (``int8_mixed`` records the search).
     """
-    os.environ.setdefault("NNCF_CI", "1")
-    try:
-        import nncf
-        from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
-    except ImportError as err:
-        raise ImportError("INT8 quantization needs NNCF: pip install nncf") from err
+    nncf = _import_nncf()
     import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
     from napari_yolocell.models.detector import postprocess
 
