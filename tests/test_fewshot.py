@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from napari_yolocell.io.yolo import read_yolo_dataset
+from napari_yolocell.training import fewshot
 from napari_yolocell.training.fewshot import (
     is_bundled,
     prepare_fewshot_dataset,
@@ -101,8 +102,9 @@ def test_cli_finetunes_default_and_prints_weights_last(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     key, _, path = lines[-1].partition("\t")
     assert key == "weights" and path.endswith("best.pt") and Path(path).is_file()
-    keys = [ln.split("\t")[0] for ln in lines[-6:]]
-    assert keys == ["start", "fine-tuned", "verdict", "best", "last", "weights"]
+    keys = [ln.split("\t")[0] for ln in lines[-7:]]
+    assert keys == ["blend", "start", "fine-tuned", "verdict", "best", "last", "weights"]
+    assert lines[-7].startswith("blend\t0.5\thalfway to the start model: the start model counts")
     verdict = lines[-4]
     assert "1 held-out image(s)" in verdict and "confidence Detect uses (0.20 / 0.20)" in verdict
     assert ("NOT better" in verdict) != ("beats default" in verdict)
@@ -113,8 +115,25 @@ def test_cli_finetunes_default_and_prints_weights_last(tmp_path, capsys):
     assert side["lab_diameter_px"] == pytest.approx(side["diameter_px"])  # not rescaled
     # the delivered weights are halfway to the start's, and fewshot.json says so
     info = json.loads((Path(path).parent.parent / "fewshot.json").read_text())
-    assert info["blend"] == 0.5
+    assert info["blend"] == 0.5 and abs(info["start_count_bias"]) <= fewshot.CONVENTION_BIAS
     assert info["blended_sha256"] == hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def test_a_lab_that_counts_differently_gets_the_fine_tune_whole(tmp_path):
+    data = _whole_image_dataset(tmp_path / "lab", size=(200, 260), diameter=24.0, n=1)
+    train = fewshot.held_out_split(data)[0]
+    assert fewshot.start_count_bias("default", train) == pytest.approx(0.0, abs=0.1)
+    assert fewshot.choose_blend(0.0)[0] == fewshot.WEIGHT_BLEND
+    # the lab leaves every other nucleus out of its count (micronuclei, say)
+    label = data / "labels" / "train" / "img0.txt"
+    lines = label.read_text().splitlines()
+    label.write_text("\n".join(lines[::2]) + "\n")
+    bias = fewshot.start_count_bias("default", fewshot.held_out_split(data)[0])
+    assert bias == pytest.approx(len(lines) / len(lines[::2]) - 1, abs=0.1)
+    blend, reason = fewshot.choose_blend(bias)
+    assert blend == 1.0 and "fine-tune whole" in reason and f"{100 * bias:+.0f} %" in reason
+    assert fewshot.choose_blend(-0.2)[0] == 1.0  # under-counting by convention too
+    assert fewshot.choose_blend(None)[0] == fewshot.WEIGHT_BLEND
 
 
 def _tuned_checkpoint(path: Path, shift: float) -> dict:
@@ -138,7 +157,6 @@ def test_blend_puts_the_weights_halfway_to_the_start_once(tmp_path):
 
     from napari_yolocell.models.loading import network_of
     from napari_yolocell.models.spec import ModelSpec
-    from napari_yolocell.training import fewshot
     from napari_yolocell.training.train import TrainResult
 
     run_dir = tmp_path / "runs" / "yolov5_finetune"
@@ -249,7 +267,6 @@ def test_resume_keeps_the_time_left_and_the_lab_scale(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from napari_yolocell.models.spec import ModelSpec, write_sidecar
-    from napari_yolocell.training import fewshot
     from napari_yolocell.training.train import TrainResult
 
     prepared = _whole_image_dataset(tmp_path / "prep", size=(120, 140), diameter=20.0, n=1)

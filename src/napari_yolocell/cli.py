@@ -428,6 +428,7 @@ def cmd_train(args) -> int:
         if bar is not None:
             bar.close()
     if fewshot and res.best is not None and not res.cancelled:
+        _print_blend(res.run_dir)
         _print_verdict(args, res.best)
     print(f"best\t{res.best}")
     print(f"last\t{res.last}")
@@ -462,6 +463,15 @@ def _train_progress(args, fewshot: bool):
         bar.refresh()
 
     return bar, on_epoch
+
+
+def _print_blend(run_dir) -> None:
+    """``blend\t<share of the fine-tuned weights>\t<why>`` (``fewshot.json``)."""
+    from napari_yolocell.training.fewshot import fewshot_info
+
+    info = fewshot_info(run_dir) or {}
+    if "blend" in info:
+        print(f"blend\t{float(info['blend']):g}\t{info.get('blend_reason', '')}".rstrip())
 
 
 def _print_verdict(args, best) -> None:
@@ -830,7 +840,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="fine-tuning: share of the fine-tuned weights in the delivered model, the rest the "
-        "start's (default 0.5: keeps what the start counts well; 1: the fine-tune alone)",
+        "start's (default: 0.5, which keeps what the start counts well, or 1, the fine-tune "
+        "alone, when the start model miscounts your training images far more than it should: "
+        "the 'blend' line says which and why)",
     )
     t.add_argument("--resume", action="store_true", help="continue from last.pt")
     t.add_argument("--quiet", action="store_true")

@@ -39,7 +39,12 @@ from napari_yolocell.shell import _qt, session
 from napari_yolocell.shell._worker import Outcome, Progress, Task
 from napari_yolocell.shell.progress_row import ProgressRow, duration
 from napari_yolocell.shell.settings import persist
-from napari_yolocell.training.fewshot import finetune, held_out_split, resume_finetune
+from napari_yolocell.training.fewshot import (
+    fewshot_info,
+    finetune,
+    held_out_split,
+    resume_finetune,
+)
 from napari_yolocell.training.train import TrainResult
 
 __all__ = ["FinetunePanel", "FinetuneRun", "base_choices", "held_out_items", "run_finetune"]
@@ -389,4 +394,7 @@ class FinetunePanel:
             _qt.show_info(f"Fine-tuned model added to Detect: {key}")
         elif not run.result.cancelled:
             _qt.show_warning(text)
+        if not run.result.cancelled:  # the weights it holds: blended or whole, and why
+            reason = (fewshot_info(run.result.run_dir) or {}).get("blend_reason")
+            text += f". Delivered model: {reason}" if reason else ""
         self.label.value = text
