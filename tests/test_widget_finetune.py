@@ -197,6 +197,9 @@ def test_finetune_end_to_end_scores_held_out_region(qtbot, setup, tmp_path, monk
         assert ("beats nucleus-v5n" in text) is registered
         assert registered or "NOT better than" in text
         assert "nuclei), each model at the confidence Detect uses" in text
+        # what the delivered weights are, measured on the exported training images
+        assert any(item.text.startswith("delivered model: ") for item in seen)
+        assert "Delivered model: halfway to the start model: the start model counts" in text
     finally:
         if run is not None and run.result.best is not None:
             session.forget_session_model(run.result.best)
