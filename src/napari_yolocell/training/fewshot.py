@@ -103,9 +103,8 @@ FEWSHOT_SETTINGS: dict[str, Any] = {
 # ones (weight-space ensembling, "WiSE-FT", Wortsman et al. 2022). Three images of one kind
 # teach their own kind and forget the rest: fully fine-tuned, three 50 px shots of a lab
 # imaging at two magnifications counted its 25 px images at F1 0.89 against the start's 0.95;
-# halfway, 0.94. The halfway model keeps most of a new lab's gain (MNFinder 0.80 -> 0.90, fully
-# 0.95) and was never worse than the start by more than 0.008 F1 on any of 10 draws
-# (docs/benchmarks.md, "Halfway between the start and the fine-tune").
+# halfway, 0.94. Halfway was never worse than the start by more than 0.008 F1 on any of 10
+# draws (docs/benchmarks.md, "Halfway between the start and the fine-tune").
 WEIGHT_BLEND = 0.5
 # ...unless the start model miscounts the lab's own corrected images by more than this share
 # (mean signed count error over the training images, at Detect's settings): the lab then
