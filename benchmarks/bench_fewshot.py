@@ -19,7 +19,8 @@ of DSB2018 and Kromp 2020 standing in for one lab each (``bench_heldout.GROUPS``
 
 ``--set freeze=10`` (repeatable) changes a few-shot training setting
 (``training.fewshot.FEWSHOT_SETTINGS``) for an experiment; ``--set blend=1`` the share of the
-fine-tuned weights in the delivered model (``WEIGHT_BLEND``).
+fine-tuned weights in the delivered model (``yolocell train --blend``; by default the
+fine-tune chooses it, ``training.fewshot.choose_blend``).
 """
 
 from __future__ import annotations
@@ -72,12 +73,13 @@ def finetune_cli(
 ) -> tuple[Path, float]:
     """Run ``yolocell train``; returns (weights path from the last line, wall minutes)."""
     launcher = ["-m", "napari_yolocell.cli"]
+    settings = dict(settings or {})
+    blend = ["--blend", str(settings.pop("blend"))] if "blend" in settings else []
     if settings:  # an experiment: the same CLI with other few-shot settings
         launcher = [
             "-c",
             "import sys, napari_yolocell.training.fewshot as f; "
-            f"s = {settings!r}; f.WEIGHT_BLEND = s.pop('blend', f.WEIGHT_BLEND); "
-            "f.FEWSHOT_SETTINGS.update(s); "
+            f"f.FEWSHOT_SETTINGS.update({settings!r}); "
             "from napari_yolocell.cli import main; sys.exit(main(sys.argv[1:]))",
         ]
     cmd = [
@@ -93,6 +95,7 @@ def finetune_cli(
         "--out",
         str(out),
         "--quiet",
+        *blend,
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

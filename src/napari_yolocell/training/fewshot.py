@@ -411,7 +411,8 @@ def finetune(
     holdout : int
         Training images kept back for judging the result (:func:`held_out_split`).
     on_status : callable, optional
-        Gets one line per step of the INT8 quantization that follows training.
+        Gets one line for the delivered model's make-up (:func:`choose_blend`) and one per step
+        of the INT8 quantization that follows training.
     blend : float, optional
         Share of the fine-tuned weights in ``best`` (1 = the fine-tuned weights alone; see
         :func:`blend_with_start`). Default: :func:`choose_blend` of the start model's count
