@@ -138,6 +138,17 @@ def test_decoding_is_not_quantized(fp32_folder, tmp_path):
     assert '"precision": "int8"' in meta and f'"int8_recipe": {int8_cache.INT8_VERSION}' in meta
 
 
+@pytest.mark.parametrize("n_tiles", [2, quantize.MIN_TILES_NO_OUTLIERS])
+def test_few_or_many_calibration_tiles_give_a_model_that_agrees(fp32_folder, tmp_path, n_tiles):
+    """From MIN_TILES_NO_OUTLIERS tiles on, the most extreme tiles are left out of the
+    activation ranges; with two, that would leave none (a model that finds nothing)."""
+    tiles = _small_nuclei_tiles(n_tiles)
+    out = quantize.quantize_openvino(fp32_folder, tiles, tmp_path / "int8", fast=True)
+    check = quantize.check_int8(fp32_folder, out, tiles, conf=0.2)
+    assert check.count_fp32 >= 50 * n_tiles
+    assert abs(check.count_change) <= 0.02 and check.f1 >= 0.98
+
+
 @pytest.fixture(scope="module")
 def user_model(tmp_path_factory):
     """A copy of the bundled weights: a user's model (no INT8 shipped), private cache."""

@@ -36,8 +36,9 @@ from napari_yolocell.models.user_cache import (
 )
 
 #: Bump when the quantization recipe changes: older INT8 entries are then ignored.
-#: 2: the head's decoding kept in FP32 (issue 23).
-INT8_VERSION = 2
+#: 2: the head's decoding kept in FP32 (issue 23). 3: activation ranges without the most
+#: extreme calibration tiles (``training.quantize._advanced``).
+INT8_VERSION = 3
 CHECK_FILE = "check.json"
 
 _TOLD: set[str] = set()
