@@ -152,6 +152,80 @@ def _tuned_checkpoint(path: Path, shift: float) -> dict:
     return start
 
 
+def _faint_nuclei_dataset(root: Path, conf: float) -> Path:
+    """One noisy image of bright and faint nuclei, labelled as a lab that counts only the
+    nuclei the bundled model finds at ``conf`` or above (the faint ones it finds below are
+    what this lab leaves out)."""
+    from napari_yolocell.engine.detect import DetectParams, counted, detect_image
+    from napari_yolocell.models.loading import load_detector
+
+    rng = np.random.default_rng(0)
+    h, w, r = 300, 420, 12
+    yy, xx = np.mgrid[:h, :w]
+    img = rng.normal(40, 8, (h, w))
+    centres = [(y, x) for y in np.arange(16, h - 16, 26.4) for x in np.arange(16, w - 16, 26.4)]
+    for k, (cy, cx) in enumerate(centres):
+        img += (180 if k % 2 == 0 else 15) * (((yy - cy) ** 2 + (xx - cx) ** 2) <= r * r)
+    png = np.clip(img, 0, 255).astype(np.uint8)
+    df = counted(detect_image(png, load_detector("default"), DetectParams(conf=conf)))
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(png).save(root / "images" / split / "img0.png")
+        (root / "labels" / split / "img0.txt").write_text(
+            "".join(
+                f"0 {(b.x0 + b.x1) / 2 / w:.5f} {(b.y0 + b.y1) / 2 / h:.5f} "
+                f"{(b.x1 - b.x0) / w:.5f} {(b.y1 - b.y0) / h:.5f}\n"
+                for b in df.itertuples()
+            )
+        )
+    (root / "data.yaml").write_text(
+        f"path: {root}\ntrain: images/train\nval: images/val\nnc: 1\nnames: ['nucleus']\n"
+    )
+    return root
+
+
+def test_a_fine_tune_delivered_whole_counts_the_labs_images_at_its_own_confidence(tmp_path):
+    import json
+    import shutil
+
+    from napari_yolocell.analysis.finetune_check import detect_conf
+    from napari_yolocell.models.spec import ModelSpec, write_sidecar
+    from napari_yolocell.training.train import TrainResult
+
+    data = _faint_nuclei_dataset(tmp_path / "lab", conf=0.35)
+    train = fewshot.held_out_split(data)[0]
+    assert fewshot.start_count_bias("default", train) > 0.05  # over-counts at 0.20
+    conf, reason = fewshot.lab_confidence("default", train, 0.2)
+    assert conf == 0.35 and reason.startswith("confidence 0.35: there the fine-tuned model")
+    assert "% at 0.20)" in reason
+
+    # the delivered model (here the bundled weights as a fine-tune's best.pt) gets it
+    run_dir = tmp_path / "runs" / "yolov5_finetune"
+    best = run_dir / "weights" / "best.pt"
+    best.parent.mkdir(parents=True)
+    shutil.copy(fewshot.resolve_base_weights("default")[0], best)
+    spec = fewshot.resolve_base_weights("default")[1]
+    write_sidecar(best, ModelSpec(name="ft", family="yolov5", diameter_px=spec.diameter_px))
+    info = {"data": str(data), "holdout": 0, "seed": 0, "default_conf": 0.2, "blend": 0.5}
+    result = TrainResult(best=best, last=None, metrics={}, run_dir=run_dir)
+    said: list[str] = []
+    fewshot._deliver_confidence(result, info, said.append, None)
+    assert said == [] and "lab_conf" not in info  # blended: the start's confidence stays
+    info["blend"] = 1.0
+    fewshot._deliver_confidence(result, info, said.append, None)
+    # best.pt runs on another runtime than the bundled INT8 model: scores differ a little
+    own, why = fewshot.lab_confidence(best, train, 0.2)
+    assert 0.3 <= own <= 0.4 and said == [why] and detect_conf(best) == own
+    assert json.loads((run_dir / "fewshot.json").read_text())["lab_conf"] == own
+
+
+def test_a_lab_counted_right_keeps_the_start_confidence(tmp_path):
+    data = _whole_image_dataset(tmp_path / "lab", size=(200, 260), diameter=24.0, n=1)
+    conf, reason = fewshot.lab_confidence("default", fewshot.held_out_split(data)[0], 0.2)
+    assert conf == 0.2 and reason.startswith("confidence 0.20 kept")
+
+
 def test_blend_puts_the_weights_halfway_to_the_start_once(tmp_path):
     import json
 

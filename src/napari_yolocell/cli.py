@@ -466,12 +466,15 @@ def _train_progress(args, fewshot: bool):
 
 
 def _print_blend(run_dir) -> None:
-    """``blend\t<share of the fine-tuned weights>\t<why>`` (``fewshot.json``)."""
+    """``blend\t<share of the fine-tuned weights>\t<why>`` and, for a fine-tune delivered
+    whole, ``conf\t<its default confidence>\t<why>`` (``fewshot.json``)."""
     from napari_yolocell.training.fewshot import fewshot_info
 
     info = fewshot_info(run_dir) or {}
     if "blend" in info:
         print(f"blend\t{float(info['blend']):g}\t{info.get('blend_reason', '')}".rstrip())
+    if "lab_conf" in info:
+        print(f"conf\t{float(info['lab_conf']):.2f}\t{info.get('lab_conf_reason', '')}".rstrip())
 
 
 def _print_verdict(args, best) -> None:

@@ -395,6 +395,8 @@ class FinetunePanel:
         elif not run.result.cancelled:
             _qt.show_warning(text)
         if not run.result.cancelled:  # the weights it holds: blended or whole, and why
-            reason = (fewshot_info(run.result.run_dir) or {}).get("blend_reason")
+            info = fewshot_info(run.result.run_dir) or {}
+            reason = info.get("blend_reason")
             text += f". Delivered model: {reason}" if reason else ""
+            text += f"; {info['lab_conf_reason']}" if info.get("lab_conf_reason") else ""
         self.label.value = text
