@@ -199,6 +199,8 @@ def test_a_fine_tune_delivered_whole_counts_the_labs_images_at_its_own_confidenc
     conf, reason = fewshot.lab_confidence("default", train, 0.2)
     assert conf == 0.35 and reason.startswith("confidence 0.35: there the fine-tuned model")
     assert "% at 0.20)" in reason
+    # a model that under-counts at its confidence keeps it: never lowered on three images
+    assert fewshot.lab_confidence("default", train, 0.5)[0] == 0.5
 
     # the delivered model (here the bundled weights as a fine-tune's best.pt) gets it
     run_dir = tmp_path / "runs" / "yolov5_finetune"
@@ -218,6 +220,27 @@ def test_a_fine_tune_delivered_whole_counts_the_labs_images_at_its_own_confidenc
     own, why = fewshot.lab_confidence(best, train, 0.2)
     assert 0.3 <= own <= 0.4 and said == [why] and detect_conf(best) == own
     assert json.loads((run_dir / "fewshot.json").read_text())["lab_conf"] == own
+
+
+def test_cli_prints_the_confidence_of_a_fine_tune_delivered_whole(tmp_path, capsys):
+    import json
+
+    from napari_yolocell.analysis.finetune_check import detect_conf
+    from napari_yolocell.cli import main
+
+    data = _faint_nuclei_dataset(tmp_path / "lab", conf=0.35)
+    out = tmp_path / "runs"
+    args = ["train", "--data", str(data), "--model", "default", "--minutes", "2"]
+    rc = main([*args, "--epochs", "1", "--blend", "1", "--out", str(out), "--quiet"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    keys = [ln.split("\t")[0] for ln in lines]
+    assert keys[-6:] == ["blend", "conf", "verdict", "best", "last", "weights"]
+    conf = float(lines[-5].split("\t")[1])
+    best = Path(lines[-1].split("\t")[1])
+    info = json.loads((best.parent.parent / "fewshot.json").read_text())
+    assert info["lab_conf"] == conf == detect_conf(best) and conf >= 0.2
+    assert lines[-5].split("\t")[2] == info["lab_conf_reason"]
 
 
 def test_a_lab_counted_right_keeps_the_start_confidence(tmp_path):

@@ -123,8 +123,10 @@ CONVENTION_BIAS = 0.15
 # +3 to +9 %, and its other images +2 to +4 %). Its confidence is then the one at which it
 # counts the training images right (:func:`lab_confidence`), from this grid; at most 0.5,
 # because past it the count matched on three images comes from dropping faint nuclei (one
-# MNFinder draw asked for 0.65 and counted its other images -5.7 %; docs/benchmarks.md,
-# "The lab's confidence").
+# MNFinder draw asked for 0.65 and counted its other images -5.7 %), and never below the
+# start's: a lower one admits what the model itself scores unlikely, which three images
+# cannot vouch for (BitDepth's shots asked for 0.10 and its other images were then
+# over-counted by +16 %). docs/benchmarks.md, "The lab's confidence".
 LAB_CONF_GRID: tuple[float, ...] = tuple(round(0.10 + 0.05 * i, 2) for i in range(9))
 # Part of the budget kept for preparing data, the final validation of best.pt and saving.
 RESERVE_FRACTION = 0.1
@@ -307,8 +309,9 @@ def lab_confidence(
 ) -> tuple[float, str] | None:
     """The confidence at which ``model`` counts the lab's labelled images right.
 
-    The threshold of :data:`LAB_CONF_GRID` with the smallest mean signed count error on
-    ``samples`` (detected as Detect runs them); of equal ones, the nearest ``default_conf``.
+    The threshold of :data:`LAB_CONF_GRID`, at or above ``default_conf``, with the smallest
+    mean signed count error on ``samples`` (detected as Detect runs them); of equal ones, the
+    nearest ``default_conf``.
 
     Parameters
     ----------
@@ -329,7 +332,8 @@ def lab_confidence(
         The confidence and, in one line for the user, why. None without a labelled image or
         when cancelled.
     """
-    grid = sorted({*LAB_CONF_GRID, round(float(default_conf), 2)})
+    start = round(float(default_conf), 2)
+    grid = sorted({start, *(c for c in LAB_CONF_GRID if c > start)})
     bias = _count_bias_at(model, samples, grid, backend, cancel)
     if bias is None:
         return None
@@ -338,7 +342,7 @@ def lab_confidence(
         range(len(grid)),
         key=lambda i: (round(abs(float(bias[i])), 6), abs(grid[i] - float(default_conf))),
     )
-    at = grid.index(round(float(default_conf), 2))
+    at = grid.index(start)
     conf = float(grid[order])
     if conf == grid[at]:
         return conf, (
