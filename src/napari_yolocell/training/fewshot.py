@@ -321,10 +321,8 @@ def lab_confidence(
         The fine-tune's training images.
     default_conf : float
         The confidence the model has until now (the start model's default).
-    backend : str
-        Runtime (``auto``: what Detect uses).
-    cancel : callable, optional
-        Returns True to stop; the result is then None.
+    backend, cancel : str, callable
+        As in :func:`start_count_bias`.
 
     Returns
     -------
