@@ -41,7 +41,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -236,26 +236,20 @@ def held_out_split(
 
 
 def _count_bias_at(
-    model: str | Path,
-    samples: list[YoloSample],
-    confs: tuple[float, ...] | list[float],
-    backend: str = "auto",
+    detector: Any,
+    labelled: list[YoloSample],
+    confs: Sequence[float],
     cancel: Callable[[], bool] | None = None,
 ) -> np.ndarray | None:
-    """Mean signed count error of ``model`` on labelled images at each of ``confs``.
+    """Mean signed count error of a loaded detector on labelled images at each of ``confs``.
 
-    The images are detected once, as Detect runs them (the default runtime, the automatic
-    size), at the lowest of ``confs``; a higher threshold keeps the detections scoring at
-    least it (what detecting at that threshold keeps: suppression only lets a box remove
-    lower-scoring ones). None without a labelled image, or when cancelled.
+    The images are detected once, as Detect runs them (the automatic size), at the lowest of
+    ``confs``; a higher threshold keeps the detections scoring at least it (what detecting at
+    that threshold keeps: suppression only lets a box remove lower-scoring ones). None when
+    cancelled.
     """
     from napari_yolocell.engine.detect import DetectParams, counted, detect_image
-    from napari_yolocell.models.loading import load_detector
 
-    labelled = [s for s in samples if len(s.boxes)]
-    if not labelled:
-        return None
-    detector = load_detector(model, backend=backend)
     params = DetectParams(conf=float(min(confs)))
     thresholds = np.asarray(confs, float)
     errors = []
@@ -295,8 +289,13 @@ def start_count_bias(
     float or None
         The mean over images with at least one true nucleus; None when there is none.
     """
-    conf = float(resolve_model(model).default_conf)
-    bias = _count_bias_at(model, samples, [conf], backend, cancel)
+    from napari_yolocell.models.loading import load_detector
+
+    labelled = [s for s in samples if len(s.boxes)]
+    if not labelled:
+        return None
+    detector = load_detector(model, backend=backend)
+    bias = _count_bias_at(detector, labelled, [float(detector.spec.default_conf)], cancel)
     return None if bias is None else float(bias[0])
 
 
@@ -330,26 +329,27 @@ def lab_confidence(
         The confidence and, in one line for the user, why. None without a labelled image or
         when cancelled.
     """
+    from napari_yolocell.models.loading import load_detector
+
+    labelled = [s for s in samples if len(s.boxes)]
+    if not labelled:
+        return None
     start = round(float(default_conf), 2)
-    grid = sorted({start, *(c for c in LAB_CONF_GRID if c > start)})
-    bias = _count_bias_at(model, samples, grid, backend, cancel)
+    grid = [start, *(c for c in LAB_CONF_GRID if c > start)]  # ascending from the start's
+    bias = _count_bias_at(load_detector(model, backend=backend), labelled, grid, cancel)
     if bias is None:
         return None
-    # rounded so that thresholds between the same detections tie (and the nearest wins)
-    order = min(
-        range(len(grid)),
-        key=lambda i: (round(abs(float(bias[i])), 6), abs(grid[i] - float(default_conf))),
-    )
-    at = grid.index(start)
-    conf = float(grid[order])
-    if conf == grid[at]:
-        return conf, (
-            f"confidence {conf:.2f} kept: there the fine-tuned model counts your training "
-            f"images {100 * bias[at]:+.1f} %"
+    # rounded so that thresholds between the same detections tie; min keeps the first (the
+    # nearest the start's) of equal ones
+    best = min(range(len(grid)), key=lambda i: round(abs(float(bias[i])), 6))
+    if best == 0:
+        return start, (
+            f"confidence {start:.2f} kept: there the fine-tuned model counts your training "
+            f"images {100 * bias[0]:+.1f} %"
         )
-    return conf, (
-        f"confidence {conf:.2f}: there the fine-tuned model counts your training images "
-        f"{100 * bias[order]:+.1f} % ({100 * bias[at]:+.1f} % at {grid[at]:.2f})"
+    return grid[best], (
+        f"confidence {grid[best]:.2f}: there the fine-tuned model counts your training images "
+        f"{100 * bias[best]:+.1f} % ({100 * bias[0]:+.1f} % at {start:.2f})"
     )
 
 
