@@ -45,6 +45,13 @@ def _whole_image_dataset(root: Path, size=(300, 420), diameter=24.0, n=2) -> Pat
     return root
 
 
+def _leave_out_every(data: Path, k: int) -> None:
+    """A lab that leaves every ``k``-th nucleus out of its labels."""
+    for label in sorted(data.glob("labels/*/*.txt")):
+        lines = label.read_text().splitlines()
+        label.write_text("\n".join(ln for i, ln in enumerate(lines) if i % k) + "\n")
+
+
 def test_large_nuclei_are_rescaled_to_the_model_scale(tmp_path):
     data = _whole_image_dataset(tmp_path / "big", size=(600, 800), diameter=92.0)
     info = prepare_fewshot_dataset(data, tmp_path / "prep", model_diameter=23.0)
@@ -80,6 +87,7 @@ def test_cli_finetunes_default_and_prints_weights_last(tmp_path, capsys):
     from napari_yolocell.cli import main
 
     data = _whole_image_dataset(tmp_path / "data", size=(160, 192), diameter=20.0, n=2)
+    _leave_out_every(data, 12)  # the start over-counts this lab by ~10 %: fine-tuned, halfway
     rc = main(
         [
             "train",
@@ -122,18 +130,89 @@ def test_cli_finetunes_default_and_prints_weights_last(tmp_path, capsys):
 def test_a_lab_that_counts_differently_gets_the_fine_tune_whole(tmp_path):
     data = _whole_image_dataset(tmp_path / "lab", size=(200, 260), diameter=24.0, n=1)
     train = fewshot.held_out_split(data)[0]
-    assert fewshot.start_count_bias("default", train) == pytest.approx(0.0, abs=0.1)
-    assert fewshot.choose_blend(0.0)[0] == fewshot.WEIGHT_BLEND
+    right = fewshot.start_score("default", train)
+    assert right.count_bias == pytest.approx(0.0, abs=0.05) and right.f1 > 0.95
+    n = right.n_true
+    assert n == len(train[0].boxes)
     # the lab leaves every other nucleus out of its count (micronuclei, say)
     label = data / "labels" / "train" / "img0.txt"
     lines = label.read_text().splitlines()
     label.write_text("\n".join(lines[::2]) + "\n")
-    bias = fewshot.start_count_bias("default", fewshot.held_out_split(data)[0])
-    assert bias == pytest.approx(len(lines) / len(lines[::2]) - 1, abs=0.1)
-    blend, reason = fewshot.choose_blend(bias)
-    assert blend == 1.0 and "fine-tune whole" in reason and f"{100 * bias:+.0f} %" in reason
-    assert fewshot.choose_blend(-0.2)[0] == 1.0  # under-counting by convention too
+    score = fewshot.start_score("default", fewshot.held_out_split(data)[0])
+    assert score.count_bias == pytest.approx(len(lines) / len(lines[::2]) - 1, abs=0.1)
+    assert score.f1 == pytest.approx(2 / 3, abs=0.05)  # half its detections are not the lab's
+    blend, reason = fewshot.choose_blend(score)
+    assert blend == 1.0 and "fine-tune whole" in reason
+    assert f"{100 * score.count_bias:+.0f} %" in reason
+    assert fewshot.choose_blend(fewshot.StartScore(-0.2, 0.9, n))[0] == 1.0  # under-counting
     assert fewshot.choose_blend(None)[0] == fewshot.WEIGHT_BLEND
+
+
+@pytest.mark.parametrize(
+    ("bias", "f1", "keep", "blend"),
+    [
+        (0.02, 0.95, True, 0.0),  # at the target: the start kept
+        (-0.05, 0.93, True, 0.0),  # at the target's edges
+        (0.02, 0.92, True, 0.5),  # F1 under the target
+        (0.08, 0.95, True, 0.5),  # miscounts by more than the target allows
+        (0.02, 0.95, False, 0.5),  # asked to fine-tune anyway
+        (0.20, 0.95, False, 1.0),  # another convention: whole, asked or not
+    ],
+)
+def test_the_blend_follows_how_the_start_counts_the_labs_images(bias, f1, keep, blend):
+    chosen, reason = fewshot.choose_blend(fewshot.StartScore(bias, f1, 120), keep)
+    assert chosen == blend
+    assert ("nothing was trained" in reason) is (blend == 0.0)
+    assert f"{100 * bias:+.0f} %" in reason
+
+
+def test_a_lab_counted_right_gets_the_start_model_back_untrained(tmp_path, capsys, monkeypatch):
+    import json
+
+    from napari_yolocell.cli import main
+    from napari_yolocell.engine.detect import DetectParams, detect_image
+    from napari_yolocell.models.loading import load_detector
+    from napari_yolocell.models.spec import sidecar_path
+
+    # its INT8 step is that of a fine-tune (tests/test_quantize.py): here only that it runs
+    quantized = []
+    monkeypatch.setattr(
+        "napari_yolocell.training.quantize.quantize_after_finetune",
+        lambda weights, dataset, progress=None, cancel=None: quantized.append(weights),
+    )
+    data = _whole_image_dataset(tmp_path / "lab", size=(200, 260), diameter=24.0, n=2)
+    out = tmp_path / "runs"
+    args = ["train", "--data", str(data), "--model", "default", "--minutes", "5"]
+    assert main([*args, "--holdout", "1", "--out", str(out), "--quiet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    keys = [ln.split("\t")[0] for ln in lines]
+    assert keys[-4:] == ["blend", "best", "last", "weights"] and "verdict" not in keys
+    assert lines[-4].startswith("blend\t0\tthe start model, kept as it is: the start model")
+    assert lines[-4].endswith("so nothing was trained (--blend 0.5 fine-tunes anyway)")
+    best = Path(lines[-1].split("\t")[1])
+    start, spec = fewshot.resolve_base_weights("default")
+    assert best.read_bytes() == start.read_bytes() and quantized == [best]
+    assert not (best.parent.parent / "results.csv").exists()  # nothing trained
+    side = json.loads(sidecar_path(best).read_text())
+    assert side["default_conf"] == spec.default_conf and side["diameter_px"] == spec.diameter_px
+    assert side["lab_diameter_px"] is None and side["int8"] is None
+    info = fewshot.fewshot_info(best.parent.parent)
+    assert info["kept_start"] and info["blend"] == 0.0 and info["start_f1"] >= 0.93
+    assert fewshot.start_kept(best.parent.parent)
+    # it counts as the start does
+    image = np.asarray(Image.open(data / "images" / "train" / "img0.png"))
+    counts = [
+        len(detect_image(image, load_detector(m, backend="torch"), DetectParams()))
+        for m in ("default", best)
+    ]
+    assert counts[0] == counts[1] > 0
+    # asked for a fine-tune anyway, the same lab is fine-tuned
+    assert main([*args, "--epochs", "1", "--blend", "0.5", "--out", str(out), "--quiet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    tuned = Path(lines[-1].split("\t")[1])
+    assert "blend\t0.5\tas asked" in lines and not fewshot.start_kept(tuned.parent.parent)
+    assert tuned.parent.parent != best.parent.parent and fewshot.start_kept(best.parent.parent)
+    assert tuned.read_bytes() != start.read_bytes()
 
 
 def _tuned_checkpoint(path: Path, shift: float) -> dict:
@@ -195,7 +274,7 @@ def test_a_fine_tune_delivered_whole_counts_the_labs_images_at_its_own_confidenc
 
     data = _faint_nuclei_dataset(tmp_path / "lab", conf=0.35)
     train = fewshot.held_out_split(data)[0]
-    assert fewshot.start_count_bias("default", train) > 0.05  # over-counts at 0.20
+    assert fewshot.start_score("default", train).count_bias > 0.05  # over-counts at 0.20
     conf, reason = fewshot.lab_confidence("default", train, 0.2)
     assert conf == 0.35 and reason.startswith("confidence 0.35: there the fine-tuned model")
     assert "% at 0.20)" in reason

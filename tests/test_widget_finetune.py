@@ -143,6 +143,7 @@ def test_finetune_cancel_keeps_last_for_resume(qtbot, setup, tmp_path):
     panel = widget.finetune
     panel.device.value = "cpu"
     panel.out.value = tmp_path / "runs"
+    panel.always.value = True  # the start counts these nuclei right: fine-tune anyway
     assert panel.start(batch=2) is not None
     assert panel.cancel_button.enabled and not panel.run_button.enabled
     assert not widget.train_button.enabled  # one training at a time
@@ -165,6 +166,7 @@ def test_finetune_end_to_end_scores_held_out_region(qtbot, setup, tmp_path, monk
     panel.max_epochs.value = 1
     panel.device.value = "cpu"
     panel.out.value = tmp_path / "runs"
+    panel.always.value = True  # the start counts these nuclei right: fine-tune anyway
     # INT8 quantization after the fine-tune has its own tests (test_quantize); here only its
     # steps reach the progress row, and Cancel reaches it
     calls = []
@@ -203,6 +205,40 @@ def test_finetune_end_to_end_scores_held_out_region(qtbot, setup, tmp_path, monk
     finally:
         if run is not None and run.result.best is not None:
             session.forget_session_model(run.result.best)
+
+
+def test_a_start_that_counts_the_corrections_right_is_kept_untrained(
+    qtbot, setup, tmp_path, monkeypatch
+):
+    from napari_yolocell.training.fewshot import fewshot_info
+
+    viewer, widget, errors, _warnings = setup
+    detect = wd.DetectWidget(viewer)
+    export(qtbot, widget, tmp_path / "ds")
+    panel = widget.finetune
+    panel.device.value = "cpu"
+    panel.out.value = tmp_path / "runs"
+    assert not panel.always.value  # by default a start at the target is kept
+    quantized = []  # its INT8 step is a fine-tune's (test_quantize)
+    monkeypatch.setattr(
+        "napari_yolocell.training.quantize.quantize_after_finetune",
+        lambda weights, dataset, progress=None, cancel=None: quantized.append(weights),
+    )
+    seen = []
+    show = panel._on_progress
+    monkeypatch.setattr(panel, "_on_progress", lambda item: (seen.append(item), show(item)))
+    assert panel.start() is not None  # 5 minutes asked; none spent training
+    wait(qtbot, widget)
+    assert errors == []
+    run = panel.last_run
+    info = fewshot_info(run.result.run_dir)
+    assert info["kept_start"] and info["start_f1"] >= 0.93 and quantized == [run.result.best]
+    assert run.scores is None and panel.history == []  # nothing trained, nothing to judge
+    assert not any(item.text.startswith("training:") for item in seen)
+    text = panel.label.value
+    assert text.startswith("nucleus-v5n kept, nothing trained (tick 'fine-tune even if")
+    assert "Delivered model: the start model, kept as it is: the start model counts" in text
+    assert str(run.result.best.resolve()) not in detect.model.choices  # Detect has it already
 
 
 def test_three_images_and_their_regions_go_into_one_finetune(

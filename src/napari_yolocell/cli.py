@@ -428,8 +428,8 @@ def cmd_train(args) -> int:
         if bar is not None:
             bar.close()
     if fewshot and res.best is not None and not res.cancelled:
-        _print_blend(res.run_dir)
-        _print_verdict(args, res.best)
+        if _print_blend(res.run_dir, asked=args.blend is not None):  # the start kept: no verdict
+            _print_verdict(args, res.best)
     print(f"best\t{res.best}")
     print(f"last\t{res.last}")
     print(f"weights\t{res.best or res.last}")  # last line: the checkpoint to use
@@ -465,16 +465,21 @@ def _train_progress(args, fewshot: bool):
     return bar, on_epoch
 
 
-def _print_blend(run_dir) -> None:
+def _print_blend(run_dir, asked: bool = False) -> bool:
     """``blend\t<share of the fine-tuned weights>\t<why>`` and, for a fine-tune delivered
-    whole, ``conf\t<its default confidence>\t<why>`` (``fewshot.json``)."""
-    from napari_yolocell.training.fewshot import fewshot_info
+    whole, ``conf\t<its default confidence>\t<why>`` (``fewshot.json``). False when the start
+    model was kept (nothing trained, nothing to judge)."""
+    from napari_yolocell.training.fewshot import WEIGHT_BLEND, fewshot_info
 
     info = fewshot_info(run_dir) or {}
     if "blend" in info:
-        print(f"blend\t{float(info['blend']):g}\t{info.get('blend_reason', '')}".rstrip())
+        reason = info.get("blend_reason", "")
+        if info.get("kept_start") and not asked:
+            reason += f" (--blend {WEIGHT_BLEND:g} fine-tunes anyway)"
+        print(f"blend\t{float(info['blend']):g}\t{reason}".rstrip())
     if "lab_conf" in info:
         print(f"conf\t{float(info['lab_conf']):.2f}\t{info.get('lab_conf_reason', '')}".rstrip())
+    return not info.get("kept_start")
 
 
 def _print_verdict(args, best) -> None:
@@ -843,9 +848,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="fine-tuning: share of the fine-tuned weights in the delivered model, the rest the "
-        "start's (default: 0.5, which keeps what the start counts well, or 1, the fine-tune "
-        "alone, when the start model miscounts your training images far more than it should: "
-        "the 'blend' line says which and why)",
+        "start's (default: 0.5, which keeps what the start counts well; 1, the fine-tune "
+        "alone, when the start model miscounts your training images far more than it should; "
+        "0, the start model and no training, when it already counts them at the target: the "
+        "'blend' line says which and why; give 0.5 to fine-tune anyway)",
     )
     t.add_argument("--resume", action="store_true", help="continue from last.pt")
     t.add_argument("--quiet", action="store_true")

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from napari_yolocell.engine.detect import DetectParams, counted, detect_image
+from napari_yolocell.engine.match import Match, as_boxes, box_iou, greedy_match, match_detections
 from napari_yolocell.io.yolo import YoloDataset, load_image, read_yolo_dataset
 from napari_yolocell.models.loading import load_detector
 from napari_yolocell.models.ultralytics_env import import_ultralytics
@@ -47,155 +48,6 @@ __all__ = [
     "match_detections",
     "results_table",
 ]
-
-
-# --------------------------------------------------------------------------- matching
-
-
-def _as_boxes(boxes: Any) -> np.ndarray:
-    arr = np.asarray(boxes, dtype=float)
-    if arr.size == 0:
-        return np.zeros((0, 4))
-    if arr.ndim != 2 or arr.shape[1] != 4:
-        raise ValueError(f"boxes must have shape (N, 4), got {arr.shape}")
-    return arr
-
-
-def box_iou(a: np.ndarray, b: np.ndarray, eps: float = 1e-7) -> np.ndarray:
-    """Pairwise IoU of two box sets (same formula as ``ultralytics.utils.metrics.box_iou``).
-
-    Parameters
-    ----------
-    a, b : numpy.ndarray
-        ``(N, 4)`` and ``(M, 4)`` boxes, corners ``(lo0, lo1, hi0, hi1)``.
-    eps : float
-        Guards against division by zero.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(N, M)`` IoU.
-    """
-    a, b = _as_boxes(a), _as_boxes(b)
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(hi - lo, 0, None).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter + eps)
-
-
-def _greedy_match(iou: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ultralytics ``DetectionValidator.match_predictions`` (greedy path), also returning
-    which truth each prediction took.
-
-    Parameters
-    ----------
-    iou : numpy.ndarray
-        ``(M truths, N predictions)``, predictions in descending confidence order.
-    thresholds : numpy.ndarray
-        ``(T,)`` IoU thresholds.
-
-    Returns
-    -------
-    correct : numpy.ndarray
-        ``(N, T)`` bool.
-    truth : numpy.ndarray
-        ``(N, T)`` int, matched truth index or -1.
-    """
-    n_true, n_pred = iou.shape
-    correct = np.zeros((n_pred, len(thresholds)), dtype=bool)
-    truth = np.full((n_pred, len(thresholds)), -1, dtype=int)
-    if n_true == 0 or n_pred == 0:
-        return correct, truth
-    cols = np.arange(len(thresholds))
-    claimed = np.zeros((n_true, len(thresholds)), dtype=bool)
-    for j in np.flatnonzero((iou >= thresholds.min()).any(0)):
-        available = np.where(claimed, 0.0, iou[:, j, None])  # (M, T)
-        k = available.argmax(0)
-        correct[j] = available[k, cols] >= thresholds
-        truth[j] = np.where(correct[j], k, -1)
-        claimed[k, cols] |= correct[j]
-    return correct, truth
-
-
-@dataclass
-class Match:
-    """One-to-one matching of predictions to truth at one IoU threshold.
-
-    Attributes
-    ----------
-    tp : numpy.ndarray
-        ``(N,)`` bool per prediction (input order): matched to a truth box.
-    truth_index : numpy.ndarray
-        ``(N,)`` index of the matched truth box, -1 if none.
-    iou : numpy.ndarray
-        ``(N,)`` IoU with the matched truth box (0 if none).
-    n_true : int
-        Number of truth boxes.
-    """
-
-    tp: np.ndarray
-    truth_index: np.ndarray
-    iou: np.ndarray
-    n_true: int
-
-    @property
-    def n_tp(self) -> int:
-        """True positives."""
-        return int(self.tp.sum())
-
-    @property
-    def n_fp(self) -> int:
-        """False positives (unmatched predictions)."""
-        return int(len(self.tp) - self.tp.sum())
-
-    @property
-    def n_fn(self) -> int:
-        """False negatives (unmatched truth boxes)."""
-        return int(self.n_true - self.tp.sum())
-
-
-def match_detections(
-    pred_boxes: np.ndarray,
-    pred_scores: np.ndarray,
-    true_boxes: np.ndarray,
-    iou: float = 0.5,
-) -> Match:
-    """Match predictions to truth one-to-one, greedily by descending score.
-
-    Each prediction, from the most confident down, takes the still unclaimed truth box it
-    overlaps most if that IoU is ``>= iou``; two predictions on one nucleus give 1 TP + 1 FP.
-
-    Parameters
-    ----------
-    pred_boxes : numpy.ndarray
-        ``(N, 4)`` predicted boxes.
-    pred_scores : numpy.ndarray
-        ``(N,)`` confidences.
-    true_boxes : numpy.ndarray
-        ``(M, 4)`` truth boxes.
-    iou : float
-        Minimum IoU of a match.
-
-    Returns
-    -------
-    Match
-    """
-    pred_boxes, true_boxes = _as_boxes(pred_boxes), _as_boxes(true_boxes)
-    scores = np.asarray(pred_scores, float).reshape(-1)
-    if len(scores) != len(pred_boxes):
-        raise ValueError(f"{len(pred_boxes)} boxes but {len(scores)} scores")
-    order = np.argsort(-scores, kind="stable")
-    ious = box_iou(true_boxes, pred_boxes[order])
-    correct, truth = _greedy_match(ious, np.array([iou]))
-    tp = np.zeros(len(scores), bool)
-    index = np.full(len(scores), -1)
-    tp[order], index[order] = correct[:, 0], truth[:, 0]
-    matched_iou = np.zeros(len(scores))
-    if tp.any():
-        matched_iou[tp] = box_iou(true_boxes[index[tp]], pred_boxes[tp]).diagonal()
-    return Match(tp=tp, truth_index=index, iou=matched_iou, n_true=len(true_boxes))
 
 
 # --------------------------------------------------------------------------- metrics
@@ -224,8 +76,8 @@ def _area(boxes: np.ndarray) -> np.ndarray:
 def _prepare_image(item: Sequence, index: int, min_area: float) -> _Image:
     if len(item) not in (3, 4):
         raise ValueError("per_image items must be (pred_boxes, scores, true_boxes[, name])")
-    pred, scores, truth = _as_boxes(item[0]), np.asarray(item[1], float).reshape(-1), item[2]
-    truth = _as_boxes(truth)
+    pred, scores, truth = as_boxes(item[0]), np.asarray(item[1], float).reshape(-1), item[2]
+    truth = as_boxes(truth)
     name = str(item[3]) if len(item) == 4 else str(index)
     if len(scores) != len(pred):
         raise ValueError(f"image {name}: {len(pred)} boxes but {len(scores)} scores")
@@ -234,7 +86,7 @@ def _prepare_image(item: Sequence, index: int, min_area: float) -> _Image:
         keep = _area(pred) >= min_area
         pred, scores = pred[keep], scores[keep]
     order = np.argsort(-scores, kind="stable")
-    correct, _ = _greedy_match(box_iou(truth, pred[order]), IOU_THRESHOLDS)
+    correct, _ = greedy_match(box_iou(truth, pred[order]), IOU_THRESHOLDS)
     return _Image(name=name, scores=scores[order], correct=correct, n_true=len(truth))
 
 
@@ -446,7 +298,7 @@ def _truth_items(dataset: Any, split: str | None) -> list[tuple[Any, np.ndarray,
             if len(item) > 2
             else (Path(image).name if isinstance(image, (str, Path)) else str(i))
         )
-        items.append((image, _as_boxes(truth), str(name)))
+        items.append((image, as_boxes(truth), str(name)))
     return items
 
 

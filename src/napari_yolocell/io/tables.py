@@ -10,8 +10,11 @@ the new one is complete).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import pandas as pd
 
@@ -73,12 +76,30 @@ def detections_csv_table(df: pd.DataFrame, image: str) -> pd.DataFrame:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` via a temporary file in the same folder and ``os.replace``."""
+
+    def write(fh) -> None:
+        fh.write(text.encode("utf-8"))
+
+    return _replace_atomic(path, write)
+
+
+def copy_file_atomic(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy ``source`` to ``path`` through a temporary file (see :func:`write_text_atomic`)."""
+
+    def write(fh) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, fh)
+
+    return _replace_atomic(path, write)
+
+
+def _replace_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -31,7 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    PushButton,
+    SpinBox,
+)
 
 from napari_yolocell.analysis.finetune_check import judge, verdict_of
 from napari_yolocell.analysis.plots import plot_training_history
@@ -44,6 +53,7 @@ from napari_yolocell.training.fewshot import (
     finetune,
     held_out_split,
     resume_finetune,
+    start_kept,
 )
 from napari_yolocell.training.train import TrainResult
 
@@ -155,7 +165,7 @@ def run_finetune(
     else:
         result = finetune(data, model=base, minutes=minutes, **job, **hooks)
     run = FinetuneRun(result, str(base), Path(data), budget_s=budget, used_s=spent())
-    if result.cancelled or result.best is None:
+    if result.cancelled or result.best is None or start_kept(result.run_dir):
         return run
     items = held_out_items(data)
     if not items:
@@ -197,6 +207,11 @@ def decision(run: FinetuneRun) -> tuple[bool, str]:
         return False, f"cancelled{left}; {result.last} kept: press Resume to continue"
     if result.best is None:
         return False, "finished without a best.pt: nothing to add to Detect"
+    if start_kept(result.run_dir):
+        return False, (
+            f"{base} kept, nothing trained (tick 'fine-tune even if it already counts them "
+            "right' to train anyway)"
+        )
     if run.scores is None:
         return False, (
             f"nothing held out to compare with {base} (export at least 2 images or regions "
@@ -252,6 +267,13 @@ class FinetunePanel:
         )
         self.device = ComboBox(label="device", choices=DEVICES)
         self.out = FileEdit(label="runs folder", mode="d", value=Path.home() / "yolocell-runs")
+        self.always = CheckBox(
+            text="fine-tune even if it already counts them right",
+            value=False,
+            tooltip="off: when the start model already counts your corrected images at the "
+            "target (F1 0.93 or more, count within 5 %), it is kept and nothing is trained, "
+            "since a fine-tune on a few images could only make it worse on your other images",
+        )
         self.run_button = PushButton(text="Fine-tune")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.resume_button = PushButton(text="Resume")
@@ -269,6 +291,7 @@ class FinetunePanel:
                 self.max_epochs,
                 self.device,
                 self.out,
+                self.always,
                 Container(widgets=buttons, layout="horizontal", labels=False),
                 self.progress,
                 self.label,
@@ -286,6 +309,7 @@ class FinetunePanel:
                 "max_epochs": self.max_epochs,
                 "device": self.device,
                 "out": self.out,
+                "always": self.always,
             },
         )
 
@@ -329,13 +353,16 @@ class FinetunePanel:
             raise ValueError(f"dataset not found: {data}")
         if self.base.value is None:
             raise ValueError("choose the model to start from")
-        return {
+        job = {
             "data": data,
             "base": self.base.value,
             "minutes": float(self.minutes.value),
             "epochs": int(self.max_epochs.value) or None,
             **common,
         }
+        if self.always.value:  # never the start kept; whole or halfway as the count says
+            job["keep_at_target"] = False
+        return job
 
     def _has_data(self) -> bool:
         return self.data.value is not None and str(self.data.value) not in ("", ".")

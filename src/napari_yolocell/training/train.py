@@ -478,7 +478,7 @@ def train(
             family = _checkpoint_family(Path(source)) or family
         run_name = name or (f"{family}_finetune" if is_ckpt else Path(source).stem)
         project = Path(out).expanduser().resolve()
-        run_dir = _fresh_run_dir(project, run_name)
+        run_dir = fresh_run_dir(project, run_name)
         data_yaml, _ = prepare_data_yaml(data, run_dir)
         yolo = _network_to_train(source, is_ckpt)
         hooks.register(yolo)
@@ -568,7 +568,7 @@ def _train_args(ckpt: Path) -> dict[str, Any]:
     return {}
 
 
-def _fresh_run_dir(project: Path, name: str) -> Path:
+def fresh_run_dir(project: Path, name: str) -> Path:
     """``project/name``, or ``name2``, ``name3``... if that folder already holds a run."""
     candidate, n = project / name, 2
     while candidate.exists() and any(candidate.iterdir()):
