@@ -166,15 +166,39 @@ def test_the_blend_follows_how_the_start_counts_the_labs_images(bias, f1, keep, 
     assert f"{100 * bias:+.0f} %" in reason
 
 
+def test_a_copy_of_the_bundled_weights_adopts_their_released_int8_model(tmp_path):
+    import dataclasses
+    import shutil
+
+    from napari_yolocell.models import int8_cache
+
+    start, spec = fewshot.resolve_base_weights("default")
+    copy = tmp_path / "best.pt"
+    shutil.copyfile(start, copy)
+    kept = dataclasses.replace(spec, path=copy, sha256=None, unpacked_sha256=None, int8=None)
+    entry = int8_cache.adopt(spec, kept, root=tmp_path / "cache")
+    assert entry.used and entry == int8_cache.lookup(kept, root=tmp_path / "cache")
+    for name in spec.int8["sha256"]:
+        assert (entry.folder / name).read_bytes() == (Path(spec.int8["dir"]) / name).read_bytes()
+    # other weights (a fine-tune), or a start without a released INT8 model: nothing adopted
+    other = tmp_path / "tuned.pt"
+    data = copy.read_bytes()
+    other.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    tuned = dataclasses.replace(kept, path=other)
+    assert int8_cache.adopt(spec, tuned, root=tmp_path / "cache") is None
+    assert int8_cache.adopt(dataclasses.replace(spec, int8=None), kept, root=tmp_path / "c") is None
+
+
 def test_a_lab_counted_right_gets_the_start_model_back_untrained(tmp_path, capsys, monkeypatch):
     import json
 
     from napari_yolocell.cli import main
     from napari_yolocell.engine.detect import DetectParams, detect_image
+    from napari_yolocell.models import int8_cache
     from napari_yolocell.models.loading import load_detector
     from napari_yolocell.models.spec import sidecar_path
 
-    # its INT8 step is that of a fine-tune (tests/test_quantize.py): here only that it runs
+    # the bundled start's own INT8 version is reused: nothing is quantized
     quantized = []
     monkeypatch.setattr(
         "napari_yolocell.training.quantize.quantize_after_finetune",
@@ -191,7 +215,7 @@ def test_a_lab_counted_right_gets_the_start_model_back_untrained(tmp_path, capsy
     assert lines[-4].endswith("so nothing was trained (--blend 0.5 fine-tunes anyway)")
     best = Path(lines[-1].split("\t")[1])
     start, spec = fewshot.resolve_base_weights("default")
-    assert best.read_bytes() == start.read_bytes() and quantized == [best]
+    assert best.read_bytes() == start.read_bytes() and quantized == []
     assert not (best.parent.parent / "results.csv").exists()  # nothing trained
     side = json.loads(sidecar_path(best).read_text())
     assert side["default_conf"] == spec.default_conf and side["diameter_px"] == spec.diameter_px
@@ -199,13 +223,18 @@ def test_a_lab_counted_right_gets_the_start_model_back_untrained(tmp_path, capsy
     info = fewshot.fewshot_info(best.parent.parent)
     assert info["kept_start"] and info["blend"] == 0.0 and info["start_f1"] >= 0.93
     assert fewshot.start_kept(best.parent.parent)
-    # it counts as the start does
+    # it counts as the start does, on the runtime Detect picks (the start's INT8 on a CPU
+    # that gains from it) and in PyTorch
     image = np.asarray(Image.open(data / "images" / "train" / "img0.png"))
-    counts = [
-        len(detect_image(image, load_detector(m, backend="torch"), DetectParams()))
-        for m in ("default", best)
-    ]
-    assert counts[0] == counts[1] > 0
+    for backend in ("auto", "torch"):
+        found = [
+            detect_image(image, load_detector(m, backend=backend), DetectParams())
+            for m in ("default", best)
+        ]
+        assert len(found[0]) > 0
+        np.testing.assert_allclose(found[0]["confidence"], found[1]["confidence"], rtol=1e-6)
+    if int8_cache.cpu_gains_from_int8():
+        assert int8_cache.lookup(load_detector(best, backend="auto").spec).used
     # asked for a fine-tune anyway, the same lab is fine-tuned
     assert main([*args, "--epochs", "1", "--blend", "0.5", "--out", str(out), "--quiet"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

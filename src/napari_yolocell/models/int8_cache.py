@@ -109,6 +109,48 @@ def install(spec, tmp: Path, check: dict[str, Any], root: Path | None = None) ->
     return Int8Entry(final, dict(check))
 
 
+def adopt(source, spec, root: Path | None = None) -> Int8Entry | None:
+    """Make a bundled model's INT8 folder the cached INT8 entry of a copy of its weights.
+
+    A fine-tune that gave its start model back (``training.fewshot``) delivers a byte-identical
+    copy of the start's ``.pt``; the copy then runs the INT8 version released and checked with
+    the start, as Detect runs the start itself, instead of one quantized anew. The shipped
+    files are checked against the registry's hashes, copied and signed as the user's entry.
+
+    Parameters
+    ----------
+    source : ModelSpec
+        The bundled model (its ``int8`` folder and the hash of its unpacked weights).
+    spec : ModelSpec
+        The copy (``path``: its ``.pt``).
+    root : Path, optional
+        Cache root (default: the user's).
+
+    Returns
+    -------
+    Int8Entry or None
+        None when ``source`` ships no INT8 folder or ``spec``'s weights are not its copy.
+    """
+    from napari_yolocell.models.integrity import verify_folder as verify_shipped
+
+    expected = source.unpacked_sha256 or source.sha256
+    if not source.int8 or not expected or spec.path is None:
+        return None
+    if weights_sha256(spec.path) != expected.lower():
+        return None
+    shipped = Path(source.int8["dir"])
+    files = source.int8.get("sha256") or {}
+    verify_shipped(shipped, files)
+    tmp = new_entry(spec, root)
+    try:
+        for name in files:
+            shutil.copyfile(shipped / name, tmp / name)
+        return install(spec, tmp, {"passed": True, "adopted_from": source.name}, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def record(spec, check: dict[str, Any], root: Path | None = None) -> Int8Entry:
     """Replace the check of an existing entry (and sign it again)."""
     folder = int8_dir(spec, root)

@@ -697,11 +697,14 @@ def _keep_start(
 ) -> TrainResult:
     """Deliver the start model as the run's ``best.pt`` without training (blend 0).
 
-    The weights are copied byte for byte with the start's own settings (scale, confidence),
-    so Detect counts with it exactly as with the start; its INT8 version is made as for a
-    fine-tune. ``fewshot.json`` records ``kept_start``.
+    The weights are copied byte for byte with the start's own settings (scale, confidence)
+    and, for a bundled start, its released INT8 version (:func:`int8_cache.adopt
+    <napari_yolocell.models.int8_cache.adopt>`), so Detect counts with it exactly as with the
+    start; another start's INT8 version is made as a fine-tune's. ``fewshot.json`` records
+    ``kept_start``.
     """
     from napari_yolocell.io.tables import copy_file_atomic
+    from napari_yolocell.models import int8_cache
     from napari_yolocell.models.spec import write_sidecar
     from napari_yolocell.training.quantize import quantize_after_finetune
 
@@ -720,7 +723,13 @@ def _keep_start(
     write_sidecar(best, kept)
     info["kept_start"] = True
     write_text_atomic(run_dir / FEWSHOT_INFO, json.dumps(info, indent=2))
-    quantize_after_finetune(best, info["prepared"], on_status, cancel=cancel)
+    try:
+        adopted = int8_cache.adopt(spec, kept)
+    except (OSError, ValueError) as err:  # a damaged install: quantized anew instead
+        warnings.warn(f"the start model's INT8 version was not reused: {err}", stacklevel=2)
+        adopted = None
+    if adopted is None:
+        quantize_after_finetune(best, info["prepared"], on_status, cancel=cancel)
     return TrainResult(best=best, last=best, metrics={}, run_dir=run_dir)
 
 
